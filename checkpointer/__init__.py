@@ -1,0 +1,11 @@
+"""checkpointer: Hugging Face safetensors checkpoints loaded and saved shard by shard with DCP."""
+
+from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError
+from checkpointer.model_config import ModelConfig
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "ModelConfig",
+]

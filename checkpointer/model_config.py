@@ -1,0 +1,103 @@
+"""The dimensions of a model, read from a Hugging Face ``config.json``.
+
+transformers 5 writes ``rope_parameters`` and ``dtype`` where older releases wrote
+``rope_theta``/``rope_scaling`` and ``torch_dtype``: both spellings are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from checkpointer.errors import CheckpointFormatError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What checkpointing and model building need to know of a Hugging Face config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    dtype: torch.dtype | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Parse a config dict; ``source`` names the file in error messages."""
+        try:
+            heads = int(raw["num_attention_heads"])
+            hidden = int(raw["hidden_size"])
+            rope = _rope_parameters(raw)
+            return cls(
+                model_type=str(raw.get("model_type", "")),
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_hidden_layers=int(raw["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                rope_theta=float(rope.get("rope_theta", 10_000.0)),
+                rope_scaling=_rope_scaling(rope),
+                dtype=_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype"))),
+                raw=raw,
+            )
+        except KeyError as e:
+            raise CheckpointFormatError(f"{source}: required field {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{source}: invalid value: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "config.json") -> ModelConfig:
+        """Parse the text of a ``config.json``."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointFormatError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointFormatError(f"{source}: expected a JSON object, found {type(raw).__name__}")
+        return cls.from_dict(raw, source)
+
+
+def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+    """Merge the old (``rope_theta``, ``rope_scaling``) and new (``rope_parameters``) spellings."""
+    merged: dict[str, Any] = {}
+    if raw.get("rope_theta") is not None:
+        merged["rope_theta"] = raw["rope_theta"]
+    if isinstance(raw.get("rope_scaling"), dict):
+        merged.update(raw["rope_scaling"])
+    if isinstance(raw.get("rope_parameters"), dict):
+        merged.update(raw["rope_parameters"])
+    return merged
+
+
+def _rope_scaling(rope: dict[str, Any]) -> dict[str, Any] | None:
+    """The scaling part of the rope parameters, or None for plain RoPE."""
+    kind = rope.get("rope_type") or rope.get("type")
+    if kind in (None, "default"):
+        return None
+    return {k: v for k, v in rope.items() if k not in ("rope_theta", "type")} | {"rope_type": kind}
