@@ -1,0 +1,83 @@
+"""Running a step on every rank so that an error on any rank is raised on all of them.
+
+DCP already does this for its own plan/read/write steps (as a ``CheckpointException``,
+a ``BaseException``); :func:`dcp_errors` turns that into a :class:`CheckpointError`.
+:func:`on_all_ranks` does the same for our steps outside DCP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, TypeVar
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from checkpointer import errors
+from checkpointer.errors import CheckpointError
+
+T = TypeVar("T")
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """Whether a process group is up (collectives are needed)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    if is_distributed():
+        dist.barrier(group)
+
+
+def _error_class(name: str) -> type[CheckpointError]:
+    cls = getattr(errors, name, CheckpointError)
+    return cls if isinstance(cls, type) and issubclass(cls, CheckpointError) else CheckpointError
+
+
+def _raise_first(failures: list[tuple[int, str, str]], local: BaseException | None, world: int) -> None:
+    failing_rank, class_name, message = failures[0]
+    prefix = f"[rank {failing_rank}] " if world > 1 else ""
+    raise _error_class(class_name)(prefix + message) from local
+
+
+def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
+    """Run ``step`` on every rank; if it fails anywhere, raise the first failure everywhere."""
+    local_error: BaseException | None = None
+    result: T | None = None
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        local_error = e
+    report = None if local_error is None else (rank(group), type(local_error).__name__, str(local_error))
+    if not is_distributed(group):
+        if local_error is not None:
+            raise local_error
+        return result  # type: ignore[return-value]
+    reports: list = [None] * world_size(group)
+    dist.all_gather_object(reports, report, group=group)
+    failures = [r for r in reports if r is not None]
+    if failures:
+        if local_error is not None and failures[0][0] == rank(group):
+            raise local_error
+        _raise_first(failures, local_error, world_size(group))
+    return result  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def dcp_errors(group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Turn DCP's ``CheckpointException`` (a BaseException) into a plain CheckpointError."""
+    try:
+        yield
+    except CheckpointException as e:
+        failures = sorted(e.failures.items())
+        details = [(r, type(exc).__name__, str(exc)) for r, (exc, _trace) in failures]
+        original = failures[0][1][0] if failures else None
+        _raise_first(details, original if isinstance(original, Exception) else None, world_size(group))

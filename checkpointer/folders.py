@@ -1,0 +1,105 @@
+"""Folders that checkpoint files are read from, by name, with exact byte ranges.
+
+A folder hands out bytes of named files and refuses names that would leave it
+(absolute paths, ``..``, symlinks pointing outside). :class:`LocalFolder` reads with
+``os.preadv`` straight into caller buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+from typing import Protocol
+
+from checkpointer.errors import CheckpointFormatError
+
+
+class Folder(Protocol):
+    """Read access to the files of one checkpoint folder."""
+
+    def describe(self, name: str = "") -> str:
+        """A human-readable location of ``name`` (or of the folder) for messages."""
+
+    def exists(self, name: str) -> bool:
+        """Whether the folder holds a file ``name``."""
+
+    def size(self, name: str) -> int:
+        """The size of ``name`` in bytes, or an error naming it."""
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset``, or an error naming the file."""
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes from ``offset``, or raise naming the file."""
+
+    def close(self) -> None:
+        """Release open files."""
+
+
+def check_relative_name(name: str, folder: str) -> str:
+    """A file name from an index must stay inside its folder."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name:
+        raise CheckpointFormatError(f"{folder}: file name {name!r} is not a relative path inside the folder")
+    if ".." in name.split("/") or posixpath.normpath(name).startswith(".."):
+        raise CheckpointFormatError(f"{folder}: file name {name!r} leaves the folder")
+    return name
+
+
+class LocalFolder:
+    """A checkpoint folder on a local (or mounted) file system."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._real_root = self.root.resolve()
+        self._fds: dict[str, int] = {}
+
+    def describe(self, name: str = "") -> str:
+        return str(self.root / name) if name else str(self.root)
+
+    def path(self, name: str) -> Path:
+        """The path of ``name``, refusing names or symlinks that lead outside the folder."""
+        path = self.root / check_relative_name(name, str(self.root))
+        if not path.resolve().is_relative_to(self._real_root):
+            raise CheckpointFormatError(f"{self.describe(name)}: a symlink leading outside {self.root}")
+        return path
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def size(self, name: str) -> int:
+        try:
+            return self.path(name).stat().st_size
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        buffer = bytearray(length)
+        self.read_into(name, offset, memoryview(buffer))
+        return bytes(buffer)
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        out = out.cast("B")
+        fd = self._fd(name)
+        done = 0
+        while done < len(out):
+            n = os.preadv(fd, [out[done:]], offset + done)
+            if n == 0:
+                raise CheckpointFormatError(
+                    f"{self.describe(name)}: truncated: wanted bytes up to {offset + len(out)}, "
+                    f"the file ends at {offset + done}"
+                )
+            done += n
+
+    def _fd(self, name: str) -> int:
+        if name not in self._fds:
+            try:
+                self._fds[name] = os.open(self.path(name), os.O_RDONLY)
+            except FileNotFoundError:
+                raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+        return self._fds[name]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

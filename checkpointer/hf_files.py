@@ -1,0 +1,116 @@
+"""Which safetensors files make up a Hugging Face checkpoint, and what they hold.
+
+The index (``model.safetensors.index.json``) is the truth when present: only the files
+it names are read, each must exist, and each must hold exactly the keys the index
+assigns to it. Without an index the checkpoint is ``model.safetensors``, or the files
+the caller names. A stray ``.safetensors`` beside them is never read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from checkpointer.errors import CheckpointFormatError
+from checkpointer.folders import Folder, check_relative_name
+from checkpointer.safetensors_format import Header, TensorEntry, header_length, parse_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The weight files of a checkpoint and every tensor in them."""
+
+    folder: Folder
+    files: tuple[str, ...]
+    tensors: dict[str, TensorEntry]
+    weight_map: dict[str, str] | None
+    index_metadata: dict[str, Any]
+    headers: dict[str, Header]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.tensors.values())
+
+
+def read_header(folder: Folder, name: str) -> Header:
+    """Read and validate the safetensors header of one file."""
+    size = folder.size(name)
+    prefix = folder.read(name, 0, min(8, size))
+    where = folder.describe(name)
+    length = header_length(prefix, where, size)
+    return parse_header(folder.read(name, 8, length), name, size, where)
+
+
+def read_index(folder: Folder) -> tuple[dict[str, str], dict[str, Any]]:
+    """The weight map and metadata of ``model.safetensors.index.json``."""
+    where = folder.describe(INDEX_FILE)
+    size = folder.size(INDEX_FILE)
+    if size > 256 * 2**20:
+        raise CheckpointFormatError(f"{where}: {size} bytes is too large for an index file")
+    try:
+        raw = json.loads(folder.read(INDEX_FILE, 0, size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointFormatError(f"{where}: no 'weight_map' object mapping tensor names to file names")
+    for name in set(weight_map.values()):
+        check_relative_name(name, where)
+    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    return dict(weight_map), metadata
+
+
+def _choose_files(folder: Folder, checkpoint_files: Sequence[str] | None) -> tuple[list[str], dict | None, dict]:
+    if checkpoint_files:
+        return [check_relative_name(f, folder.describe()) for f in checkpoint_files], None, {}
+    if folder.exists(INDEX_FILE):
+        weight_map, metadata = read_index(folder)
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not folder.exists(name):
+                raise CheckpointFormatError(
+                    f"{folder.describe(name)}: missing: {INDEX_FILE} names this shard but it does not exist"
+                )
+        return files, weight_map, metadata
+    if folder.exists(SINGLE_FILE):
+        return [SINGLE_FILE], None, {}
+    raise CheckpointFormatError(
+        f"{folder.describe()}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files"
+    )
+
+
+def read_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None = None) -> CheckpointFiles:
+    """Discover and validate the weight files of the checkpoint in ``folder``."""
+    files, weight_map, metadata = _choose_files(folder, checkpoint_files)
+    headers = {name: read_header(folder, name) for name in files}
+    tensors: dict[str, TensorEntry] = {}
+    for name, header in headers.items():
+        for key, entry in header.tensors.items():
+            if key in tensors:
+                raise CheckpointFormatError(
+                    f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}"
+                )
+            tensors[key] = entry
+    if weight_map is not None:
+        _check_weight_map(folder, weight_map, tensors)
+    return CheckpointFiles(folder, tuple(files), tensors, weight_map, metadata, headers)
+
+
+def _check_weight_map(folder: Folder, weight_map: dict[str, str], tensors: dict[str, TensorEntry]) -> None:
+    where = folder.describe(INDEX_FILE)
+    for key, name in weight_map.items():
+        if key not in tensors:
+            raise CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it")
+        if tensors[key].file != name:
+            raise CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}")
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise CheckpointFormatError(
+            f"{where}: tensor {extra[0]!r} in {tensors[extra[0]].file} is not in the index"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )

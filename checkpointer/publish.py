@@ -1,0 +1,103 @@
+"""Making a written checkpoint folder visible, complete, in one step.
+
+The weights are written into a hidden staging folder beside the destination. Then the
+support files (config, tokenizer) and, last, the index are added, everything is
+fsynced, and the staging folder is renamed into place. A reader never sees a
+half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpointer.file_layout import FileLayout
+from checkpointer.folders import Folder
+from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE
+
+# Files that travel with the weights when present in the base checkpoint.
+SUPPORT_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def staging_path(final: Path) -> Path:
+    """The hidden folder a checkpoint is written in before it is renamed to ``final``."""
+    return final.parent / f".{final.name}.partial"
+
+
+def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool) -> dict[str, Any]:
+    """The base config, updated to describe the saved weights (dtype, tied embeddings)."""
+    config = dict(base)
+    if dtype in _TORCH_DTYPE_NAMES:
+        key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
+        config[key] = _TORCH_DTYPE_NAMES[dtype]
+    config["tie_word_embeddings"] = tied
+    return config
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def copy_support_files(base: Folder, folder: Path, config: dict[str, Any]) -> None:
+    """Write the config and copy the tokenizer and generation files of the base checkpoint."""
+    write_json(folder / CONFIG_FILE, config)
+    for name in SUPPORT_FILES:
+        if base.exists(name):
+            (folder / name).write_bytes(base.read(name, 0, base.size(name)))
+
+
+def write_index(folder: Path, layout: FileLayout, extra_metadata: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors.index.json`` (when the layout needs one)."""
+    if layout.needs_index:
+        metadata = {"total_size": layout.total_bytes, **(extra_metadata or {})}
+        write_json(folder / INDEX_FILE, {"metadata": metadata, "weight_map": layout.weight_map})
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to stable storage."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_folder(staging: Path, final: Path) -> None:
+    """Rename ``staging`` to ``final``; an older ``final`` is moved aside first, then removed."""
+    old = final.parent / f".{final.name}.replaced"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(staging, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old.exists():
+        shutil.rmtree(old)

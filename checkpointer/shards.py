@@ -1,0 +1,53 @@
+"""The part of a (possibly distributed) tensor that this rank holds, as a box in the global tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from checkpointer.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class LocalShard:
+    """This rank's tensor ``local`` sits at ``offsets`` inside a tensor of ``global_shape``."""
+
+    local: torch.Tensor
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+    @property
+    def first_row(self) -> int:
+        return self.offsets[0] if self.offsets else 0
+
+    @property
+    def rows(self) -> int:
+        return self.local.shape[0] if self.local.dim() else 1
+
+
+def local_shard(key: str, value: object) -> LocalShard:
+    """The local box of a plain tensor (all of it) or of a DTensor sharded/replicated by dims."""
+    if isinstance(value, DTensor):
+        for placement in value.placements:
+            if type(placement) not in (Shard, Replicate):
+                raise CheckpointError(
+                    f"{key}: DTensor placement {placement} is not supported (only Shard and Replicate)"
+                )
+        shape, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        local = value.to_local()
+        if tuple(local.shape) != tuple(shape):
+            raise CheckpointError(f"{key}: local shard shape {tuple(local.shape)} differs from its DTensor layout {shape}")
+        return LocalShard(local, tuple(offsets), tuple(value.shape))
+    if isinstance(value, torch.Tensor):
+        return LocalShard(value, (0,) * value.dim(), tuple(value.shape))
+    raise CheckpointError(f"{key}: expected a tensor, found {type(value).__name__}")
+
+
+def global_spec(key: str, value: object) -> tuple[torch.dtype, tuple[int, ...]]:
+    """The dtype and global shape of a tensor or DTensor; refuses anything else."""
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"state_dict['model'][{key!r}] is a {type(value).__name__}, not a tensor")
+    return value.dtype, tuple(value.shape)

@@ -1,0 +1,95 @@
+"""A DCP StorageReader over the safetensors files of a Hugging Face checkpoint.
+
+It reads exactly the byte ranges that the load plan names. When the destination is a
+contiguous tensor of the file's dtype the bytes go straight into it; otherwise they go
+through a buffer of one block and ``copy_`` converts dtype and scatters into the view.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from checkpointer.hf_files import CheckpointFiles
+from checkpointer.safetensors_format import TensorEntry
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+class SafetensorsReader(StorageReader):
+    """Reads the tensors of :class:`CheckpointFiles` for DCP, by byte range."""
+
+    def __init__(self, files: CheckpointFiles):
+        self.files = files
+        self.bytes_read = 0
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        self.bytes_read = 0
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        state_dict_metadata = {
+            name: TensorStorageMetadata(
+                TensorProperties(dtype=entry.dtype),
+                torch.Size(entry.shape),
+                [ChunkStorageMetadata(torch.Size([0] * len(entry.shape)), torch.Size(entry.shape))],
+            )
+            for name, entry in self.files.tensors.items()
+        }
+        return Metadata(state_dict_metadata, storage_data=self.files)
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        tensors = self.files.tensors
+        ordered = sorted(plan.items, key=lambda i: (tensors[i.storage_index.fqn].file, tensors[i.storage_index.fqn].start, i.storage_offsets))
+        try:
+            for item in ordered:
+                target = planner.resolve_tensor(item)
+                self._read_item(tensors[item.storage_index.fqn], item, target)
+                planner.commit_tensor(item, target)
+        finally:
+            self.files.folder.close()
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _read_item(self, entry: TensorEntry, item: ReadItem, target: torch.Tensor) -> None:
+        """Copy the box ``item`` names from ``entry`` into ``target``."""
+        rows = item.lengths[0] if item.lengths else 1
+        first_row = item.storage_offsets[0] if item.storage_offsets else 0
+        offset = entry.start + first_row * entry.row_bytes
+        full_rows = tuple(item.lengths[1:]) == entry.shape[1:]
+        if full_rows and target.dtype == entry.dtype and target.is_contiguous() and target.device.type == "cpu":
+            self.files.folder.read_into(entry.file, offset, tensor_bytes(target))
+            self.bytes_read += target.numel() * target.element_size()
+            return
+        block = torch.empty((rows, *entry.shape[1:]) if entry.shape else (), dtype=entry.dtype)
+        self.files.folder.read_into(entry.file, offset, tensor_bytes(block))
+        self.bytes_read += block.numel() * block.element_size()
+        for dim, (start, length) in enumerate(zip(item.storage_offsets[1:], item.lengths[1:]), start=1):
+            block = block.narrow(dim, start, length)
+        target.copy_(block.reshape(target.shape) if block.is_contiguous() else block.contiguous().view(target.shape))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return False
