@@ -1,0 +1,33 @@
+# `make test` and `make demo` set everything up on a fresh machine: a .venv with
+# torch 2.13 (the CPU wheel on these machines; GPU users install their CUDA build of
+# torch into .venv first and it is kept), torchtune 0.6.1, torchao 0.13.0 and the rest.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST := $(PY) -m pytest
+
+.PHONY: install test demo bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+test: install
+	$(PYTEST) -q -m "not soak"
+
+soak: install
+	$(PYTEST) -q -m soak
+
+demo: install
+	$(PY) -m checkpointer.demo
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) demo_output bench/work

@@ -1,0 +1,117 @@
+"""Our safetensors reader and header writer against the safetensors library itself."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpointer.errors import CheckpointFormatError
+from checkpointer.file_layout import parse_size, plan_file_layout
+from checkpointer.folders import LocalFolder
+from checkpointer.hf_files import read_header
+from checkpointer.safetensors_format import TensorSpec, build_header
+from checkpointer.storage_reader import tensor_bytes
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "b.bias": torch.randn(7, generator=g),
+        "c.scalar": torch.tensor(2.5, dtype=torch.float16),
+        "d.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    }
+
+
+def test_headers_of_files_written_by_safetensors_are_read_exactly(tmp_path):
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    header = read_header(LocalFolder(tmp_path), "x.safetensors")
+    assert header.metadata == {"format": "pt"}
+    data = (tmp_path / "x.safetensors").read_bytes()
+    for name, tensor in tensors.items():
+        entry = header.tensors[name]
+        assert (entry.dtype, entry.shape) == (tensor.dtype, tuple(tensor.shape))
+        raw = torch.frombuffer(bytearray(data[entry.start : entry.end]), dtype=torch.uint8)
+        assert torch.equal(raw.view(tensor.dtype).reshape(tensor.shape), tensor)
+
+
+def test_files_built_from_our_headers_load_in_safetensors(tmp_path):
+    tensors = _tensors()
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    header, entries = build_header("y.safetensors", specs)
+    assert len(header) % 8 == 0
+    blob = bytearray(header) + bytearray(sum(s.nbytes for s in specs))
+    for name, tensor in tensors.items():
+        entry = entries[name]
+        assert entry.start % tensor.element_size() == 0  # naturally aligned
+        blob[entry.start : entry.end] = bytes(tensor_bytes(tensor.contiguous()))
+    (tmp_path / "y.safetensors").write_bytes(bytes(blob))
+    loaded = load_file(tmp_path / "y.safetensors")
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert json.loads(header[8:])["__metadata__"] == {"format": "pt"}
+
+
+def _write_raw(path, header: dict, data: bytes = b"", length: int | None = None):
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+
+
+@pytest.mark.parametrize(
+    "header,data,length,message",
+    [
+        ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "truncated"),
+        ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, 10**6, "runs past the end"),
+        ({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, 2 * 10**8, "exceeds"),
+        ({"t": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "unknown dtype 'Q4'"),
+        ({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12"),
+        (
+            {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "u": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+            b"\0" * 8,
+            None,
+            "'u'",
+        ),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, None, "gap"),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "unexpected bytes"),
+        ({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "shape"),
+        ({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, None, "data_offsets"),
+        ({"__metadata__": {"a": 1}}, b"", None, "__metadata__"),
+    ],
+)
+def test_bad_headers_are_refused_naming_the_file(tmp_path, header, data, length, message):
+    _write_raw(tmp_path / "bad.safetensors", header, data, length)
+    with pytest.raises(CheckpointFormatError, match=message) as info:
+        read_header(LocalFolder(tmp_path), "bad.safetensors")
+    assert "bad.safetensors" in str(info.value)
+
+
+def test_header_that_is_not_json_is_refused(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 5) + b"{nope")
+    with pytest.raises(CheckpointFormatError, match="not valid JSON"):
+        read_header(LocalFolder(tmp_path), "bad.safetensors")
+
+
+def test_sizes_follow_hugging_face_units():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("20KB") == 20_000
+    assert parse_size("1GiB") == 2**30
+    assert parse_size(123) == 123
+    with pytest.raises(Exception, match="max_shard_size"):
+        parse_size("five gigs")
+
+
+def test_file_layout_follows_the_base_weight_map_or_splits_by_size():
+    specs = {f"layers.{i}.w": TensorSpec(f"layers.{i}.w", torch.float32, (10, 10)) for i in range(12)}
+    by_size = plan_file_layout(specs, None, max_shard_size=1000)
+    assert len(by_size.headers) == 6 and by_size.needs_index
+    assert [by_size.entries[f"layers.{i}.w"].file for i in (0, 1, 2, 11)] == [
+        "model-00001-of-00006.safetensors", "model-00001-of-00006.safetensors",
+        "model-00002-of-00006.safetensors", "model-00006-of-00006.safetensors",
+    ]  # fmt: skip
+    weight_map = {name: ("a.safetensors" if i % 2 else "b.safetensors") for i, name in enumerate(specs)}
+    assert plan_file_layout(specs, weight_map).weight_map == {n: weight_map[n] for n in by_size.weight_map}
+    single = plan_file_layout(specs, None)
+    assert list(single.headers) == ["model.safetensors"] and not single.needs_index
