@@ -4,7 +4,8 @@ Each model type (torchtune's ``ModelType`` names) has a function in ``TINY_CONFI
 returns a transformers config with a few layers, hidden size 32-96 and a vocabulary of
 ``TINY_VOCAB_SIZE`` tokens. ``write_tiny_model`` builds the model from it with a fixed
 seed and saves it with ``save_pretrained`` (safetensors, optionally sharded), next to a
-small byte-level BPE tokenizer (one token per ASCII character) that ``AutoTokenizer.from_pretrained`` can load.
+small byte-level BPE tokenizer (one token per ASCII character) that
+``AutoTokenizer.from_pretrained`` can load.
 
 Default variants:
 
@@ -87,7 +88,7 @@ TINY_CONFIGS: dict[str, Callable[..., Any]] = {
         "LlamaConfig", tie_word_embeddings=False, num_key_value_heads=4, rope_parameters=_plain_rope(10_000.0)
     ),
     "MISTRAL": _make(
-        "MistralConfig", tie_word_embeddings=False, sliding_window=64, rope_parameters=_plain_rope(10_000.0)
+        "MistralConfig", tie_word_embeddings=False, sliding_window=256, rope_parameters=_plain_rope(10_000.0)
     ),
     "QWEN2": _make("Qwen2Config", tie_word_embeddings=True, rope_parameters=_plain_rope(1_000_000.0)),
     "QWEN3": _make(
@@ -126,7 +127,9 @@ def tiny_config(model_type: str, *, tied: bool | None = None, **overrides: Any) 
     try:
         make = TINY_CONFIGS[model_type]
     except KeyError:
-        raise ValueError(f"no tiny config for model type {model_type!r}; known: {sorted(TINY_CONFIGS)}") from None
+        raise ValueError(
+            f"no tiny config for model type {model_type!r}; known: {sorted(TINY_CONFIGS)}"
+        ) from None
     if tied is not None:
         overrides["tie_word_embeddings"] = tied
     return make(**overrides)
@@ -197,7 +200,10 @@ def tiny_vocab(vocab_size: int) -> dict[str, int]:
 
 
 def write_tiny_tokenizer(path: str | os.PathLike[str], vocab_size: int = TINY_VOCAB_SIZE) -> None:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json``: a byte-level BPE built in code, one token per character."""
+    """Write ``tokenizer.json`` and ``tokenizer_config.json``: a byte-level BPE built in code.
+
+    One token per printable ASCII character, plus the special tokens (see ``tiny_vocab``).
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     out = pathlib.Path(path)
