@@ -21,25 +21,30 @@ with LoRA, each adapted ``X.weight`` also gets ``X.lora_a.weight`` and ``X.lora_
   one too), ``head_dim`` from the config, and ``layers.{i}.attn.{q,k}_norm.scale``: per-head
   RMSNorms applied *before* RoPE, as transformers does (torchtune 0.6.1's
   ``MultiHeadAttention`` applies them after; see ``QkNormBeforeRopeAttention``).
-- GEMMA: torchtune's ``gemma``/``lora_gemma`` component builders. Keys as LLAMA (always tied,
-  no ``output.weight``); the norms are ``GemmaRMSNorm`` (scale stored as ``weight - 1``, like HF).
-- GEMMA2: torchtune's ``gemma2``/``lora_gemma2``. Keys: ``tok_embeddings.weight``,
-  ``layers.{i}.attn.{q,k,v,output}_proj.weight``, ``layers.{i}.sa_norm.scale``,
-  ``layers.{i}.sa_scale.scale``, ``layers.{i}.mlp_norm.scale``, ``layers.{i}.mlp_scale.scale``,
-  ``layers.{i}.mlp.{w1,w2,w3}.weight``, ``norm.rms_norm.scale`` (always tied). In torchtune's
-  layer, ``mlp_norm`` is the pre-MLP norm (HF ``pre_feedforward_layernorm``) and ``mlp_scale``
-  the post-MLP norm (HF ``post_feedforward_layernorm``). torchtune 0.6.1 soft-caps the final
-  *hidden state*; transformers soft-caps the *logits*, so this builder moves the cap to the
-  output projection (same keys; ``model.output`` is still a ``TiedLinear``).
-- PHI3_MINI: torchtune's ``phi3``/``lora_phi3``. Keys as LLAMA, untied (``output.weight``)
-  unless the config ties embeddings; HF's fused ``qkv_proj``/``gate_up_proj`` are split into
-  ``q/k/v_proj`` and ``w1``/``w3``.
+- GEMMA: torchtune's ``gemma``/``lora_gemma`` component builders (interleaved RoPE: q/k rows
+  permuted as by ``hf_to_tune``). Keys as LLAMA, always tied (no ``output.weight``);
+  ``GemmaRMSNorm`` multiplies by ``1 + scale`` as HF does by ``1 + weight``, so values carry
+  over unchanged.
+- GEMMA2: torchtune's ``gemma2``/``lora_gemma2`` (interleaved RoPE, attention soft-cap,
+  sliding window on even layers, ``query_pre_attn_scalar``, falling back to ``head_dim`` when
+  absent). Keys: ``tok_embeddings.weight``, ``layers.{i}.attn.{q,k,v,output}_proj.weight``,
+  ``layers.{i}.sa_norm.scale``, ``layers.{i}.sa_scale.scale``, ``layers.{i}.mlp_norm.scale``,
+  ``layers.{i}.mlp_scale.scale``, ``layers.{i}.mlp.{w1,w2,w3}.weight``,
+  ``norm.rms_norm.scale``; always tied. In torchtune's layer ``sa_scale`` is HF's
+  ``post_attention_layernorm``, ``mlp_norm`` the pre-MLP norm (HF
+  ``pre_feedforward_layernorm``) and ``mlp_scale`` the post-MLP norm (HF
+  ``post_feedforward_layernorm``); torchtune 0.6.1's ``gemma2_hf_to_tune`` swaps the last two
+  (pytorch/torchtune#2850), so do not copy its map. torchtune 0.6.1 also soft-caps the final
+  *hidden state* where transformers soft-caps the *logits*: this builder moves the cap onto
+  the output projection (same keys; ``model.output`` is still a ``TiedLinear``).
+- PHI3_MINI: torchtune's ``phi3``/``lora_phi3`` (rotate-half RoPE, no permutation). Keys as
+  LLAMA, with ``output.weight`` unless the config ties embeddings; HF's fused
+  ``qkv_proj``/``gate_up_proj`` split into ``{q,k,v}_proj`` and ``w1``/``w3``.
 
-Sliding-window attention is not implemented for LLAMA*/MISTRAL/QWEN* (nor in torchtune):
-exact only for sequences no longer than the window; building with a longer ``max_seq_len``
-warns. GEMMA2's torchtune attention does implement it. Configs a builder cannot honour (another RoPE
-scaling, partial rotary, other activations, biases the key layout has no room for) raise
-``ValueError`` naming the field.
+Sliding-window attention is not implemented for LLAMA*/MISTRAL/QWEN* (nor in torchtune): they
+are exact only for sequences no longer than the window, and building with a longer
+``max_seq_len`` warns. Configs a builder cannot honour (another RoPE scaling, partial rotary,
+other activations, biases the key layout has no room for) raise ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ def build_model(
     ``max_seq_len`` (the RoPE cache length) defaults to ``max_position_embeddings`` capped at
     ``MAX_SEQ_LEN_CAP``. Raises ValueError for an unknown model type or an unsupported config.
     """
-    name = getattr(model_type, "name", model_type)  # accept torchtune's ModelType enum too
+    name = str(getattr(model_type, "name", model_type)).upper()  # also ModelType members, "llama3"
     try:
         builder = REGISTRY[name]
     except KeyError:
@@ -317,7 +322,7 @@ def _warn_sliding_window(model_type: str, config: ModelConfig, max_seq_len: int)
         warnings.warn(
             f"{model_type}: sliding-window attention (window {window}) is not implemented; sequences "
             f"longer than the window (max_seq_len {max_seq_len}) attend to all earlier tokens",
-            stacklevel=4,
+            stacklevel=5,  # the caller of build_model
         )
 
 
@@ -510,14 +515,8 @@ def _phi3(config: ModelConfig, max_seq_len: int, lora: LoraSpec | None) -> Trans
     """PHI3_MINI: torchtune's ``phi3``/``lora_phi3``, tied to the embeddings when the config says so."""
     _check_rope("PHI3_MINI", config, (None,))
     _check_act("PHI3_MINI", config, ("silu",))
-    expected_head_dim = config.hidden_size // config.num_attention_heads
-    _reject(
-        "PHI3_MINI",
-        {
-            f"head_dim {config.head_dim} != hidden_size / num_attention_heads": config.head_dim
-            != expected_head_dim
-        },
-    )
+    odd_head_dim = config.head_dim != config.hidden_size // config.num_attention_heads
+    _reject("PHI3_MINI", {f"head_dim {config.head_dim} != hidden_size / num_attention_heads": odd_head_dim})
     model = _torchtune(phi3, lora_phi3, lora, **_common_dims(config, max_seq_len))
     if config.tie_word_embeddings:
         del model.output  # an nn.Linear child module; a TiedLinear is a plain attribute

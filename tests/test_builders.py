@@ -329,8 +329,9 @@ def test_unknown_model_type_is_named() -> None:
         build_model("GPT2", _config("LLAMA3"))
 
 
-def test_model_type_enum_is_accepted() -> None:
+def test_model_type_enum_and_lower_case_are_accepted() -> None:
     assert build_model(ModelType.LLAMA3, _config("LLAMA3")).max_seq_len == 256
+    assert build_model("phi3_mini", _config("PHI3_MINI")).max_seq_len == 256
 
 
 @pytest.mark.parametrize(
