@@ -41,6 +41,15 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None
     dtype: torch.dtype | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # Architecture details some model builders need; absent fields keep these defaults.
+    attention_bias: bool | None = None  # None: the config does not say (Qwen2 then has q/k/v biases)
+    mlp_bias: bool = False
+    hidden_act: str | None = None  # ``hidden_activation`` (Gemma) or ``hidden_act``
+    sliding_window: int | None = None  # None also when ``use_sliding_window`` is false
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
+    partial_rotary_factor: float = 1.0
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -65,6 +74,16 @@ class ModelConfig:
                 rope_scaling=_rope_scaling(rope),
                 dtype=_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype"))),
                 raw=raw,
+                attention_bias=_optional(bool, raw.get("attention_bias")),
+                mlp_bias=bool(raw.get("mlp_bias", False)),
+                hidden_act=_optional(str, raw.get("hidden_activation") or raw.get("hidden_act")),
+                sliding_window=_sliding_window(raw),
+                attn_logit_softcapping=_optional(float, raw.get("attn_logit_softcapping")),
+                final_logit_softcapping=_optional(float, raw.get("final_logit_softcapping")),
+                query_pre_attn_scalar=_optional(float, raw.get("query_pre_attn_scalar")),
+                partial_rotary_factor=float(
+                    rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+                ),
             )
         except KeyError as e:
             raise CheckpointFormatError(f"{source}: required field {e.args[0]!r} is missing") from None
@@ -81,6 +100,18 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise CheckpointFormatError(f"{source}: expected a JSON object, found {type(raw).__name__}")
         return cls.from_dict(raw, source)
+
+
+def _optional(kind: type, value: Any) -> Any:
+    """``kind(value)``, or None when the field is absent or null."""
+    return None if value is None else kind(value)
+
+
+def _sliding_window(raw: dict[str, Any]) -> int | None:
+    """The attention window, or None when there is none or ``use_sliding_window`` turns it off (Qwen)."""
+    if raw.get("use_sliding_window") is False:
+        return None
+    return _optional(int, raw.get("sliding_window"))
 
 
 def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
