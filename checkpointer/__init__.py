@@ -1,5 +1,6 @@
 """checkpointer: Hugging Face safetensors checkpoints loaded and saved shard by shard with DCP."""
 
+from checkpointer.checkpointer import DistributedHFCheckpointer, IOStats
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError
 from checkpointer.model_config import ModelConfig
 
@@ -7,5 +8,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointFormatError",
     "CheckpointMismatchError",
+    "DistributedHFCheckpointer",
+    "IOStats",
     "ModelConfig",
 ]

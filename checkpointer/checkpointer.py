@@ -8,7 +8,9 @@ code runs with one process (no process group) and with many.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +52,19 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
+@dataclass(frozen=True)
+class IOStats:
+    """What the last load or save moved on this rank."""
+
+    bytes: int
+    seconds: float
+    location: str
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
 class DistributedHFCheckpointer:
     """Load and save Hugging Face safetensors checkpoints shard by shard.
 
@@ -85,6 +100,8 @@ class DistributedHFCheckpointer:
         self.max_shard_size = max_shard_size
         self.save_dtype = _dtype(save_dtype)
         self.process_group = process_group
+        self.last_load: IOStats | None = None
+        self.last_save: IOStats | None = None
         if unused:
             log.debug("ignoring torchtune checkpointer arguments %s", sorted(unused))
 
@@ -131,15 +148,16 @@ class DistributedHFCheckpointer:
         self._load(state_dict, self.base_files())
 
     def _load(self, state_dict: dict[str, Any], files: CheckpointFiles) -> None:
-        planner = HFLoadPlanner(self.layout)
+        reader, started = SafetensorsReader(files), time.perf_counter()
         with _quiet_dcp(), dcp_errors(self.process_group), torch.no_grad():
             dcp.load(
                 state_dict,
-                storage_reader=SafetensorsReader(files),
-                planner=planner,
+                storage_reader=reader,
+                planner=HFLoadPlanner(self.layout),
                 process_group=self.process_group,
                 no_dist=not is_distributed(),
             )
+        self.last_load = IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
 
     # ---- saving -------------------------------------------------------------------------
 
@@ -178,16 +196,16 @@ class DistributedHFCheckpointer:
             fsync_tree(folder)
             replace_folder(folder, final)
 
-        writer = SafetensorsWriter(staging_path(final), file_layout, publish)
-        planner = HFSavePlanner(self.layout, specs, destinations)
+        writer, started = SafetensorsWriter(staging_path(final), file_layout, publish), time.perf_counter()
         with _quiet_dcp(), dcp_errors(self.process_group), torch.no_grad():
             dcp.save(
                 model_state,
                 storage_writer=writer,
-                planner=planner,
+                planner=HFSavePlanner(self.layout, specs, destinations),
                 process_group=self.process_group,
                 no_dist=not is_distributed(),
             )
+        self.last_save = IOStats(writer.bytes_written, time.perf_counter() - started, str(final))
         return file_layout
 
     def _plan_save(self, model_state: dict[str, Any]):

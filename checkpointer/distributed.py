@@ -49,7 +49,11 @@ def _raise_first(failures: list[tuple[int, str, str]], local: BaseException | No
 
 
 def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
-    """Run ``step`` on every rank; if it fails anywhere, raise the first failure everywhere."""
+    """Run ``step`` on every rank; if it fails anywhere, raise the same error everywhere.
+
+    The error is the lowest failing rank's, prefixed with ``[rank N]``, of its class when
+    that is a CheckpointError subclass; the local exception, if any, is its cause.
+    """
     local_error: BaseException | None = None
     result: T | None = None
     try:
@@ -65,8 +69,6 @@ def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) 
     dist.all_gather_object(reports, report, group=group)
     failures = [r for r in reports if r is not None]
     if failures:
-        if local_error is not None and failures[0][0] == rank(group):
-            raise local_error
         _raise_first(failures, local_error, world_size(group))
     return result  # type: ignore[return-value]
 

@@ -1,0 +1,111 @@
+"""DistributedHFCheckpointer in one process (no process group) against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from checkpointer import DistributedHFCheckpointer
+from checkpointer.builders import build_model_from_dir
+from checkpointer.hf_files import INDEX_FILE
+from variants import TOKENS, VARIANTS, hf_logits
+
+TOLERANCE = 1e-5
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
+    base = tiny_models[name]
+    model_type = VARIANTS[name][0]
+    model = build_model_from_dir(model_type, base)
+    checkpointer = DistributedHFCheckpointer(base, tmp_path, model_type)
+    checkpointer.load_model(model)
+    reference = hf_logits(base)
+    assert (_logits(model) - reference).abs().max() <= TOLERANCE
+
+    full = checkpointer.load_checkpoint()["model"]
+    assert full.keys() == model.state_dict().keys()
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+
+    saved = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=3)
+    assert saved == str(tmp_path / "epoch_3")
+    assert (hf_logits(saved) - reference).abs().max() <= TOLERANCE
+    _assert_same_split_as_base(base, tmp_path / "epoch_3")
+    assert checkpointer.last_save.bytes == checkpointer.last_load.bytes  # each byte read once, written once
+
+    again = build_model_from_dir(model_type, saved)
+    DistributedHFCheckpointer(saved, tmp_path, model_type).load_model(again)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def _assert_same_split_as_base(base, saved) -> None:
+    if (base / INDEX_FILE).exists():
+        assert json.loads((saved / INDEX_FILE).read_text())["weight_map"] == json.loads((base / INDEX_FILE).read_text())["weight_map"]
+    else:
+        assert not (saved / INDEX_FILE).exists() and (saved / "model.safetensors").exists()
+    for file in saved.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (saved / name).exists(), name
+
+
+def test_torchtune_style_state_dict_and_yaml_component(tiny_models, tmp_path):
+    """load_checkpoint is a drop-in for FullModelHFCheckpointer: torchtune keys, full tensors."""
+    from omegaconf import OmegaConf
+    from torchtune import config as tune_config
+
+    base = tiny_models["llama3"]
+    cfg = OmegaConf.create(
+        {"_component_": "checkpointer.DistributedHFCheckpointer", "checkpoint_dir": str(base),
+         "output_dir": str(tmp_path), "model_type": "LLAMA3", "checkpoint_files": None}
+    )  # fmt: skip
+    checkpointer = tune_config.instantiate(cfg)
+    state = checkpointer.load_checkpoint()["model"]
+    model = build_model_from_dir("LLAMA3", base)
+    model.load_state_dict(state, strict=True)
+    assert (_logits(model) - hf_logits(base)).abs().max() <= TOLERANCE
+
+
+def test_save_dtype_converts_and_config_says_so(tiny_models, tmp_path):
+    base = tiny_models["qwen2_tied"]
+    model = build_model_from_dir("QWEN2", base)
+    checkpointer = DistributedHFCheckpointer(base, tmp_path, "QWEN2", save_dtype="bf16")
+    checkpointer.load_model(model)
+    saved = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=7)
+    assert saved.endswith("step_7")
+    config = json.loads((tmp_path / "step_7" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
+    with safe_open(tmp_path / "step_7" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), model.tok_embeddings.weight.to(torch.bfloat16))
+
+
+def test_loading_into_bf16_model_converts_on_the_fly(tiny_models, tmp_path):
+    base = tiny_models["mistral"]
+    model = build_model_from_dir("MISTRAL", base).to(torch.bfloat16)
+    DistributedHFCheckpointer(base, tmp_path, "MISTRAL").load_model(model)
+    full = DistributedHFCheckpointer(base, tmp_path, "MISTRAL").load_checkpoint()["model"]
+    assert all(torch.equal(v, full[k].to(torch.bfloat16)) for k, v in model.state_dict().items())
+
+
+def test_saving_again_replaces_the_old_checkpoint_whole(tiny_models, tmp_path):
+    base = tiny_models["llama2"]
+    model = build_model_from_dir("LLAMA2", base)
+    checkpointer = DistributedHFCheckpointer(base, tmp_path, "LLAMA2")
+    checkpointer.load_model(model)
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    with torch.no_grad():
+        model.norm.scale.fill_(3.0)
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    with safe_open(tmp_path / "epoch_0" / "model.safetensors", "pt") as f:
+        assert torch.all(f.get_tensor("model.norm.weight") == 3.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]  # no staging or replaced folders left
