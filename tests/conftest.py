@@ -1,0 +1,1 @@
+pytest_plugins = ["checkpointer.testing.pytest_plugin"]
