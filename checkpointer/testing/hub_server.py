@@ -840,10 +840,13 @@ class LocalHub:
             self._server.server_close()
             self._server = None
 
-    def serve_forever(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Serve on the calling thread until interrupted."""
+    def serve_forever(self, host: str = "127.0.0.1", port: int = 0,
+                      ready: Callable[["LocalHub"], None] | None = None) -> None:
+        """Serve on the calling thread until interrupted; ``ready(self)`` runs once it listens."""
         server = self._listen(host, port)
         try:
+            if ready:
+                ready(self)
             server.serve_forever()
         finally:
             server.server_close()
@@ -922,13 +925,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lfs-threshold", type=int, help="upload files of this many bytes or more via LFS")
     args = parser.parse_args(argv)
     hub = LocalHub(args.root, {args.token: "tester"}, args.lfs_threshold)
-    print(f"LocalHub serving at http://{args.host}:{args.port}", flush=True)
-    print(f"export HF_ENDPOINT=http://{args.host}:{args.port} HF_TOKEN={hub.token} HF_HUB_DISABLE_TELEMETRY=1 "
-          "HF_HUB_DISABLE_XET=1", flush=True)
     try:
-        hub.serve_forever(args.host, args.port)
+        hub.serve_forever(args.host, args.port, ready=_announce)
     except KeyboardInterrupt:
         pass
+
+
+def _announce(hub: LocalHub) -> None:
+    print(f"LocalHub serving at {hub.endpoint}", flush=True)
+    print(f"export HF_ENDPOINT={hub.endpoint} HF_TOKEN={hub.token} HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_XET=1",
+          flush=True)
 
 
 if __name__ == "__main__":
