@@ -236,6 +236,15 @@ def test_delete_file_and_folder(api: HfApi, hub_env: LocalHub, repo: str) -> Non
         api.delete_file("config.json", repo)
 
 
+def test_file_where_a_folder_is_refused(api: HfApi, hub_env: LocalHub, repo: str) -> None:
+    before = hub_env.commits(repo)
+    for path in ("sub", "config.json/inner.txt"):
+        with pytest.raises(HfHubHTTPError) as err:
+            api.upload_file(path_or_fileobj=b"x", path_in_repo=path, repo_id=repo)
+        assert err.value.response.status_code == 409
+    assert hub_env.commits(repo) == before
+
+
 def test_stale_parent_commit_is_refused(api: HfApi, hub_env: LocalHub, repo: str) -> None:
     base = api.repo_info(repo).sha
     first = api.create_commit(repo, [CommitOperationAdd("a.txt", b"a")], commit_message="a", parent_commit=base)
@@ -367,6 +376,10 @@ def test_root_directory_persists_repos(tmp_path: Path) -> None:
         api.create_branch("tester/kept", branch="dev")
         api.upload_file(path_or_fileobj=b"data", path_in_repo="d.bin", repo_id="tester/kept", revision="dev")
         history = hub.commits("tester/kept", "dev")
+        assert api.whoami()["name"] == "tester"  # leaves a keep-alive connection in the client's pool
+    with pytest.raises(Exception) as err:  # stopped means stopped: pooled connections are closed too
+        api.whoami()
+    assert not isinstance(err.value, HfHubHTTPError)
     with LocalHub(root=str(tmp_path / "store")) as hub:
         assert hub.commits("tester/kept", "dev") == history
         api = HfApi(endpoint=hub.endpoint, token=hub.token)

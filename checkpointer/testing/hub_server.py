@@ -47,7 +47,6 @@ GITATTRIBUTES = (
     "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
     "*tfevents* filter=lfs diff=lfs merge=lfs -text\n"
 ).encode()
-_SHA40 = re.compile(r"[0-9a-f]{40}")
 
 
 def _now() -> str:
@@ -486,11 +485,7 @@ class HubApi:
         return json_response({
             "id": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": commit.id, "private": repo.private,
             "gated": False, "disabled": False, "lastModified": commit.date, "createdAt": repo.created,
-            "downloads": 0, "likes": 0, "tags": [],
-            "siblings": [{"rfilename": e["path"], "size": e["size"], "blobId": e["oid"],
-                          **({"lfs": {"sha256": e["lfs"]["oid"], "size": e["size"],
-                                      "pointerSize": e["lfs"]["pointerSize"]}} if "lfs" in e else {})}
-                         for e in siblings],
+            "downloads": 0, "likes": 0, "tags": [], "siblings": [_sibling(e) for e in siblings],
         })
 
     def tree(self, req: Request) -> Response:
@@ -574,7 +569,10 @@ class HubApi:
 
         def apply(tree: dict[str, str]) -> None:
             for op in ops:
-                _OPERATIONS[op["key"]](self.store, tree, op["value"])
+                try:
+                    _OPERATIONS[op["key"]](self.store, tree, op["value"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise HubError(400, None, f"Malformed commit operation {op}: {e!r}") from None
 
         commit = self.store.commit(repo, req.arg("rev") or "main", apply, header.get("summary") or "",
                                    header.get("description") or "", req.user or "", header.get("parentCommit"))
@@ -623,6 +621,15 @@ class HubApi:
         return Response(200)
 
 
+def _sibling(entry: dict) -> dict:
+    """A ``siblings`` item of repo info, from a tree entry."""
+    out = {"rfilename": entry["path"], "size": entry["size"], "blobId": entry["oid"]}
+    if "lfs" in entry:
+        lfs = entry["lfs"]
+        out["lfs"] = {"sha256": lfs["oid"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
+    return out
+
+
 def _ranged(data: bytes, range_header: str | None, headers: dict[str, str]) -> Response:
     """200 with ``data``, or 206 + ``Content-Range`` for one ``bytes=`` range, or 416 past the end."""
     match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", range_header or "")
@@ -636,21 +643,25 @@ def _ranged(data: bytes, range_header: str | None, headers: dict[str, str]) -> R
     return Response(206, data[start : end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{size}"})
 
 
-def _valid_path(path: str) -> str:
+def _put(tree: dict[str, str], path: str, sha: str) -> None:
+    """Set ``path`` in ``tree``, refusing bad paths and a file where a folder is (or the reverse)."""
     parts = path.split("/")
-    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if not path or any(p in ("", ".", "..") for p in parts):
         raise HubError(400, None, f"Invalid path in repo: {path!r}")
-    return path
+    parents = ["/".join(parts[:i]) for i in range(1, len(parts))]
+    if any(parent in tree for parent in parents) or any(p.startswith(path + "/") for p in tree):
+        raise HubError(409, None, f"{path} conflicts with an existing file or folder")
+    tree[path] = sha
 
 
 def _op_file(store: HubStore, tree: dict[str, str], value: dict) -> None:
-    tree[_valid_path(value["path"])] = store.put_blob(base64.b64decode(value.get("content", "")))
+    _put(tree, value["path"], store.put_blob(base64.b64decode(value.get("content", ""), validate=True)))
 
 
 def _op_lfs_file(store: HubStore, tree: dict[str, str], value: dict) -> None:
     if not store.has_blob(value["oid"]):
         raise HubError(422, None, f"LFS object {value['oid']} for {value['path']} was not uploaded")
-    tree[_valid_path(value["path"])] = value["oid"]
+    _put(tree, value["path"], value["oid"])
 
 
 def _op_deleted_file(store: HubStore, tree: dict[str, str], value: dict) -> None:
@@ -776,9 +787,36 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """Threaded server that knows its open connections, so stopping it really ends them."""
+
     daemon_threads = True
     allow_reuse_address = True
     hub: "LocalHub"
+
+    def __init__(self, address: tuple[str, int], hub: "LocalHub"):
+        super().__init__(address, _Handler)
+        self.hub = hub
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut every open connection (keep-alive ones included)."""
+        with self._open_lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -821,8 +859,7 @@ class LocalHub:
         return next(iter(self.tokens))
 
     def _listen(self, host: str, port: int) -> _Server:
-        self._server = _Server((host, port), _Handler)
-        self._server.hub = self
+        self._server = _Server((host, port), self)
         return self._server
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> "LocalHub":
@@ -834,9 +871,10 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the listening socket."""
+        """Stop serving, close open connections and the listening socket."""
         if self._server is not None:
             self._server.shutdown()
+            self._server.close_connections()
             self._server.server_close()
             self._server = None
 
