@@ -369,12 +369,13 @@ def test_delay_and_fault_bookkeeping(api: HfApi, hub_env: LocalHub) -> None:
 # ----------------------------------------------------------------------------------------- persistence, CLI
 
 
-def test_root_directory_persists_repos(tmp_path: Path) -> None:
+def test_root_directory_persists_repos(hub_env: LocalHub, tmp_path: Path) -> None:
     with LocalHub(root=str(tmp_path / "store")) as hub:
         api = HfApi(endpoint=hub.endpoint, token=hub.token)
         api.create_repo("tester/kept")
         api.create_branch("tester/kept", branch="dev")
-        api.upload_file(path_or_fileobj=b"data", path_in_repo="d.bin", repo_id="tester/kept", revision="dev")
+        api.create_commit("tester/kept", [CommitOperationAdd("d.bin", b"data"), CommitOperationAdd("empty", b"")],
+                          commit_message="data", revision="dev")
         history = hub.commits("tester/kept", "dev")
         assert api.whoami()["name"] == "tester"  # leaves a keep-alive connection in the client's pool
     with pytest.raises(Exception) as err:  # stopped means stopped: pooled connections are closed too
@@ -383,11 +384,17 @@ def test_root_directory_persists_repos(tmp_path: Path) -> None:
     with LocalHub(root=str(tmp_path / "store")) as hub:
         assert hub.commits("tester/kept", "dev") == history
         api = HfApi(endpoint=hub.endpoint, token=hub.token)
-        assert api.list_repo_files("tester/kept", revision="dev") == [".gitattributes", "d.bin"]
+        assert api.list_repo_files("tester/kept", revision="dev") == [".gitattributes", "d.bin", "empty"]
         assert hub.file_bytes("tester/kept", "d.bin", revision="dev") == b"data"
+        fs = HfFileSystem(endpoint=hub.endpoint, token=hub.token, skip_instance_cache=True)
+        assert fs.cat_file("tester/kept@dev/d.bin", start=1, end=3) == b"at"  # served from the on-disk blob
+        for name, data in (("d.bin", b"data"), ("empty", b"")):
+            path = hf_hub_download("tester/kept", name, revision="dev", endpoint=hub.endpoint, token=hub.token,
+                                   cache_dir=tmp_path / "cache")
+            assert Path(path).read_bytes() == data
 
 
-def test_command_line_server(tmp_path: Path) -> None:
+def test_command_line_server(hub_env: LocalHub) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "checkpointer.testing.hub_server", "--port", "0",
                              "--token", "hf_cli"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})

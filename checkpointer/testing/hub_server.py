@@ -20,6 +20,7 @@ import base64
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import re
 import secrets
@@ -137,6 +138,13 @@ class HubStore:
 
     def blob(self, sha: str) -> bytes:
         return self._blobs[sha] if self.root is None else self._blob_path(sha).read_bytes()
+
+    def blob_view(self, sha: str) -> memoryview:
+        """A zero-copy view of a blob (memory-mapped when stored on disk), for slicing out ranges."""
+        if self.root is None or self.blob_size(sha) == 0:
+            return memoryview(self._blobs[sha] if self.root is None else b"")
+        with open(self._blob_path(sha), "rb") as f:
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
     def blob_size(self, sha: str) -> int:
         return len(self._blobs[sha]) if self.root is None else self._blob_path(sha).stat().st_size
@@ -303,7 +311,7 @@ class Response:
     """A full answer: status, headers and body (``Content-Length`` is added when sent)."""
 
     status: int = 200
-    body: bytes = b""
+    body: bytes | memoryview = b""
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -586,7 +594,7 @@ class HubApi:
             raise HubError(404, "EntryNotFound", f"{path} does not exist at {commit.id}",
                            {"X-Repo-Commit": commit.id})
         sha = commit.tree[path]
-        data = self.store.blob(sha)
+        data = self.store.blob_view(sha)
         headers = {"X-Repo-Commit": commit.id, "ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"',
                    "X-Linked-Size": str(len(data)), "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
@@ -630,7 +638,7 @@ def _sibling(entry: dict) -> dict:
     return out
 
 
-def _ranged(data: bytes, range_header: str | None, headers: dict[str, str]) -> Response:
+def _ranged(data: memoryview, range_header: str | None, headers: dict[str, str]) -> Response:
     """200 with ``data``, or 206 + ``Content-Range`` for one ``bytes=`` range, or 416 past the end."""
     match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", range_header or "")
     if not match or match.groups() == ("", ""):
