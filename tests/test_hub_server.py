@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,28 @@ def test_stale_parent_commit_is_refused(api: HfApi, hub_env: LocalHub, repo: str
     assert api.repo_info(repo).sha == first.oid
     assert "b.txt" not in api.list_repo_files(repo)
 
+
+
+def test_concurrent_writers(api: HfApi, hub_env: LocalHub, repo: str) -> None:
+    base = api.repo_info(repo).sha
+
+    def write(i: int, parent: str | None) -> bool:
+        op = CommitOperationAdd(f"w{i}.txt", str(i).encode())
+        try:
+            api.create_commit(repo, [op], commit_message=f"w{i}", parent_commit=parent)
+            return True
+        except HfHubHTTPError as e:
+            assert e.response.status_code == 412
+            return False
+
+    with ThreadPoolExecutor(4) as pool:
+        racing = list(pool.map(write, range(4), [base] * 4))
+        assert racing.count(True) == 1  # same parent: one winner, the others are told to refresh
+        assert all(pool.map(write, range(4, 8), [None] * 4))  # no parent: all land, none lost
+    files = set(api.list_repo_files(repo))
+    assert {f"w{i}.txt" for i in range(4, 8)} <= files
+    assert len({f"w{i}.txt" for i in range(4)} & files) == 1
+    assert len(hub_env.commits(repo)) == 2 + 1 + 4
 
 # ----------------------------------------------------------------------------------------- errors and auth
 
