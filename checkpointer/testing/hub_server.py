@@ -36,7 +36,7 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 __all__ = ["HubError", "HubStore", "LocalHub", "RequestRecord", "main"]
 
@@ -727,7 +727,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve()
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_GET
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence per-request logging
         pass
@@ -738,7 +738,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and fault.delay:
             time.sleep(fault.delay)
         if fault and fault.reset:
-            return self._reset()
+            self._reset()
+            return
         body = self._read_body()
         if fault and fault.status:
             response = error_response(HubError(fault.status, None, f"Injected fault: HTTP {fault.status}"))
@@ -873,8 +874,8 @@ class LocalHub:
     def start(self, host: str = "127.0.0.1", port: int = 0) -> "LocalHub":
         """Listen on ``host:port`` (0 = a free port) and serve from a daemon thread."""
         if self._server is None:
-            self._listen(host, port)
-            self._thread = threading.Thread(target=self._server.serve_forever, name="LocalHub", daemon=True)  # type: ignore[union-attr]
+            server = self._listen(host, port)
+            self._thread = threading.Thread(target=server.serve_forever, name="LocalHub", daemon=True)
             self._thread.start()
         return self
 
