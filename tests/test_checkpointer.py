@@ -109,3 +109,27 @@ def test_saving_again_replaces_the_old_checkpoint_whole(tiny_models, tmp_path):
     with safe_open(tmp_path / "epoch_0" / "model.safetensors", "pt") as f:
         assert torch.all(f.get_tensor("model.norm.weight") == 3.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]  # no staging or replaced folders left
+
+
+def test_non_tensor_values_are_refused_before_anything_is_written(tiny_models, tmp_path):
+    from checkpointer import CheckpointError
+
+    base = tiny_models["llama2"]
+    model = build_model_from_dir("LLAMA2", base)
+    state = dict(model.state_dict(), **{"norm.scale": [1.0, 2.0]})
+    with pytest.raises(CheckpointError, match=r"'norm.scale'\] is a list, not a tensor"):
+        DistributedHFCheckpointer(base, tmp_path, "LLAMA2").save_checkpoint({"model": state}, epoch=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layers,problem", [(1, "unexpected key: model.layers.1."), (3, "missing key: layers.2.")])
+def test_missing_and_unexpected_keys_are_listed(tiny_models, tmp_path, layers, problem):
+    from checkpointer import CheckpointMismatchError, ModelConfig
+    from checkpointer.builders import build_model
+
+    base = tiny_models["llama3"]
+    config = json.loads((base / "config.json").read_text())
+    model = build_model("LLAMA3", ModelConfig.from_dict(config | {"num_hidden_layers": layers}))
+    with pytest.raises(CheckpointMismatchError, match=problem) as info:
+        DistributedHFCheckpointer(base, tmp_path, "LLAMA3").load_model(model)
+    assert "problem(s)" in str(info.value)
