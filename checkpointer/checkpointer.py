@@ -20,16 +20,18 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from checkpointer.distributed import dcp_errors, is_distributed, on_all_ranks, rank
+from checkpointer.distributed import dcp_errors, is_distributed, on_all_ranks, rank, world_size
 from checkpointer.errors import CheckpointError
 from checkpointer.file_layout import FileLayout, plan_file_layout
-from checkpointer.folders import Folder, LocalFolder
+from checkpointer.folders import Folder
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
+from checkpointer.hub_location import HubLocation
 from checkpointer.layouts import Layout, get_layout
+from checkpointer.locations import make_location
 from checkpointer.load_planner import HFLoadPlanner
 from checkpointer.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.model_config import ModelConfig
-from checkpointer.publish import copy_support_files, fsync_tree, output_config, replace_folder, staging_path, write_index
+from checkpointer.publish import copy_support_files, fsync_tree, output_config, write_index
 from checkpointer.save_planner import HFSavePlanner
 from checkpointer.shards import global_spec
 from checkpointer.storage_reader import SafetensorsReader
@@ -69,12 +71,19 @@ class DistributedHFCheckpointer:
     """Load and save Hugging Face safetensors checkpoints shard by shard.
 
     Args:
-        checkpoint_dir: folder of the base model in Hugging Face format.
-        output_dir: where checkpoints are written, as ``epoch_{N}`` / ``step_{N}`` folders.
+        checkpoint_dir: the base model in Hugging Face format: a local folder, an fsspec URL
+            (``s3://bucket/llama``) or ``hf://namespace/repo[@revision][/subfolder]``.
+        output_dir: where checkpoints are published, as ``epoch_{N}`` / ``step_{N}``: a local
+            folder or fsspec URL (subfolders), or ``hf://namespace/repo`` (one commit each, at the
+            repo root, tagged ``epoch-N`` / ``step-N``).
         model_type: torchtune model type name (``LLAMA3_2``, ``QWEN2``, ...).
         checkpoint_files: weight files to read; default: the index, else ``model.safetensors``.
         max_shard_size: file size limit when the base has no weight map to follow.
         save_dtype: dtype of saved weights (default: the model's).
+        streaming: read remote weights by byte range, each rank only its own shards, instead
+            of downloading the files once per node first.
+        storage_options: fsspec options for URL locations (e.g. an S3 ``endpoint_url``).
+        hub_private: create a missing Hub output repo as private (default True).
         process_group: the group whose ranks share the model (default: the world).
     """
 
@@ -87,14 +96,20 @@ class DistributedHFCheckpointer:
         *,
         max_shard_size: int | str = "5GB",
         save_dtype: str | torch.dtype | None = None,
+        streaming: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        hub_private: bool = True,
         process_group: dist.ProcessGroup | None = None,
         safe_serialization: bool = True,
         **unused: Any,
     ):
         if not safe_serialization:
             raise CheckpointError("safe_serialization=False is not supported: weights are only saved as safetensors")
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.output_dir = Path(output_dir)
+        options = dict(storage_options or {})
+        self.source = make_location(checkpoint_dir, "checkpoint_dir", options)
+        self.destination = make_location(output_dir, "output_dir", options, private=hub_private)
+        self.streaming = streaming
+        self.training_info: dict[str, Any] = {}  # recipes add details for the model card
         self.model_type = model_type
         self.checkpoint_files = _file_list(checkpoint_files)
         self.max_shard_size = max_shard_size
@@ -108,26 +123,23 @@ class DistributedHFCheckpointer:
     # ---- what the base checkpoint is ---------------------------------------------------
 
     @cached_property
-    def source(self) -> Folder:
-        return LocalFolder(self.checkpoint_dir)
+    def source_folder(self) -> Folder:
+        """The base checkpoint's files (collective: remote sources are fetched or opened here)."""
+        return self.source.open(self.process_group, self.streaming, self.checkpoint_files)
 
     @cached_property
     def config_dict(self) -> dict[str, Any]:
-        return on_all_ranks(self._read_config, self.process_group).raw
+        folder = self.source_folder
+        return on_all_ranks(lambda: _read_config(folder), self.process_group).raw
 
     @cached_property
     def layout(self) -> Layout:
         return get_layout(self.model_type, ModelConfig.from_dict(self.config_dict))
 
-    def _read_config(self) -> ModelConfig:
-        if not self.source.exists(CONFIG_FILE):
-            raise CheckpointError(f"{self.source.describe(CONFIG_FILE)}: missing; the model's dimensions come from it")
-        text = self.source.read(CONFIG_FILE, 0, self.source.size(CONFIG_FILE))
-        return ModelConfig.from_json(text, self.source.describe(CONFIG_FILE))
-
     def base_files(self) -> CheckpointFiles:
         """The base checkpoint's files and headers, read (and checked) on every rank."""
-        return on_all_ranks(lambda: read_checkpoint_files(self.source, self.checkpoint_files), self.process_group)
+        folder = self.source_folder
+        return on_all_ranks(lambda: read_checkpoint_files(folder, self.checkpoint_files), self.process_group)
 
     # ---- loading ------------------------------------------------------------------------
 
@@ -177,36 +189,50 @@ class DistributedHFCheckpointer:
         if MODEL_KEY not in state_dict:
             raise CheckpointError(f"save_checkpoint: state_dict has no {MODEL_KEY!r} entry (keys: {sorted(state_dict)})")
         name = f"step_{step}" if step is not None else f"epoch_{epoch}"
-        final = self.output_dir / name
-        self.save_weights(state_dict[MODEL_KEY], final)
+        self.save_weights(state_dict[MODEL_KEY], name)
+        published = self.destination.describe(name)
         if rank(self.process_group) == 0:
-            log.info("saved checkpoint to %s", final)
-        return str(final)
+            log.info("saved checkpoint to %s", published)
+        return published
 
-    def save_weights(self, model_state: dict[str, Any], final: Path) -> FileLayout:
-        """Write ``model_state`` as a Hugging Face checkpoint folder ``final``."""
+    def save_weights(self, model_state: dict[str, Any], name: str) -> FileLayout:
+        """Write ``model_state`` as the Hugging Face checkpoint ``name`` of the output location."""
+        folder, base_config, layout = self.source_folder, self.config_dict, self.layout
         specs, destinations, file_layout = on_all_ranks(lambda: self._plan_save(model_state), self.process_group)
-        base_config = self.config_dict
+        tied = not any(d.hf_key in layout.tied for d in destinations.values())
+        dtypes = {s.dtype for s in specs.values()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
+        card = self._card(name, dtype)
 
-        def publish(folder: Path) -> None:
-            tied = not any(d.hf_key in self.layout.tied for d in destinations.values())
-            dtypes = {s.dtype for s in specs.values()}
-            copy_support_files(self.source, folder, output_config(base_config, dtypes.pop() if len(dtypes) == 1 else None, tied))
-            write_index(folder, file_layout)
-            fsync_tree(folder)
-            replace_folder(folder, final)
+        def publish(staging: Path) -> None:
+            copy_support_files(folder, staging, output_config(base_config, dtype, tied))
+            write_index(staging, file_layout)
+            fsync_tree(staging)
+            self.destination.publish(staging, name, card)
 
-        writer, started = SafetensorsWriter(staging_path(final), file_layout, publish), time.perf_counter()
+        staging = self.destination.staging_dir(name)
+        writer, started = SafetensorsWriter(staging, file_layout, publish), time.perf_counter()
         with _quiet_dcp(), dcp_errors(self.process_group), torch.no_grad():
             dcp.save(
                 model_state,
                 storage_writer=writer,
-                planner=HFSavePlanner(self.layout, specs, destinations),
+                planner=HFSavePlanner(layout, specs, destinations),
                 process_group=self.process_group,
                 no_dist=not is_distributed(),
             )
-        self.last_save = IOStats(writer.bytes_written, time.perf_counter() - started, str(final))
+        self.last_save = IOStats(writer.bytes_written, time.perf_counter() - started, self.destination.describe(name))
         return file_layout
+
+    def _card(self, name: str, dtype: torch.dtype | None) -> dict[str, Any]:
+        base = self.source.url.repo_id if isinstance(self.source, HubLocation) else None
+        return {
+            "base_model": base,
+            "checkpoint": name,
+            "model_type": getattr(self.model_type, "name", self.model_type),
+            "dtype": str(dtype).removeprefix("torch.") if dtype else "mixed",
+            "world_size": world_size(self.process_group),
+            "training": dict(self.training_info),
+        }
 
     def _plan_save(self, model_state: dict[str, Any]):
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
@@ -218,7 +244,7 @@ class DistributedHFCheckpointer:
 
     def _base_weight_map(self) -> dict[str, str] | None:
         try:
-            files = read_checkpoint_files(self.source, self.checkpoint_files)
+            files = read_checkpoint_files(self.source_folder, self.checkpoint_files)
         except CheckpointError:
             return None
         return {key: entry.file for key, entry in files.tensors.items()}
@@ -232,6 +258,12 @@ def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | Non
         count = int(checkpoint_files["max_filename"])
         return [checkpoint_files["filename_format"].format(str(i).zfill(5), str(count).zfill(5)) for i in range(1, count + 1)]
     raise CheckpointError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names")
+
+
+def _read_config(folder: Folder) -> ModelConfig:
+    if not folder.exists(CONFIG_FILE):
+        raise CheckpointError(f"{folder.describe(CONFIG_FILE)}: missing; the model's dimensions come from it")
+    return ModelConfig.from_json(folder.read(CONFIG_FILE, 0, folder.size(CONFIG_FILE)), folder.describe(CONFIG_FILE))
 
 
 def _check_materialized(state_dict: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ a ``BaseException``); :func:`dcp_errors` turns that into a :class:`CheckpointErr
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator, TypeVar
 
 import torch.distributed as dist
@@ -30,6 +31,11 @@ def rank(group: dist.ProcessGroup | None = None) -> int:
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_world_size(group) if is_distributed() else 1
+
+
+def local_rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; the rank when unset)."""
+    return int(os.environ.get("LOCAL_RANK", rank(group)))
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:
@@ -71,6 +77,25 @@ def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) 
     if failures:
         _raise_first(failures, local_error, world_size(group))
     return result  # type: ignore[return-value]
+
+
+def on_rank_zero(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
+    """Run ``step`` on rank 0 only; every rank returns its (picklable) result or raises its error."""
+    if not is_distributed(group):
+        return step()
+    payload: list = [None]
+    local_error: BaseException | None = None
+    if rank(group) == 0:
+        try:
+            payload = [("ok", step())]
+        except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+            local_error = e
+            payload = [("error", 0, type(e).__name__, str(e))]
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(payload, src=source, group=group)
+    if payload[0][0] == "error":
+        _raise_first([payload[0][1:]], local_error, world_size(group))
+    return payload[0][1]
 
 
 @contextlib.contextmanager

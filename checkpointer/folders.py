@@ -47,11 +47,15 @@ def check_relative_name(name: str, folder: str) -> str:
 
 
 class LocalFolder:
-    """A checkpoint folder on a local (or mounted) file system."""
+    """A checkpoint folder on a local (or mounted) file system.
 
-    def __init__(self, root: str | os.PathLike):
+    Symlinks may point anywhere inside ``trusted_root`` (default: the folder itself); the
+    Hugging Face cache, for example, links snapshot files to blobs two levels up.
+    """
+
+    def __init__(self, root: str | os.PathLike, trusted_root: str | os.PathLike | None = None):
         self.root = Path(root)
-        self._real_root = self.root.resolve()
+        self._real_root = Path(trusted_root or root).resolve()
         self._fds: dict[str, int] = {}
 
     def describe(self, name: str = "") -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from checkpointer.errors import CheckpointFormatError
 from checkpointer.folders import Folder, check_relative_name
@@ -19,6 +19,19 @@ from checkpointer.safetensors_format import Header, TensorEntry, header_length, 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Files that travel with the weights when present in the base checkpoint.
+SUPPORT_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @dataclass(frozen=True)
@@ -46,14 +59,13 @@ def read_header(folder: Folder, name: str) -> Header:
     return parse_header(folder.read(name, 8, length), name, size, where)
 
 
-def read_index(folder: Folder) -> tuple[dict[str, str], dict[str, Any]]:
-    """The weight map and metadata of ``model.safetensors.index.json``."""
-    where = folder.describe(INDEX_FILE)
-    size = folder.size(INDEX_FILE)
-    if size > 256 * 2**20:
-        raise CheckpointFormatError(f"{where}: {size} bytes is too large for an index file")
+def _weight_map_from_text(text: bytes, where: str) -> dict[str, str]:
+    return _parse_index(text, where)[0]
+
+
+def _parse_index(text: bytes, where: str) -> tuple[dict[str, str], dict[str, Any]]:
     try:
-        raw = json.loads(folder.read(INDEX_FILE, 0, size))
+        raw = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
@@ -63,6 +75,15 @@ def read_index(folder: Folder) -> tuple[dict[str, str], dict[str, Any]]:
         check_relative_name(name, where)
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
     return dict(weight_map), metadata
+
+
+def read_index(folder: Folder) -> tuple[dict[str, str], dict[str, Any]]:
+    """The weight map and metadata of ``model.safetensors.index.json``."""
+    where = folder.describe(INDEX_FILE)
+    size = folder.size(INDEX_FILE)
+    if size > 256 * 2**20:
+        raise CheckpointFormatError(f"{where}: {size} bytes is too large for an index file")
+    return _parse_index(folder.read(INDEX_FILE, 0, size), where)
 
 
 def _choose_files(folder: Folder, checkpoint_files: Sequence[str] | None) -> tuple[list[str], dict | None, dict]:
@@ -114,3 +135,23 @@ def _check_weight_map(folder: Folder, weight_map: dict[str, str], tensors: dict[
             f"{where}: tensor {extra[0]!r} in {tensors[extra[0]].file} is not in the index"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
         )
+
+
+def files_to_fetch(available: set[str], read_index: Callable[[], bytes], where: str, checkpoint_files: Sequence[str] | None = None) -> list[str]:
+    """The files a remote checkpoint needs: index, the weights it names, config, tokenizer files.
+
+    ``available`` lists the remote folder's file names; ``read_index`` fetches the index text.
+    """
+    support = [name for name in (CONFIG_FILE, *SUPPORT_FILES) if name in available]
+    if checkpoint_files:
+        weights = list(checkpoint_files)
+    elif INDEX_FILE in available:
+        weights = [INDEX_FILE, *sorted(set(_weight_map_from_text(read_index(), f"{where}/{INDEX_FILE}").values()))]
+    elif SINGLE_FILE in available:
+        weights = [SINGLE_FILE]
+    else:
+        raise CheckpointFormatError(f"{where}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files")
+    missing = [name for name in weights if name not in available]
+    if missing:
+        raise CheckpointFormatError(f"{where}/{missing[0]}: missing: the checkpoint names this file but it does not exist")
+    return weights + support

@@ -18,27 +18,9 @@ import torch
 
 from checkpointer.file_layout import FileLayout
 from checkpointer.folders import Folder
-from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE
+from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, SUPPORT_FILES
 
-# Files that travel with the weights when present in the base checkpoint.
-SUPPORT_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def staging_path(final: Path) -> Path:
-    """The hidden folder a checkpoint is written in before it is renamed to ``final``."""
-    return final.parent / f".{final.name}.partial"
 
 
 def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool) -> dict[str, Any]:

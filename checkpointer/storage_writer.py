@@ -11,10 +11,10 @@ and no consolidation pass: each byte is written once.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -28,8 +28,13 @@ Publish = Callable[[Path], None]
 
 
 def create_files(folder: Path, layout: FileLayout) -> None:
-    """Create each file with its header, at its final size (the data is filled in by the ranks)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Create each file with its header, at its final size (the data is filled in by the ranks).
+
+    A leftover staging folder from an interrupted save of the same checkpoint is removed first.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     for name, header in layout.headers.items():
         with open(folder / name, "wb") as f:
             f.write(header)

@@ -15,21 +15,27 @@ def _config(path: str) -> ModelConfig:
         return ModelConfig.from_json(f.read())
 
 
-def load_forward_save_reload(rank: int, world: int, cases: list, tokens: torch.Tensor) -> dict:
-    """For each (name, model_type, base, out): sharded load, logits, save, reload into a fresh model."""
+def case(name: str, model_type: str, base: str, out: str, config_dir: str | None = None, **kwargs) -> dict:
+    """One load/save case; ``config_dir`` is a local folder with the base's config.json (default: base)."""
+    return {"name": name, "model_type": model_type, "base": str(base), "out": str(out), "config": str(config_dir or base), "kwargs": kwargs}
+
+
+def load_forward_save_reload(rank: int, world: int, cases: list[dict], tokens: torch.Tensor) -> dict:
+    """For each case: sharded load, logits, save, then reload what was published into a fresh model."""
     mesh = default_mesh()
     results = {}
-    for name, model_type, base, out in cases:
-        model = build_sharded_model(model_type, _config(base), mesh)
-        checkpointer = DistributedHFCheckpointer(base, out, model_type)
+    for c in cases:
+        config = _config(c["config"])
+        model = build_sharded_model(c["model_type"], config, mesh)
+        checkpointer = DistributedHFCheckpointer(c["base"], c["out"], c["model_type"], **c["kwargs"])
         checkpointer.load_model(model)
         with torch.no_grad():
             logits = model(tokens)
         saved = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
-        again = build_sharded_model(model_type, _config(saved), mesh)
-        DistributedHFCheckpointer(saved, out, model_type).load_model(again)
+        again = build_sharded_model(c["model_type"], config, mesh)
+        DistributedHFCheckpointer(saved, c["out"], c["model_type"], **c["kwargs"]).load_model(again)
         pairs = zip(model.state_dict().values(), again.state_dict().values())
-        results[name] = {
+        results[c["name"]] = {
             "logits": logits,
             "saved": saved,
             "bitwise": all(torch.equal(a.to_local(), b.to_local()) for a, b in pairs),
@@ -39,15 +45,28 @@ def load_forward_save_reload(rank: int, world: int, cases: list, tokens: torch.T
     return results
 
 
-def load_expecting_errors(rank: int, world: int, cases: list) -> dict:
-    """For each (name, model_type, base, model_config_dir): the error message load_model raises."""
+def load_only(rank: int, world: int, cases: list[dict], tokens: torch.Tensor) -> dict:
+    """For each case: sharded load and logits, plus the bytes this rank read."""
+    mesh = default_mesh()
+    results = {}
+    for c in cases:
+        model = build_sharded_model(c["model_type"], _config(c["config"]), mesh)
+        checkpointer = DistributedHFCheckpointer(c["base"], c["out"], c["model_type"], **c["kwargs"])
+        checkpointer.load_model(model)
+        with torch.no_grad():
+            results[c["name"]] = {"logits": model(tokens), "bytes_read": checkpointer.last_load.bytes}
+    return results
+
+
+def load_expecting_errors(rank: int, world: int, cases: list[dict]) -> dict:
+    """For each case: the error message load_model raises ("no error" if none)."""
     mesh = default_mesh()
     messages = {}
-    for name, model_type, base, config_dir in cases:
-        model = build_sharded_model(model_type, _config(config_dir), mesh)
+    for c in cases:
+        model = build_sharded_model(c["model_type"], _config(c["config"]), mesh)
         try:
-            DistributedHFCheckpointer(base, f"{base}/out", model_type).load_model(model)
-            messages[name] = "no error"
+            DistributedHFCheckpointer(c["base"], c["out"], c["model_type"], **c["kwargs"]).load_model(model)
+            messages[c["name"]] = "no error"
         except CheckpointError as e:
-            messages[name] = f"{type(e).__name__}: {e}"
+            messages[c["name"]] = f"{type(e).__name__}: {e}"
     return messages

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from checkpointer.testing.multiprocess import run_on_ranks
-from dist_workers import load_expecting_errors, load_forward_save_reload
+from dist_workers import case, load_expecting_errors, load_forward_save_reload
 from variants import TOKENS, VARIANTS, hf_logits
 
 TOLERANCE = 1e-5
@@ -20,7 +20,7 @@ def references(tiny_models):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_model_type_loads_and_saves_sharded(world, tiny_models, references, tmp_path):
-    cases = [(name, VARIANTS[name][0], str(tiny_models[name]), str(tmp_path / name)) for name in VARIANTS]
+    cases = [case(name, VARIANTS[name][0], tiny_models[name], tmp_path / name) for name in VARIANTS]
     results = run_on_ranks(load_forward_save_reload, world, cases, TOKENS, timeout=600)
     for name in VARIANTS:
         per_rank = [r[name] for r in results]
@@ -42,8 +42,8 @@ def _second_shard(folder) -> str:
     return sorted(p.name for p in folder.glob("model-*.safetensors"))[1]
 
 
-def _broken_copies(tiny_models, tmp_path) -> list[tuple[str, str, str, str]]:
-    """(case, model type, broken checkpoint, folder whose config builds the model)."""
+def _broken_copies(tiny_models, tmp_path) -> list[dict]:
+    """Cases of broken checkpoints; the model is built from the config of the last folder named."""
     sharded = tiny_models["llama3"]  # has an index and several files
 
     def copy(name):
@@ -55,11 +55,12 @@ def _broken_copies(tiny_models, tmp_path) -> list[tuple[str, str, str, str]]:
     shutil.copy(tiny_models["qwen2_tied"] / "model.safetensors", stray / "model-99999-of-99999.safetensors")
     missing = copy("missing_shard")
     (missing / _second_shard(sharded)).unlink()
+    out = tmp_path / "out"
     return [
-        ("stray_file_ignored", "LLAMA3", str(stray), str(sharded)),
-        ("missing_shard", "LLAMA3", str(missing), str(sharded)),
-        ("shape_mismatch", "LLAMA3", str(sharded), str(tiny_models["llama2"])),
-        ("wrong_model_type", "QWEN2", str(sharded), str(tiny_models["qwen2_untied"])),
+        case("stray_file_ignored", "LLAMA3", stray, out, sharded),
+        case("missing_shard", "LLAMA3", missing, out, sharded),
+        case("shape_mismatch", "LLAMA3", sharded, out, tiny_models["llama2"]),
+        case("wrong_model_type", "QWEN2", sharded, out, tiny_models["qwen2_untied"]),
     ]
 
 
@@ -74,5 +75,5 @@ def test_bad_inputs_raise_the_same_clear_error_on_every_rank(tiny_models, tmp_pa
         assert "layers.0.attn.k_proj.weight has shape (64, 64) in the model but model.layers.0.self_attn.k_proj.weight" in messages["shape_mismatch"]
         assert "has (32, 64)" in messages["shape_mismatch"]
         assert "unexpected key" in messages["wrong_model_type"] or "missing key" in messages["wrong_model_type"]
-    for case in ("missing_shard", "shape_mismatch", "wrong_model_type"):
-        assert results[0][case] == results[1][case], case
+    for name in ("missing_shard", "shape_mismatch", "wrong_model_type"):
+        assert results[0][name] == results[1][name], name

@@ -70,3 +70,47 @@ def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     from huggingface_hub import HfFileSystem
 
     HfFileSystem.clear_instance_cache()
+
+
+class S3Server:
+    """moto's S3 server on a free loopback port; ``storage_options`` point s3fs at it."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self.credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    @property
+    def storage_options(self) -> dict:
+        return {"client_kwargs": {"endpoint_url": self.endpoint}, "use_listings_cache": False, "skip_instance_cache": True}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 protocol server (moto, server mode) on loopback for the session."""
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """``s3_server`` with dummy credentials in the environment (inherited by spawned ranks)."""
+    for name, value in s3_server.credentials.items():
+        monkeypatch.setenv(name, value)
+    yield s3_server

@@ -1,0 +1,184 @@
+"""Checkpoints on any fsspec file system (``s3://``, ``gs://``, ``memory://``, ...).
+
+Loading downloads the needed files once per node into the local cache (local rank 0
+fetches, the others wait), or with ``streaming`` reads each rank's byte ranges directly.
+Publishing uploads a staged folder file by file in parallel, with the index and then
+``config.json`` last, so a listing shows a checkpoint only when it is complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
+from checkpointer.errors import CheckpointError, CheckpointFormatError
+from checkpointer.folders import Folder, LocalFolder, check_relative_name
+from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
+from checkpointer.locations import CHECKPOINT_NAME, cache_root, checkpoint_order, url_key
+from checkpointer.progress import byte_bar
+from checkpointer.retry import with_retries
+
+_PARALLEL = 8
+_MANIFEST = ".checkpointer-source.json"
+
+
+class FsspecFolder:
+    """Byte-range reads of the files under one fsspec folder."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str):
+        self.fs, self.root, self.url = fs, root.rstrip("/"), url.rstrip("/")
+        self._sizes: dict[str, int] = {}
+
+    def describe(self, name: str = "") -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{check_relative_name(name, self.url)}"
+
+    def exists(self, name: str) -> bool:
+        return with_retries(lambda: self.fs.isfile(self._path(name)), f"checking {self.describe(name)}")
+
+    def size(self, name: str) -> int:
+        if name not in self._sizes:
+            try:
+                self._sizes[name] = with_retries(lambda: self.fs.size(self._path(name)), f"size of {self.describe(name)}")
+            except FileNotFoundError:
+                raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+        return self._sizes[name]
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        data = with_retries(
+            lambda: self.fs.cat_file(self._path(name), start=offset, end=offset + length), f"reading {self.describe(name)}"
+        )
+        if len(data) != length:
+            raise CheckpointFormatError(
+                f"{self.describe(name)}: truncated: wanted {length} bytes at {offset}, got {len(data)}"
+            )
+        return data
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        out = out.cast("B")
+        out[:] = self.read(name, offset, len(out))
+
+    def names(self) -> set[str]:
+        """The file names directly in the folder."""
+        entries = with_retries(lambda: self.fs.ls(self.root, detail=True), f"listing {self.url}")
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"}
+
+    def close(self) -> None:
+        pass
+
+
+class FsspecLocation:
+    """A folder URL on an fsspec file system."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any]):
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{url}: cannot open this location: {e}") from None
+
+    def describe(self, name: str = "") -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    def remote(self) -> FsspecFolder:
+        return FsspecFolder(self.fs, self.root, self.url)
+
+    def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
+        if streaming:
+            return self.remote()
+        target = cache_root() / "downloads" / url_key(self.url)
+        names = on_rank_zero(lambda: self._needed(checkpoint_files), group)
+        on_all_ranks(lambda: self._download(names, target) if local_rank(group) == 0 else None, group)
+        return LocalFolder(target)
+
+    def _needed(self, checkpoint_files) -> list[str]:
+        remote = self.remote()
+        try:
+            available = remote.names()
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.url}: no such folder") from None
+        return files_to_fetch(available, lambda: remote.read(INDEX_FILE, 0, remote.size(INDEX_FILE)), self.url, checkpoint_files)
+
+    def _download(self, names: list[str], target: Path) -> None:
+        """Fetch ``names`` into ``target``, skipping files whose remote identity is unchanged."""
+        target.mkdir(parents=True, exist_ok=True)
+        manifest_path = target / _MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        keys = {n: str(with_retries(lambda n=n: self.fs.ukey(f"{self.root}/{n}"), f"checking {self.describe(n)}")) for n in names}
+        todo = [n for n in names if manifest.get(n) != keys[n] or not (target / n).is_file()]
+        sizes = {n: self.remote().size(n) for n in todo}
+        with byte_bar(sum(sizes.values()), f"download {self.url}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+            for name in pool.map(lambda n: self._fetch(n, target), todo):
+                bar.update(sizes[name])
+                manifest[name] = keys[name]
+        manifest_path.write_text(json.dumps(manifest))
+
+    def _fetch(self, name: str, target: Path) -> str:
+        partial = target / f".{name}.download"
+        with_retries(lambda: self.fs.get_file(f"{self.root}/{name}", str(partial)), f"downloading {self.describe(name)}")
+        partial.replace(target / name)
+        return name
+
+    def staging_dir(self, name: str) -> Path:
+        return cache_root() / "staging" / url_key(self.url) / name
+
+    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
+        """Upload ``folder`` as ``url/name``: data files in parallel, then the index, then config.json."""
+        destination = f"{self.root}/{name}"
+        files = sorted(p.name for p in folder.iterdir() if p.is_file())
+        last = [n for n in (INDEX_FILE, CONFIG_FILE) if n in files]
+        first = [n for n in files if n not in last]
+        try:
+            self._remove_markers(destination, last)
+            total = sum((folder / n).stat().st_size for n in files)
+            with byte_bar(total, f"upload {self.describe(name)}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+                for uploaded in pool.map(lambda n: self._put(folder, n, destination), first):
+                    bar.update(uploaded)
+                for n in last:
+                    bar.update(self._put(folder, n, destination))
+        except Exception as e:
+            raise CheckpointError(
+                f"upload to {self.describe(name)} failed ({type(e).__name__}: {e}); "
+                f"the complete checkpoint is kept at {folder}"
+            ) from e
+        shutil.rmtree(folder, ignore_errors=True)
+        return self.describe(name)
+
+    def _remove_markers(self, destination: str, markers: list[str]) -> None:
+        """Re-publishing a name: hide the old checkpoint first, so no mix is ever visible as complete."""
+        for n in markers:
+            path = f"{destination}/{n}"
+            if with_retries(lambda: self.fs.exists(path), f"checking {path}"):
+                with_retries(lambda: self.fs.rm_file(path), f"removing {path}")
+
+    def _put(self, folder: Path, name: str, destination: str) -> int:
+        with_retries(lambda: self.fs.put_file(str(folder / name), f"{destination}/{name}"), f"uploading {name}")
+        return (folder / name).stat().st_size
+
+    def checkpoint(self, name: str) -> FsspecLocation:
+        return FsspecLocation(self.describe(name), self.storage_options)
+
+    def checkpoint_names(self) -> list[str]:
+        try:
+            entries = with_retries(lambda: self.fs.ls(self.root, detail=True), f"listing {self.url}")
+        except FileNotFoundError:
+            return []
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
+        complete = [n for n in names if CHECKPOINT_NAME.match(n) and self.fs.isfile(f"{self.root}/{n}/{CONFIG_FILE}")]
+        return sorted(complete, key=checkpoint_order)
+
+    def remove(self, name: str) -> None:
+        if not CHECKPOINT_NAME.match(name):
+            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint")
+        with_retries(lambda: self.fs.rm(f"{self.root}/{name}", recursive=True), f"removing {self.describe(name)}")

@@ -1,0 +1,119 @@
+"""Where checkpoints are read from and published to: local folders, fsspec URLs, the Hub.
+
+Every location answers the same questions:
+- ``open(...)``: a :class:`Folder` to read the checkpoint here (remote ones download the
+  needed files once per node, or with ``streaming`` read byte ranges on demand);
+- ``staging_dir(name)``: the local folder where checkpoint ``name`` is assembled;
+- ``publish(folder, name, card)``: make it visible, complete, in one step;
+- ``checkpoint(name)``: where checkpoint ``name`` can be read back;
+- ``checkpoint_names()`` / ``remove(name)``: the complete checkpoints, for resuming and pruning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch.distributed as dist
+
+from checkpointer.errors import CheckpointError
+from checkpointer.folders import Folder, LocalFolder
+from checkpointer.hf_files import CONFIG_FILE
+from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_location
+from checkpointer.publish import replace_folder
+
+CHECKPOINT_NAME = re.compile(r"^(epoch|step)_(\d+)$")
+
+
+def cache_root() -> Path:
+    """Where remote checkpoints are downloaded to and remote saves are staged."""
+    return Path(os.environ.get("CHECKPOINTER_CACHE", Path.home() / ".cache" / "checkpointer"))
+
+
+def url_key(url: str) -> str:
+    """A short, stable folder name for a URL."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def checkpoint_order(name: str) -> tuple[int, int]:
+    """Sort key: newer checkpoints last (steps after epochs of the same count are not mixed up)."""
+    match = CHECKPOINT_NAME.match(name)
+    return (int(match.group(2)), 1 if match.group(1) == "step" else 0) if match else (-1, 0)
+
+
+class Location(Protocol):
+    """A place checkpoints live."""
+
+    def describe(self, name: str = "") -> str: ...
+
+    def open(self, group: dist.ProcessGroup | None = None, streaming: bool = False, checkpoint_files=None) -> Folder: ...
+
+    def staging_dir(self, name: str) -> Path: ...
+
+    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str: ...
+
+    def checkpoint(self, name: str) -> Location: ...
+
+    def checkpoint_names(self) -> list[str]: ...
+
+    def remove(self, name: str) -> None: ...
+
+
+class LocalLocation:
+    """A folder on a local or shared file system; publishing is an atomic rename."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def describe(self, name: str = "") -> str:
+        return str(self.path / name) if name else str(self.path)
+
+    def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such folder")
+        return LocalFolder(self.path)
+
+    def staging_dir(self, name: str) -> Path:
+        return self.path / f".{name}.partial"
+
+    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
+        replace_folder(folder, self.path / name)
+        return str(self.path / name)
+
+    def checkpoint(self, name: str) -> LocalLocation:
+        return LocalLocation(self.path / name)
+
+    def checkpoint_names(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        names = [p.name for p in self.path.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / CONFIG_FILE).is_file()]
+        return sorted(names, key=checkpoint_order)
+
+    def remove(self, name: str) -> None:
+        target = self.path / name
+        if not CHECKPOINT_NAME.match(name) or target.is_symlink() or target.resolve().parent != self.path.resolve():
+            raise CheckpointError(f"{target}: refusing to remove something that is not a checkpoint folder of {self.path}")
+        shutil.rmtree(target)
+
+
+def make_location(
+    value: str | Path, argument: str, storage_options: dict[str, Any] | None = None, private: bool = True
+) -> Location:
+    """The location for a ``checkpoint_dir``/``output_dir`` value (checked before any collective)."""
+    parsed = parse_location(value, argument)
+    if isinstance(parsed, LocalPath):
+        return LocalLocation(parsed.path)
+    if isinstance(parsed, FsspecUrl) and parsed.protocol == "file":
+        return LocalLocation(Path(parsed.url.split("://", 1)[1]))
+    if isinstance(parsed, FsspecUrl):
+        from checkpointer.fsspec_location import FsspecLocation
+
+        return FsspecLocation(parsed.url, storage_options or {})
+    from checkpointer.hub_location import HubLocation
+
+    assert isinstance(parsed, HubUrl)
+    return HubLocation(parsed, private=private)

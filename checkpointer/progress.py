@@ -1,0 +1,23 @@
+"""Progress bars for long transfers: rank 0 only, and only on a terminal unless asked."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+from checkpointer.distributed import rank
+
+
+def show_progress() -> bool:
+    """Bars on rank 0 when stderr is a terminal; CHECKPOINTER_PROGRESS=1/0 forces them on/off."""
+    forced = os.environ.get("CHECKPOINTER_PROGRESS")
+    if forced is not None:
+        return forced == "1" and rank() == 0
+    return rank() == 0 and sys.stderr.isatty()
+
+
+def byte_bar(total: int, description: str) -> tqdm:
+    """A bar counting bytes (a no-op object when bars are off)."""
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress())

@@ -1,0 +1,250 @@
+"""Loading from and publishing to the Hub (a local Hub server), S3 (moto's server) and memory://."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from checkpointer import CheckpointError, DistributedHFCheckpointer
+from checkpointer.builders import build_model_from_dir
+from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_location
+from checkpointer.testing.multiprocess import run_on_ranks
+from dist_workers import case, load_forward_save_reload, load_only
+from variants import TOKENS, hf_logits
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
+
+
+def _unique(prefix: str) -> str:
+    return f"tester/{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _upload_to_hub(folder: Path, repo: str) -> str:
+    """Upload with plain huggingface_hub, as a user would; returns the commit sha."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="upload base model")
+    return api.repo_info(repo).sha
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+# ---- URLs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("/data/llama", LocalPath(Path("/data/llama"))),
+        ("runs/x", LocalPath(Path("runs/x"))),
+        ("hf://meta-llama/Llama-3.2-1B", HubUrl("meta-llama/Llama-3.2-1B")),
+        ("hf://ns/repo@v1.0/sub/dir", HubUrl("ns/repo", "model", "v1.0", "sub/dir")),
+        ("hf://datasets/ns/repo@exp%2F1", HubUrl("ns/repo", "dataset", "exp/1")),
+        ("memory://bases/q", FsspecUrl("memory", "memory://bases/q")),
+        ("s3://bucket/prefix/", FsspecUrl("s3", "s3://bucket/prefix")),
+    ],
+)
+def test_locations_parse(value, expected):
+    assert parse_location(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("s3:/bucket/x", "did you mean s3://"),
+        ("hf://justaname", r"expected hf://\[datasets/\]namespace/repo"),
+        ("hf://ns/repo@", "empty revision"),
+        ("hf://ns/re po", "not a valid repo"),
+        ("hf://ns/repo/../x", "not a clean relative path"),
+        ("nosuchproto://x/y", "fsspec knows no protocol 'nosuchproto'"),
+        ("s3://", "no bucket or path"),
+        ("", "empty"),
+    ],
+)
+def test_bad_locations_are_refused_before_any_work(value, message):
+    with pytest.raises(CheckpointError, match=message) as info:
+        DistributedHFCheckpointer(value, "/tmp/out", "LLAMA3")
+    assert "checkpoint_dir" in str(info.value)
+
+
+def test_hub_url_round_trips_through_str():
+    url = HubUrl("ns/repo", "dataset", "exp/1", "a/b")
+    assert parse_location(str(url)) == url
+
+
+# ---- memory:// (one process: the memory file system lives in this process) ------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_memory_round_trip(tiny_models, tmp_path, streaming):
+    base = tiny_models["qwen2_untied"]
+    fs = fsspec.filesystem("memory")
+    root = f"/bases/{uuid.uuid4().hex[:8]}"
+    fs.put(str(base), root, recursive=True)
+    out = f"memory://runs/{uuid.uuid4().hex[:8]}"
+    model = build_model_from_dir("QWEN2", base)
+    checkpointer = DistributedHFCheckpointer(f"memory:/{root}", out, "QWEN2", streaming=streaming)
+    checkpointer.load_model(model)
+    reference = hf_logits(base)
+    with torch.no_grad():
+        assert (model(TOKENS) - reference).abs().max() <= TOLERANCE
+    saved = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    assert saved == f"{out}/epoch_0"
+    local = tmp_path / "downloaded"
+    fs.get(saved.removeprefix("memory:/"), str(local), recursive=True)
+    assert (hf_logits(local) - reference).abs().max() <= TOLERANCE
+    assert not list((tmp_path / "cache" / "staging").rglob("*.safetensors"))  # staging removed after upload
+
+
+# ---- the Hub ----------------------------------------------------------------------------------
+
+
+def test_hub_load_by_branch_and_sha_on_two_ranks_then_push_one_commit(hub_env, tiny_models):
+    from huggingface_hub import HfApi, snapshot_download
+
+    base = tiny_models["llama3"]
+    repo = _unique("tiny-llama")
+    sha = _upload_to_hub(base, repo)
+    HfApi().create_branch(repo, branch="exp/1")
+    outs = {"branch": _unique("out-branch"), "sha": _unique("out-sha")}
+    cases = [
+        case("branch", "LLAMA3", f"hf://{repo}@exp%2F1", f"hf://{outs['branch']}", base),
+        case("sha", "LLAMA3", f"hf://{repo}@{sha}", f"hf://{outs['sha']}", base),
+    ]
+    results = run_on_ranks(load_forward_save_reload, 2, cases, TOKENS, timeout=300)
+    reference = hf_logits(base)
+    for name, out in outs.items():
+        for rank in (0, 1):
+            assert (results[rank][name]["logits"] - reference).abs().max() <= TOLERANCE
+            assert results[rank][name]["bitwise"]
+            assert results[rank][name]["saved"] == f"hf://{out}@epoch-0"
+        commits = hub_env.commits(out)
+        assert len(commits) == 2  # the repo's initial commit and exactly one checkpoint commit
+        expected = {p.name for p in base.iterdir()} | {"README.md"}
+        assert set(commits[0]["files_changed"]) == expected
+        assert "epoch-0" in {t.name for t in HfApi().list_repo_refs(out).tags}
+        assert HfApi().repo_info(out).private
+        downloaded = snapshot_download(out)
+        assert (hf_logits(downloaded) - reference).abs().max() <= TOLERANCE
+        card = Path(downloaded, "README.md").read_text()
+        assert f"base_model: {repo}" in card and "library_name: transformers" in card
+
+
+def _header_bytes(folder: Path) -> int:
+    """Bytes of every safetensors file's length prefix and JSON header (the rest is tensor data)."""
+    return sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in folder.glob("*.safetensors"))
+
+
+def test_offline_loads_come_from_the_cache_pinned_to_the_sha(hub_env, tiny_models, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    base = tiny_models["gemma"]
+    repo = _unique("offline")
+    sha = _upload_to_hub(base, repo)
+    first = DistributedHFCheckpointer(f"hf://{repo}", tmp_path, "GEMMA").load_checkpoint()["model"]
+    hub_env.clear_requests()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    again = DistributedHFCheckpointer(f"hf://{repo}@{sha}", tmp_path, "GEMMA").load_checkpoint()["model"]
+    assert hub_env.requests == []  # nothing asked of the Hub
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_streaming_reads_each_ranks_share_with_ranged_requests(hub_env, tiny_models, tmp_path):
+    base = tiny_models["mistral"]
+    repo = _unique("stream")
+    _upload_to_hub(base, repo)
+    hub_env.clear_requests()
+    cases = [case("stream", "MISTRAL", f"hf://{repo}", tmp_path / "out", base, streaming=True)]
+    results = run_on_ranks(load_only, 2, cases, TOKENS, timeout=300)
+    reference = hf_logits(base)
+    for r in results:
+        assert (r["stream"]["logits"] - reference).abs().max() <= TOLERANCE
+    per_rank = [r["stream"]["bytes_read"] for r in results]
+    tensors = _weights_bytes(base) - _header_bytes(base)
+    assert sum(per_rank) == tensors and all(n < 0.6 * tensors for n in per_rank), (per_rank, tensors)
+    # Beyond its tensor rows, each rank fetches only config.json, the index and the file headers.
+    metadata = (base / "config.json").stat().st_size + (base / "model.safetensors.index.json").stat().st_size + _header_bytes(base)
+    assert hub_env.bytes_served(f"/{repo}/resolve/") == tensors + 2 * metadata
+    weight_gets = [r for r in hub_env.requests if r.method == "GET" and ".safetensors" in r.path and repo in r.path]
+    assert weight_gets and all(r.range for r in weight_gets)  # no whole-file download
+
+
+def test_hub_push_retries_a_transient_fault_and_a_hard_fault_changes_nothing(hub_env, tiny_models):
+    base = tiny_models["llama2"]
+    out = _unique("faults")
+    model = build_model_from_dir("LLAMA2", base)
+    checkpointer = DistributedHFCheckpointer(base, f"hf://{out}", "LLAMA2")
+    checkpointer.load_model(model)
+    commit_path = rf"^/api/models/{re.escape(out)}/commit/"
+    hub_env.inject_fault("POST", commit_path, status=503, times=1)
+    assert checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0) == f"hf://{out}@epoch-0"
+    before = hub_env.commits(out)
+    assert len(before) == 2
+
+    hub_env.inject_fault("POST", commit_path, status=500, times=50)
+    with torch.no_grad():
+        model.norm.scale.mul_(2)
+    with pytest.raises(CheckpointError, match="the complete checkpoint is kept at") as info:
+        checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=1)
+    hub_env.clear_faults()
+    assert hub_env.commits(out) == before
+    kept = Path(str(info.value).rsplit("kept at ", 1)[1])
+    assert (kept / "config.json").exists() and (kept / "model.safetensors").exists()
+    assert (hf_logits(kept) - hf_logits(base)).abs().max() > 0  # it holds the new weights
+
+
+@pytest.mark.parametrize(
+    "source,message",
+    [("hf://tester/no-such-repo", "not found"), ("hf://{repo}@no-such-branch", "revision 'no-such-branch' not found")],
+)
+def test_missing_repo_or_revision_is_a_clear_error(hub_env, tiny_models, tmp_path, source, message):
+    repo = _unique("exists")
+    _upload_to_hub(tiny_models["llama2"], repo)
+    checkpointer = DistributedHFCheckpointer(source.format(repo=repo), tmp_path, "LLAMA2")
+    with pytest.raises(CheckpointError, match=message):
+        checkpointer.load_checkpoint()
+
+
+def test_a_bad_token_is_a_clear_error_without_the_token(hub_env, tiny_models, tmp_path, monkeypatch):
+    repo = _unique("auth")
+    _upload_to_hub(tiny_models["llama2"], repo)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token_123")
+    with pytest.raises(CheckpointError, match="not authorized") as info:
+        DistributedHFCheckpointer(f"hf://{repo}", tmp_path, "LLAMA2").load_checkpoint()
+    assert "hf_not_a_valid_token_123" not in str(info.value)
+
+
+# ---- S3 -----------------------------------------------------------------------------------------
+
+
+def test_s3_round_trip_on_two_ranks(s3_env, tiny_models):
+    base = tiny_models["qwen2_tied"]
+    fs = s3_env.filesystem()
+    bucket = f"ckpt-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.put(str(base), f"{bucket}/base", recursive=True)
+    options = {"storage_options": s3_env.storage_options}
+    cases = [case("s3", "QWEN2", f"s3://{bucket}/base", f"s3://{bucket}/runs", base, **options)]
+    results = run_on_ranks(load_forward_save_reload, 2, cases, TOKENS, timeout=300)
+    reference = hf_logits(base)
+    for r in results:
+        assert (r["s3"]["logits"] - reference).abs().max() <= TOLERANCE and r["s3"]["bitwise"]
+        assert r["s3"]["saved"] == f"s3://{bucket}/runs/epoch_0"
+    local = Path(str(base) + "-from-s3")
+    fs.get(f"{bucket}/runs/epoch_0", str(local), recursive=True)
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert (hf_logits(local) - reference).abs().max() <= TOLERANCE
