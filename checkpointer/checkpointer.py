@@ -3,43 +3,48 @@
 Loading reads, on every rank, only the bytes of that rank's shards; saving writes, on
 every rank, only that rank's bytes, straight into the final Hugging Face files. The same
 code runs with one process (no process group) and with many.
+
+A checkpoint ``epoch_N`` / ``step_N`` is assembled in a staging folder: Hugging Face
+weights (``model*.safetensors``), a LoRA adapter in PEFT's format, and, for intermediate
+checkpoints, the resumable training state (``training_state/``, DCP's sharded format);
+then ``checkpointer.json`` is written and the folder is published in one step.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-import warnings
-from dataclasses import dataclass
+import shutil
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from checkpointer.distributed import dcp_errors, is_distributed, on_all_ranks, rank, world_size
+from checkpointer.distributed import on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.errors import CheckpointError
-from checkpointer.file_layout import FileLayout, plan_file_layout
+from checkpointer.file_layout import plan_file_layout
 from checkpointer.folders import Folder
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
+from checkpointer.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.hub_location import HubLocation
-from checkpointer.layouts import Layout, get_layout
-from checkpointer.locations import make_location
-from checkpointer.load_planner import HFLoadPlanner
+from checkpointer.layouts import Layout, adapter_layout, get_layout, is_adapter_key
+from checkpointer.locations import Location, make_location
+from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE, peft_adapter_config
+from checkpointer.manifest import MANIFEST_FILE, parse_manifest, write_manifest
 from checkpointer.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.model_config import ModelConfig
-from checkpointer.publish import copy_support_files, fsync_tree, output_config, write_index
-from checkpointer.save_planner import HFSavePlanner
+from checkpointer.publish import copy_support_files, fsync_tree, output_config, write_index, write_json
 from checkpointer.shards import global_spec
-from checkpointer.storage_reader import SafetensorsReader
-from checkpointer.storage_writer import SafetensorsWriter
+from checkpointer.training_state import TRAINING_STATE_DIR, load_training_state, save_training_state, stored_keys
 
 log = logging.getLogger(__name__)
 
-MODEL_KEY = "model"  # torchtune.training.MODEL_KEY
+# torchtune.training's state-dict keys
+MODEL_KEY = "model"
+ADAPTER_KEY = "adapter"
+ADAPTER_CONFIG_KEY = "adapter_config"
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,17 +59,8 @@ def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-@dataclass(frozen=True)
-class IOStats:
-    """What the last load or save moved on this rank."""
-
-    bytes: int
-    seconds: float
-    location: str
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    return f"step_{step}" if step is not None else f"epoch_{epoch}"
 
 
 class DistributedHFCheckpointer:
@@ -78,6 +74,9 @@ class DistributedHFCheckpointer:
             repo root, tagged ``epoch-N`` / ``step-N``).
         model_type: torchtune model type name (``LLAMA3_2``, ``QWEN2``, ...).
         checkpoint_files: weight files to read; default: the index, else ``model.safetensors``.
+        resume_from_checkpoint: continue from the newest checkpoint in ``output_dir`` that has
+            training state (``load_model`` and ``load_training_state`` read from it).
+        keep_last_n_checkpoints: after each save, remove older checkpoints beyond this many.
         max_shard_size: file size limit when the base has no weight map to follow.
         save_dtype: dtype of saved weights (default: the model's).
         streaming: read remote weights by byte range, each rank only its own shards, instead
@@ -94,6 +93,8 @@ class DistributedHFCheckpointer:
         model_type: Any,
         checkpoint_files: Sequence[str] | dict | None = None,
         *,
+        resume_from_checkpoint: bool = False,
+        keep_last_n_checkpoints: int | None = None,
         max_shard_size: int | str = "5GB",
         save_dtype: str | torch.dtype | None = None,
         streaming: bool = False,
@@ -105,22 +106,26 @@ class DistributedHFCheckpointer:
     ):
         if not safe_serialization:
             raise CheckpointError("safe_serialization=False is not supported: weights are only saved as safetensors")
+        if keep_last_n_checkpoints is not None and int(keep_last_n_checkpoints) < 1:
+            raise CheckpointError(f"keep_last_n_checkpoints={keep_last_n_checkpoints}: must be at least 1")
         options = dict(storage_options or {})
         self.source = make_location(checkpoint_dir, "checkpoint_dir", options)
         self.destination = make_location(output_dir, "output_dir", options, private=hub_private)
-        self.streaming = streaming
-        self.training_info: dict[str, Any] = {}  # recipes add details for the model card
         self.model_type = model_type
         self.checkpoint_files = _file_list(checkpoint_files)
+        self.resume_from_checkpoint = resume_from_checkpoint
+        self.keep_last_n_checkpoints = keep_last_n_checkpoints
         self.max_shard_size = max_shard_size
         self.save_dtype = _dtype(save_dtype)
+        self.streaming = streaming
         self.process_group = process_group
+        self.training_info: dict[str, Any] = {}  # recipes add details for the model card
         self.last_load: IOStats | None = None
         self.last_save: IOStats | None = None
         if unused:
             log.debug("ignoring torchtune checkpointer arguments %s", sorted(unused))
 
-    # ---- what the base checkpoint is ---------------------------------------------------
+    # ---- the base checkpoint -----------------------------------------------------------------
 
     @cached_property
     def source_folder(self) -> Folder:
@@ -136,42 +141,89 @@ class DistributedHFCheckpointer:
     def layout(self) -> Layout:
         return get_layout(self.model_type, ModelConfig.from_dict(self.config_dict))
 
+    def _files(self, folder: Folder, checkpoint_files: Sequence[str] | None) -> CheckpointFiles:
+        return on_all_ranks(lambda: read_checkpoint_files(folder, checkpoint_files), self.process_group)
+
     def base_files(self) -> CheckpointFiles:
         """The base checkpoint's files and headers, read (and checked) on every rank."""
-        folder = self.source_folder
-        return on_all_ranks(lambda: read_checkpoint_files(folder, self.checkpoint_files), self.process_group)
+        return self._files(self.source_folder, self.checkpoint_files)
 
-    # ---- loading ------------------------------------------------------------------------
+    # ---- resuming ----------------------------------------------------------------------------
+
+    @cached_property
+    def resume_manifest(self) -> dict[str, Any] | None:
+        """The manifest of the checkpoint to resume from (None when not resuming or none exists)."""
+        if not self.resume_from_checkpoint:
+            return None
+        manifest = on_rank_zero(self._newest_resumable, self.process_group)
+        if manifest is None and rank(self.process_group) == 0:
+            log.warning("resume_from_checkpoint: no checkpoint with training state in %s; starting fresh", self.destination.describe())
+        return manifest
+
+    def _newest_resumable(self) -> dict[str, Any] | None:
+        for name in reversed(self.destination.checkpoint_names()):
+            text = self.destination.checkpoint(name).read_file(MANIFEST_FILE)
+            manifest = parse_manifest(text, self.destination.describe(name)) if text else None
+            if manifest and manifest["contents"].get("training_state"):
+                return manifest
+        return None
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume_manifest is not None
+
+    @cached_property
+    def resume_location(self) -> Location | None:
+        return self.destination.checkpoint(self.resume_manifest["name"]) if self.resume_manifest else None
+
+    @cached_property
+    def _resume_folder(self) -> Folder:
+        return self.resume_location.open(self.process_group, self.streaming, None)
+
+    # ---- loading -----------------------------------------------------------------------------
 
     def load_checkpoint(self) -> dict[str, Any]:
-        """torchtune's interface: ``{"model": full state dict with torchtune keys}``."""
+        """torchtune's interface: ``{"model": full state dict with torchtune keys}`` of the base."""
         files = self.base_files()
-        specs = on_all_ranks(
-            lambda: model_specs_from_checkpoint(self.layout, files.tensors, self.source.describe()), self.process_group
-        )
+        specs = on_all_ranks(lambda: model_specs_from_checkpoint(self.layout, files.tensors, self.source.describe()), self.process_group)
         state_dict = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items()}
-        self._load(state_dict, files)
+        self.last_load = read_hf_tensors(state_dict, files, self.layout, self.process_group)
         return {MODEL_KEY: state_dict}
 
     def load_model(self, model: nn.Module) -> None:
-        """Load the base weights in place into ``model`` (plain, or sharded with FSDP2)."""
+        """Load weights in place into ``model`` (plain, or sharded with FSDP2).
+
+        The base weights come from ``checkpoint_dir``, or from the resumed checkpoint when it
+        holds full weights. LoRA parameters come from the resumed checkpoint's adapter, or
+        keep their initialization.
+        """
         state_dict = model.state_dict()
         on_all_ranks(lambda: _check_materialized(state_dict), self.process_group)
-        self._load(state_dict, self.base_files())
+        base = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
+        adapter = {k: v for k, v in state_dict.items() if is_adapter_key(k)}
+        contents = self.resume_manifest["contents"] if self.resuming else {}
+        files = self._files(self._resume_folder, None) if contents.get("weights") else self.base_files()
+        self.last_load = read_hf_tensors(base, files, self.layout, self.process_group)
+        if adapter and contents.get("adapter"):
+            adapter_files = self._files(self._resume_folder, [ADAPTER_FILE])
+            read_hf_tensors(adapter, adapter_files, adapter_layout(self.layout), self.process_group)
 
-    def _load(self, state_dict: dict[str, Any], files: CheckpointFiles) -> None:
-        reader, started = SafetensorsReader(files), time.perf_counter()
-        with _quiet_dcp(), dcp_errors(self.process_group), torch.no_grad():
-            dcp.load(
-                state_dict,
-                storage_reader=reader,
-                planner=HFLoadPlanner(self.layout),
-                process_group=self.process_group,
-                no_dist=not is_distributed(),
-            )
-        self.last_load = IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
+    def load_training_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Fill ``state`` in place from the resumed checkpoint's training state (collective).
 
-    # ---- saving -------------------------------------------------------------------------
+        Top-level entries the checkpoint does not hold (e.g. another rank count's RNG
+        states) are dropped from ``state``; returns ``state``.
+        """
+        if not self.resuming:
+            raise CheckpointError("load_training_state: not resuming (resume_from_checkpoint is off or nothing to resume)")
+        folder = self.resume_location.fetch_folder(TRAINING_STATE_DIR, self.process_group)
+        stored = on_all_ranks(lambda: stored_keys(folder), self.process_group)
+        for key in [k for k in state if not any(s == k or s.startswith(f"{k}.") for s in stored)]:
+            del state[key]
+        load_training_state(state, folder, self.process_group)
+        return state
+
+    # ---- saving ------------------------------------------------------------------------------
 
     def save_checkpoint(
         self,
@@ -182,65 +234,112 @@ class DistributedHFCheckpointer:
         *,
         step: int | None = None,
     ) -> str:
-        """torchtune's interface: save ``state_dict["model"]``; returns where it was published.
+        """torchtune's interface; returns where the checkpoint was published.
 
-        Every rank that holds shards calls this; each writes only its own bytes.
+        ``state_dict`` holds ``"model"`` (weights; skipped when ``adapter_only``), optionally
+        ``"adapter"`` (LoRA parameters) with ``"adapter_config"`` (``r``, ``lora_alpha``),
+        and, when ``intermediate_checkpoint``, anything else as resumable training state.
+        Every rank calls it; each writes only its own bytes.
         """
-        if MODEL_KEY not in state_dict:
-            raise CheckpointError(f"save_checkpoint: state_dict has no {MODEL_KEY!r} entry (keys: {sorted(state_dict)})")
-        name = f"step_{step}" if step is not None else f"epoch_{epoch}"
-        self.save_weights(state_dict[MODEL_KEY], name)
+        name = checkpoint_name(epoch, step)
+        staging = self.destination.staging_dir(name)
+        weights = state_dict.get(MODEL_KEY) if not adapter_only else None
+        adapter = state_dict.get(ADAPTER_KEY)
+        training = {k: v for k, v in state_dict.items() if k not in (MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG_KEY)}
+        if weights is None and adapter is None:
+            raise CheckpointError(f"save_checkpoint: nothing to save: no {MODEL_KEY!r} or {ADAPTER_KEY!r} in {sorted(state_dict)}")
+        folder = self.source_folder
+        weights_plan = on_all_ranks(lambda: self._plan_weights(weights), self.process_group) if weights is not None else None
+        adapter_plan = on_all_ranks(lambda: self._plan_adapter(adapter, state_dict), self.process_group) if adapter is not None else None
+        on_rank_zero(lambda: _fresh_dir(staging), self.process_group)
+        try:
+            if weights is not None:
+                self.last_save = self._write_weights(weights, weights_plan, staging, name)
+            if adapter is not None:
+                self._write_adapter(adapter, adapter_plan, staging)
+            if intermediate_checkpoint:
+                save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
+        except BaseException:
+            if rank(self.process_group) == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        contents = {"weights": weights is not None, "adapter": adapter is not None, "training_state": intermediate_checkpoint}
+        info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
+        card = self._card(name, weights)
+        on_rank_zero(lambda: self._publish(staging, name, info, card, folder), self.process_group)
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
-            log.info("saved checkpoint to %s", published)
+            log.info("saved checkpoint %s to %s", name, published)
+        if self.keep_last_n_checkpoints:
+            on_rank_zero(self._prune, self.process_group)
         return published
 
-    def save_weights(self, model_state: dict[str, Any], name: str) -> FileLayout:
-        """Write ``model_state`` as the Hugging Face checkpoint ``name`` of the output location."""
-        folder, base_config, layout = self.source_folder, self.config_dict, self.layout
-        specs, destinations, file_layout = on_all_ranks(lambda: self._plan_save(model_state), self.process_group)
-        tied = not any(d.hf_key in layout.tied for d in destinations.values())
-        dtypes = {s.dtype for s in specs.values()}
-        dtype = dtypes.pop() if len(dtypes) == 1 else None
-        card = self._card(name, dtype)
-
-        def publish(staging: Path) -> None:
-            copy_support_files(folder, staging, output_config(base_config, dtype, tied))
-            write_index(staging, file_layout)
-            fsync_tree(staging)
-            self.destination.publish(staging, name, card)
-
-        staging = self.destination.staging_dir(name)
-        writer, started = SafetensorsWriter(staging, file_layout, publish), time.perf_counter()
-        with _quiet_dcp(), dcp_errors(self.process_group), torch.no_grad():
-            dcp.save(
-                model_state,
-                storage_writer=writer,
-                planner=HFSavePlanner(layout, specs, destinations),
-                process_group=self.process_group,
-                no_dist=not is_distributed(),
-            )
-        self.last_save = IOStats(writer.bytes_written, time.perf_counter() - started, self.destination.describe(name))
-        return file_layout
-
-    def _card(self, name: str, dtype: torch.dtype | None) -> dict[str, Any]:
-        base = self.source.url.repo_id if isinstance(self.source, HubLocation) else None
-        return {
-            "base_model": base,
-            "checkpoint": name,
-            "model_type": getattr(self.model_type, "name", self.model_type),
-            "dtype": str(dtype).removeprefix("torch.") if dtype else "mixed",
-            "world_size": world_size(self.process_group),
-            "training": dict(self.training_info),
-        }
-
-    def _plan_save(self, model_state: dict[str, Any]):
+    def _plan_weights(self, model_state: dict[str, Any]):
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
         if self.save_dtype is not None:
             model_specs = {k: (self.save_dtype if dt.is_floating_point else dt, s) for k, (dt, s) in model_specs.items()}
         specs, destinations = plan_for_save(self.layout, model_specs)
-        weight_map = self._base_weight_map()
-        return specs, destinations, plan_file_layout(specs, weight_map, self.max_shard_size)
+        return specs, destinations, plan_file_layout(specs, self._base_weight_map(), self.max_shard_size)
+
+    def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> IOStats:
+        specs, destinations, file_layout = plan
+        tied = not any(d.hf_key in self.layout.tied for d in destinations.values())
+        dtypes = {s.dtype for s in specs.values()}
+        config = output_config(self.config_dict, dtypes.pop() if len(dtypes) == 1 else None, tied)
+
+        def finish(folder: Path) -> None:
+            write_json(folder / CONFIG_FILE, config)
+            write_index(folder, file_layout)
+
+        stats = write_hf_tensors(model_state, self.layout, specs, destinations, file_layout, staging, finish, self.process_group)
+        return IOStats(stats.bytes, stats.seconds, self.destination.describe(name))
+
+    def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]):
+        layout = adapter_layout(self.layout)
+        specs, destinations = plan_for_save(layout, {k: global_spec(k, v) for k, v in adapter_state.items()})
+        file_layout = plan_file_layout(specs, {k: ADAPTER_FILE for k in specs})
+        ranks = {s.shape[0] for k, s in specs.items() if k.endswith("lora_A.weight")}
+        alpha = (state_dict.get(ADAPTER_CONFIG_KEY) or {}).get("lora_alpha")
+        if len(ranks) != 1 or alpha is None:
+            raise CheckpointError(
+                f"save_checkpoint: an adapter needs one LoRA rank (found {sorted(ranks)}) and "
+                f"state_dict[{ADAPTER_CONFIG_KEY!r}]['lora_alpha']"
+            )
+        config = peft_adapter_config(sorted(specs), ranks.pop(), alpha, self._base_model_id())
+        return layout, specs, destinations, file_layout, config
+
+    def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path) -> None:
+        layout, specs, destinations, file_layout, config = plan
+        finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
+        write_hf_tensors(adapter_state, layout, specs, destinations, file_layout, staging, finish, self.process_group)
+
+    def _publish(self, staging: Path, name: str, info: dict, card: dict, base: Folder) -> None:
+        copy_support_files(base, staging)
+        write_manifest(staging, info)
+        fsync_tree(staging)
+        self.destination.publish(staging, name, card)
+
+    def _prune(self) -> None:
+        """Remove the oldest checkpoints beyond ``keep_last_n_checkpoints`` (never the newest)."""
+        names = self.destination.checkpoint_names()
+        for name in names[: max(0, len(names) - int(self.keep_last_n_checkpoints))]:
+            log.info("removing old checkpoint %s", self.destination.describe(name))
+            self.destination.remove(name)
+
+    def _base_model_id(self) -> str:
+        return self.source.url.repo_id if isinstance(self.source, HubLocation) else self.source.describe()
+
+    def _card(self, name: str, weights: dict[str, Any] | None) -> dict[str, Any]:
+        dtypes = {v.dtype for v in (weights or {}).values() if isinstance(v, torch.Tensor)}
+        dtype = self.save_dtype or (dtypes.pop() if len(dtypes) == 1 else None)
+        return {
+            "base_model": self.source.url.repo_id if isinstance(self.source, HubLocation) else None,
+            "checkpoint": name,
+            "model_type": getattr(self.model_type, "name", self.model_type),
+            "dtype": str(dtype).removeprefix("torch.") if dtype else "adapter only" if weights is None else "mixed",
+            "world_size": world_size(self.process_group),
+            "training": dict(self.training_info),
+        }
 
     def _base_weight_map(self) -> dict[str, str] | None:
         try:
@@ -250,6 +349,13 @@ class DistributedHFCheckpointer:
         return {key: entry.file for key, entry in files.tensors.items()}
 
 
+def _fresh_dir(path: Path) -> None:
+    """An empty staging folder (a leftover from an interrupted save of the same name is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
 def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | None:
     """torchtune allows a list of names or a dict with ``filename_format`` and ``max_filename``."""
     if checkpoint_files is None or isinstance(checkpoint_files, (list, tuple)):
@@ -257,6 +363,8 @@ def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | Non
     if isinstance(checkpoint_files, dict) and {"filename_format", "max_filename"} <= set(checkpoint_files):
         count = int(checkpoint_files["max_filename"])
         return [checkpoint_files["filename_format"].format(str(i).zfill(5), str(count).zfill(5)) for i in range(1, count + 1)]
+    if hasattr(checkpoint_files, "__iter__"):  # omegaconf ListConfig
+        return [str(f) for f in checkpoint_files] or None
     raise CheckpointError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names")
 
 
@@ -274,10 +382,3 @@ def _check_materialized(state_dict: dict[str, Any]) -> None:
         )
 
 
-class _quiet_dcp(warnings.catch_warnings):
-    """DCP warns on every single-process call that it assumes no process group; we mean it."""
-
-    def __enter__(self):
-        super().__enter__()
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return self

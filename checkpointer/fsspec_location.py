@@ -19,8 +19,9 @@ import fsspec
 from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
-from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
-from checkpointer.locations import CHECKPOINT_NAME, cache_root, checkpoint_order, url_key
+from checkpointer.hf_files import INDEX_FILE, files_to_fetch
+from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, checkpoint_order, upload_order, url_key
+from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.progress import byte_bar
 from checkpointer.retry import with_retries
 
@@ -134,14 +135,14 @@ class FsspecLocation:
         return cache_root() / "staging" / url_key(self.url) / name
 
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
-        """Upload ``folder`` as ``url/name``: data files in parallel, then the index, then config.json."""
+        """Upload ``folder`` as ``url/name``: files in parallel, then index, config and manifest, in order."""
         destination = f"{self.root}/{name}"
-        files = sorted(p.name for p in folder.iterdir() if p.is_file())
-        last = [n for n in (INDEX_FILE, CONFIG_FILE) if n in files]
-        first = [n for n in files if n not in last]
+        order = upload_order(folder)
+        last = [f for f in order if f in LAST_FILES]
+        first = [f for f in order if f not in LAST_FILES]
         try:
             self._remove_markers(destination, last)
-            total = sum((folder / n).stat().st_size for n in files)
+            total = sum((folder / n).stat().st_size for n in order)
             with byte_bar(total, f"upload {self.describe(name)}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
                 for uploaded in pool.map(lambda n: self._put(folder, n, destination), first):
                     bar.update(uploaded)
@@ -157,13 +158,16 @@ class FsspecLocation:
 
     def _remove_markers(self, destination: str, markers: list[str]) -> None:
         """Re-publishing a name: hide the old checkpoint first, so no mix is ever visible as complete."""
-        for n in markers:
+        for n in reversed(markers):
             path = f"{destination}/{n}"
             if with_retries(lambda: self.fs.exists(path), f"checking {path}"):
                 with_retries(lambda: self.fs.rm_file(path), f"removing {path}")
 
     def _put(self, folder: Path, name: str, destination: str) -> int:
-        with_retries(lambda: self.fs.put_file(str(folder / name), f"{destination}/{name}"), f"uploading {name}")
+        target = f"{destination}/{name}"
+        if "/" in name:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        with_retries(lambda: self.fs.put_file(str(folder / name), target), f"uploading {name}")
         return (folder / name).stat().st_size
 
     def checkpoint(self, name: str) -> FsspecLocation:
@@ -175,8 +179,26 @@ class FsspecLocation:
         except FileNotFoundError:
             return []
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
-        complete = [n for n in names if CHECKPOINT_NAME.match(n) and self.fs.isfile(f"{self.root}/{n}/{CONFIG_FILE}")]
+        complete = [n for n in names if CHECKPOINT_NAME.match(n) and self.fs.isfile(f"{self.root}/{n}/{MANIFEST_FILE}")]
         return sorted(complete, key=checkpoint_order)
+
+    def read_file(self, path: str) -> bytes | None:
+        try:
+            return with_retries(lambda: self.fs.cat_file(f"{self.root}/{path}"), f"reading {self.describe(path)}")
+        except FileNotFoundError:
+            return None
+
+    def fetch_folder(self, path: str, group=None) -> Path:
+        """A local copy of the subfolder ``path`` (fetched once per node)."""
+        target = cache_root() / "downloads" / url_key(self.describe(path))
+
+        def fetch() -> None:
+            if target.exists():
+                shutil.rmtree(target)
+            with_retries(lambda: self.fs.get(f"{self.root}/{path}/", str(target) + "/", recursive=True), f"downloading {self.describe(path)}")
+
+        on_all_ranks(lambda: fetch() if local_rank(group) == 0 else None, group)
+        return target
 
     def remove(self, name: str) -> None:
         if not CHECKPOINT_NAME.match(name):

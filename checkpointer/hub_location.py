@@ -31,7 +31,10 @@ from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.location_urls import HubUrl
-from checkpointer.locations import CHECKPOINT_NAME, cache_root, checkpoint_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, cache_root, checkpoint_order, upload_order, url_key
+from checkpointer.lora import ADAPTER_CONFIG_FILE
+from checkpointer.manifest import MANIFEST_FILE
+from checkpointer.training_state import TRAINING_STATE_DIR
 from checkpointer.model_card import CARD_MARKER, model_card
 from checkpointer.retry import with_retries
 
@@ -181,13 +184,14 @@ class HubLocation:
         return info.sha, {s.rfilename for s in info.siblings or []}
 
     def _operations(self, folder: Path, existing: set[str], card: dict[str, Any]) -> list:
+        """Add every staged file (and the card); delete earlier checkpoint files this one replaces."""
         prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
-        new = {prefix + p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
+        new = {prefix + rel: folder / rel for rel in upload_order(folder)}
         operations: list = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p)) for path, p in new.items()]
         readme = prefix + README
         if readme not in existing or self._card_is_ours(readme):
             operations.append(CommitOperationAdd(readme, model_card(self.url.repo_id, card).encode()))
-        stale = [p for p in existing if self._in_folder(p) and p not in new and (p.endswith(".safetensors") or p.endswith(INDEX_FILE))]
+        stale = [p for p in existing if p not in new and _is_checkpoint_file(p.removeprefix(prefix)) and p.startswith(prefix)]
         return operations + [CommitOperationDelete(path_in_repo=p) for p in stale]
 
     def _card_is_ours(self, readme: str) -> bool:
@@ -249,11 +253,51 @@ class HubLocation:
         names = [t.name.replace("-", "_") for t in refs.tags]
         return sorted((n for n in names if CHECKPOINT_NAME.match(n)), key=checkpoint_order)
 
+    def read_file(self, path: str) -> bytes | None:
+        link = hf_hub_url(self.url.repo_id, repo_path(self.url, path), repo_type=self.url.repo_type, revision=self.url.revision, endpoint=constants.ENDPOINT)
+        response = http_backoff("GET", link, headers=build_hf_headers(), max_retries=4, base_wait_time=0.5)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise CheckpointError(f"{self.url}/{path}: the Hub answered {response.status_code}")
+        return response.content
+
+    def fetch_folder(self, path: str, group=None) -> Path:
+        """A local copy (in the Hugging Face cache) of the subfolder ``path``, fetched once per node."""
+        sha, sizes = on_rank_zero(self._resolve_all, group)
+        folder_prefix = repo_path(self.url, path) + "/"
+        patterns = [f"{folder_prefix}*"]
+        on_all_ranks(lambda: self._download(sha, patterns) if local_rank(group) == 0 else None, group)
+        first = next((f for f in sorted(sizes) if f.startswith(folder_prefix)), None)
+        if first is None:
+            raise CheckpointError(f"{self.url}/{path}: no such folder at commit {sha}")
+        cached = on_all_ranks(
+            lambda: try_to_load_from_cache(self.url.repo_id, first, revision=sha, repo_type=self.url.repo_type), group
+        )
+        if not isinstance(cached, str):
+            raise CheckpointError(f"{self.url}/{path}: download incomplete (not in the Hugging Face cache)")
+        return Path(cached[: -len(first)]) / repo_path(self.url, path)
+
+    def _resolve_all(self) -> tuple[str, dict[str, int]]:
+        """The commit sha and every file of the repo with its size (paths from the repo root)."""
+        info = with_retries(
+            lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
+            f"resolving {self.url}",
+        )
+        return info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []}
+
     def remove(self, name: str) -> None:
         """On the Hub a checkpoint is a tag; removing it drops the tag (history keeps the files)."""
         if not CHECKPOINT_NAME.match(name):
             raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint")
         self.api.delete_tag(self.url.repo_id, tag=_tag(name), repo_type=self.url.repo_type)
+
+
+def _is_checkpoint_file(path: str) -> bool:
+    """Files an earlier checkpoint at the same place wrote, which a new one replaces."""
+    return path.startswith(f"{TRAINING_STATE_DIR}/") or (
+        "/" not in path and (path.endswith(".safetensors") or path in (INDEX_FILE, MANIFEST_FILE, ADAPTER_CONFIG_FILE))
+    )
 
 
 def _tag(name: str) -> str:

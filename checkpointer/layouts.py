@@ -221,3 +221,31 @@ register_layout("GEMMA2", _GEMMA2, _ROTARY_CACHE)
 register_layout("QWEN2", _QWEN2, _ROTARY_CACHE)
 register_layout("QWEN3", _QWEN3, _ROTARY_CACHE)
 register_layout("PHI3_MINI", _PHI3, _ROTARY_CACHE)
+
+
+# ---- LoRA adapters in PEFT's format ----------------------------------------------------------
+
+_PEFT_PREFIX = "base_model.model."
+ADAPTER_MARKERS = (".lora_a.", ".lora_b.")
+
+
+def is_adapter_key(tune_key: str) -> bool:
+    """LoRA parameters (torchtune's ``lora_a``/``lora_b``), which live in the adapter file."""
+    return any(marker in tune_key for marker in ADAPTER_MARKERS)
+
+
+def adapter_layout(base: Layout) -> Layout:
+    """PEFT names for LoRA parameters: derived from the base rules of the wrapped linears.
+
+    ``lora_a`` (rank x in) keeps its rows; ``lora_b`` (out x rank) rows are the base weight's
+    output rows, so they are RoPE-permuted exactly when the base weight is. Fused HF tensors
+    (Phi-3's ``qkv_proj``) have no PEFT counterpart for separate q/k/v adapters.
+    """
+    rules = []
+    for rule in base.rules:
+        if not rule.tune.endswith(".weight") or rule.part_rows:
+            continue
+        tune, hf = rule.tune.removesuffix(".weight"), _PEFT_PREFIX + rule.hf.removesuffix(".weight")
+        rules.append(Rule(f"{tune}.lora_a.weight", f"{hf}.lora_A.weight"))
+        rules.append(Rule(f"{tune}.lora_b.weight", f"{hf}.lora_B.weight", rope=rule.rope))
+    return Layout(f"{base.name} LoRA adapter", rules, base.config)

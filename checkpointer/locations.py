@@ -6,7 +6,11 @@ Every location answers the same questions:
 - ``staging_dir(name)``: the local folder where checkpoint ``name`` is assembled;
 - ``publish(folder, name, card)``: make it visible, complete, in one step;
 - ``checkpoint(name)``: where checkpoint ``name`` can be read back;
-- ``checkpoint_names()`` / ``remove(name)``: the complete checkpoints, for resuming and pruning.
+- ``checkpoint_names()`` / ``remove(name)``: the complete checkpoints, for resuming and pruning;
+- ``read_file(path)`` (one process) and ``fetch_folder(path)`` (collective): files of a checkpoint.
+
+Publishing puts ``LAST_FILES`` last, so that on stores without atomic rename a reader
+sees a checkpoint as complete (``checkpointer.json`` present) only when it is.
 """
 
 from __future__ import annotations
@@ -22,11 +26,19 @@ import torch.distributed as dist
 
 from checkpointer.errors import CheckpointError
 from checkpointer.folders import Folder, LocalFolder
-from checkpointer.hf_files import CONFIG_FILE
+from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_location
+from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.publish import replace_folder
 
 CHECKPOINT_NAME = re.compile(r"^(epoch|step)_(\d+)$")
+LAST_FILES = (INDEX_FILE, CONFIG_FILE, MANIFEST_FILE)
+
+
+def upload_order(folder: Path) -> list[str]:
+    """Relative paths of every file under ``folder``, with ``LAST_FILES`` (top level) at the end."""
+    files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+    return [f for f in files if f not in LAST_FILES] + [f for f in LAST_FILES if f in files]
 
 
 def cache_root() -> Path:
@@ -62,6 +74,10 @@ class Location(Protocol):
 
     def remove(self, name: str) -> None: ...
 
+    def read_file(self, path: str) -> bytes | None: ...
+
+    def fetch_folder(self, path: str, group: dist.ProcessGroup | None = None) -> Path: ...
+
 
 class LocalLocation:
     """A folder on a local or shared file system; publishing is an atomic rename."""
@@ -90,8 +106,15 @@ class LocalLocation:
     def checkpoint_names(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        names = [p.name for p in self.path.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / CONFIG_FILE).is_file()]
+        names = [p.name for p in self.path.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / MANIFEST_FILE).is_file()]
         return sorted(names, key=checkpoint_order)
+
+    def read_file(self, path: str) -> bytes | None:
+        target = self.path / path
+        return target.read_bytes() if target.is_file() else None
+
+    def fetch_folder(self, path: str, group=None) -> Path:
+        return self.path / path
 
     def remove(self, name: str) -> None:
         target = self.path / name

@@ -18,7 +18,7 @@ import torch
 
 from checkpointer.file_layout import FileLayout
 from checkpointer.folders import Folder
-from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, SUPPORT_FILES
+from checkpointer.hf_files import INDEX_FILE, SUPPORT_FILES
 
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -37,9 +37,8 @@ def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def copy_support_files(base: Folder, folder: Path, config: dict[str, Any]) -> None:
-    """Write the config and copy the tokenizer and generation files of the base checkpoint."""
-    write_json(folder / CONFIG_FILE, config)
+def copy_support_files(base: Folder, folder: Path) -> None:
+    """Copy the tokenizer and generation files of the base checkpoint."""
     for name in SUPPORT_FILES:
         if base.exists(name):
             (folder / name).write_bytes(base.read(name, 0, base.size(name)))
@@ -52,20 +51,19 @@ def write_index(folder: Path, layout: FileLayout, extra_metadata: dict[str, Any]
         write_json(folder / INDEX_FILE, {"metadata": metadata, "weight_map": layout.weight_map})
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of ``folder`` and the folder itself to stable storage."""
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` (and itself) to stable storage."""
+    for path in folder.rglob("*"):
+        _fsync(path)
+    _fsync(folder)
 
 
 def replace_folder(staging: Path, final: Path) -> None:
@@ -76,10 +74,6 @@ def replace_folder(staging: Path, final: Path) -> None:
     if final.exists():
         os.rename(final, old)
     os.rename(staging, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(final.parent)
     if old.exists():
         shutil.rmtree(old)

@@ -3,15 +3,13 @@
 The coordinator creates each file at its final size with its header (in
 ``prepare_global_plan``, before DCP scatters the plans, so the files exist before
 anyone writes). Each rank then ``pwrite`` s its own boxes at their byte offsets and
-fsyncs. ``finish`` runs on the coordinator once every rank has written; it hands the
-folder to ``publish`` (index last, then an atomic rename). There are no per-rank files
-and no consolidation pass: each byte is written once.
+fsyncs. ``finish`` runs on the coordinator once every rank has written (it writes the
+index). There are no per-rank files and no consolidation pass: each byte is written once.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -24,17 +22,12 @@ from checkpointer.file_layout import FileLayout
 from checkpointer.safetensors_format import TensorEntry
 from checkpointer.storage_reader import tensor_bytes
 
-Publish = Callable[[Path], None]
+Finish = Callable[[Path], None]
 
 
 def create_files(folder: Path, layout: FileLayout) -> None:
-    """Create each file with its header, at its final size (the data is filled in by the ranks).
-
-    A leftover staging folder from an interrupted save of the same checkpoint is removed first.
-    """
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    """Create each file with its header, at its final size (the data is filled in by the ranks)."""
+    folder.mkdir(parents=True, exist_ok=True)
     for name, header in layout.headers.items():
         with open(folder / name, "wb") as f:
             f.write(header)
@@ -54,10 +47,10 @@ def box_offset(entry: TensorEntry, offsets: tuple[int, ...], numel: int) -> int:
 class SafetensorsWriter(StorageWriter):
     """Writes the boxes of a save plan into files laid out by a :class:`FileLayout`."""
 
-    def __init__(self, folder: Path, layout: FileLayout, publish: Publish):
+    def __init__(self, folder: Path, layout: FileLayout, on_finish: Finish):
         self.folder = Path(folder)
         self.layout = layout
-        self.publish = publish
+        self.on_finish = on_finish
         self.is_coordinator = False
         self.bytes_written = 0
 
@@ -99,7 +92,7 @@ class SafetensorsWriter(StorageWriter):
         return WriteResult(index=item.index, size_in_bytes=written, storage_data=None)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        self.publish(self.folder)
+        self.on_finish(self.folder)
 
     def storage_meta(self):
         return None

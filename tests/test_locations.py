@@ -13,6 +13,7 @@ import torch
 from checkpointer import CheckpointError, DistributedHFCheckpointer
 from checkpointer.builders import build_model_from_dir
 from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_location
+from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
 from dist_workers import case, load_forward_save_reload, load_only
 from variants import TOKENS, hf_logits
@@ -134,7 +135,7 @@ def test_hub_load_by_branch_and_sha_on_two_ranks_then_push_one_commit(hub_env, t
             assert results[rank][name]["saved"] == f"hf://{out}@epoch-0"
         commits = hub_env.commits(out)
         assert len(commits) == 2  # the repo's initial commit and exactly one checkpoint commit
-        expected = {p.name for p in base.iterdir()} | {"README.md"}
+        expected = {p.name for p in base.iterdir()} | {"README.md", MANIFEST_FILE}
         assert set(commits[0]["files_changed"]) == expected
         assert "epoch-0" in {t.name for t in HfApi().list_repo_refs(out).tags}
         assert HfApi().repo_info(out).private
@@ -246,5 +247,5 @@ def test_s3_round_trip_on_two_ranks(s3_env, tiny_models):
         assert r["s3"]["saved"] == f"s3://{bucket}/runs/epoch_0"
     local = Path(str(base) + "-from-s3")
     fs.get(f"{bucket}/runs/epoch_0", str(local), recursive=True)
-    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert sorted(p.name for p in local.iterdir()) == sorted([p.name for p in base.iterdir()] + [MANIFEST_FILE])
     assert (hf_logits(local) - reference).abs().max() <= TOLERANCE
