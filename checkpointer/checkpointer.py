@@ -22,16 +22,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpointer.distributed import on_all_ranks, on_rank_zero, rank, world_size
+from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.errors import CheckpointError
 from checkpointer.file_layout import plan_file_layout
-from checkpointer.folders import Folder
+from checkpointer.folders import Folder, LocalFolder
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.hub_location import HubLocation
 from checkpointer.layouts import Layout, adapter_layout, get_layout, is_adapter_key
-from checkpointer.locations import Location, make_location
-from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE, peft_adapter_config
+from checkpointer.locations import Location, cache_root, make_location, url_key
+from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
 from checkpointer.manifest import MANIFEST_FILE, parse_manifest, write_manifest
 from checkpointer.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.model_config import ModelConfig
@@ -141,6 +141,21 @@ class DistributedHFCheckpointer:
     def layout(self) -> Layout:
         return get_layout(self.model_type, ModelConfig.from_dict(self.config_dict))
 
+    def local_support_dir(self) -> Path:
+        """A local folder with the base's config, tokenizer and generation files (collective)."""
+        folder = self.source_folder
+        if isinstance(folder, LocalFolder):
+            return folder.root
+        target = cache_root() / "support" / url_key(self.source.describe())
+
+        def copy() -> None:
+            target.mkdir(parents=True, exist_ok=True)
+            copy_support_files(folder, target)
+            (target / CONFIG_FILE).write_bytes(folder.read(CONFIG_FILE, 0, folder.size(CONFIG_FILE)))
+
+        on_all_ranks(lambda: copy() if local_rank(self.process_group) == 0 else None, self.process_group)
+        return target
+
     def _files(self, folder: Folder, checkpoint_files: Sequence[str] | None) -> CheckpointFiles:
         return on_all_ranks(lambda: read_checkpoint_files(folder, checkpoint_files), self.process_group)
 
@@ -160,13 +175,18 @@ class DistributedHFCheckpointer:
             log.warning("resume_from_checkpoint: no checkpoint with training state in %s; starting fresh", self.destination.describe())
         return manifest
 
-    def _newest_resumable(self) -> dict[str, Any] | None:
-        for name in reversed(self.destination.checkpoint_names()):
+    def published_checkpoints(self) -> list[dict[str, Any]]:
+        """The manifests of the complete checkpoints in ``output_dir``, oldest first (one process)."""
+        manifests = []
+        for name in self.destination.checkpoint_names():
             text = self.destination.checkpoint(name).read_file(MANIFEST_FILE)
-            manifest = parse_manifest(text, self.destination.describe(name)) if text else None
-            if manifest and manifest["contents"].get("training_state"):
-                return manifest
-        return None
+            if text:
+                manifests.append(parse_manifest(text, self.destination.describe(name)) | {"name": name})
+        return sorted(manifests, key=lambda m: (m.get("created_ns", 0), m["name"]))
+
+    def _newest_resumable(self) -> dict[str, Any] | None:
+        resumable = [m for m in self.published_checkpoints() if m["contents"].get("training_state")]
+        return resumable[-1] if resumable else None
 
     @property
     def resuming(self) -> bool:
@@ -202,11 +222,25 @@ class DistributedHFCheckpointer:
         base = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
         adapter = {k: v for k, v in state_dict.items() if is_adapter_key(k)}
         contents = self.resume_manifest["contents"] if self.resuming else {}
-        files = self._files(self._resume_folder, None) if contents.get("weights") else self.base_files()
+        if contents.get("weights") and not adapter:  # full fine-tuning resumes from its own weights
+            files = self._files(self._resume_folder, None)
+        else:  # LoRA keeps the original base; merged weights in a checkpoint already hold the adapter
+            files = self.base_files()
         self.last_load = read_hf_tensors(base, files, self.layout, self.process_group)
-        if adapter and contents.get("adapter"):
-            adapter_files = self._files(self._resume_folder, [ADAPTER_FILE])
-            read_hf_tensors(adapter, adapter_files, adapter_layout(self.layout), self.process_group)
+        if adapter and contents.get("adapter") is not None:
+            folder = self.resume_location.subfolder(contents["adapter"]).open(self.process_group, self.streaming, [ADAPTER_FILE])
+            self._read_adapter(adapter, folder)
+
+    def load_adapter(self, model: nn.Module, location: str | Path) -> None:
+        """Load a PEFT adapter (``adapter_model.safetensors``) at ``location`` into ``model``'s LoRA parameters."""
+        adapter = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+        if not adapter:
+            raise CheckpointError(f"load_adapter: the model has no LoRA parameters to load {location} into")
+        folder = make_location(location, "location").open(self.process_group, self.streaming, [ADAPTER_FILE])
+        self._read_adapter(adapter, folder)
+
+    def _read_adapter(self, adapter: dict[str, Any], folder: Folder) -> None:
+        read_hf_tensors(adapter, self._files(folder, [ADAPTER_FILE]), adapter_layout(self.layout), self.process_group)
 
     def load_training_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """Fill ``state`` in place from the resumed checkpoint's training state (collective).
@@ -239,6 +273,8 @@ class DistributedHFCheckpointer:
         ``state_dict`` holds ``"model"`` (weights; skipped when ``adapter_only``), optionally
         ``"adapter"`` (LoRA parameters) with ``"adapter_config"`` (``r``, ``lora_alpha``),
         and, when ``intermediate_checkpoint``, anything else as resumable training state.
+        The adapter (PEFT format) is at the checkpoint's top level, or in ``adapter/`` when
+        merged weights are saved beside it.
         Every rank calls it; each writes only its own bytes.
         """
         name = checkpoint_name(epoch, step)
@@ -251,19 +287,21 @@ class DistributedHFCheckpointer:
         folder = self.source_folder
         weights_plan = on_all_ranks(lambda: self._plan_weights(weights), self.process_group) if weights is not None else None
         adapter_plan = on_all_ranks(lambda: self._plan_adapter(adapter, state_dict), self.process_group) if adapter is not None else None
+        # An adapter beside merged weights goes to adapter/: transformers would apply it twice otherwise.
+        adapter_dir = ADAPTER_DIR if weights is not None else ""
         on_rank_zero(lambda: _fresh_dir(staging), self.process_group)
         try:
             if weights is not None:
                 self.last_save = self._write_weights(weights, weights_plan, staging, name)
             if adapter is not None:
-                self._write_adapter(adapter, adapter_plan, staging)
+                self._write_adapter(adapter, adapter_plan, staging / adapter_dir)
             if intermediate_checkpoint:
                 save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
         except BaseException:
             if rank(self.process_group) == 0:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        contents = {"weights": weights is not None, "adapter": adapter is not None, "training_state": intermediate_checkpoint}
+        contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": intermediate_checkpoint}
         info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
         card = self._card(name, weights)
         on_rank_zero(lambda: self._publish(staging, name, info, card, folder), self.process_group)
@@ -321,7 +359,7 @@ class DistributedHFCheckpointer:
 
     def _prune(self) -> None:
         """Remove the oldest checkpoints beyond ``keep_last_n_checkpoints`` (never the newest)."""
-        names = self.destination.checkpoint_names()
+        names = [m["name"] for m in self.published_checkpoints()]
         for name in names[: max(0, len(names) - int(self.keep_last_n_checkpoints))]:
             log.info("removing old checkpoint %s", self.destination.describe(name))
             self.destination.remove(name)

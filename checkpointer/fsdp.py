@@ -12,6 +12,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from torchtune.modules.peft import LoRALinear
+
 from checkpointer.builders import LoraSpec, build_model, reset_rope_buffers
 from checkpointer.distributed import world_size
 from checkpointer.model_config import ModelConfig
@@ -51,4 +53,12 @@ def build_sharded_model(
     shard_model(model, mesh)
     model.to_empty(device=device)
     reset_rope_buffers(model, device)
+    initialize_lora(model)
     return model
+
+
+def initialize_lora(model: nn.Module) -> None:
+    """LoRA's own initialization (A random, B zero), lost by ``to_empty``; the checkpointer overwrites it on resume."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.initialize_parameters()

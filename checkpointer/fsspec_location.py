@@ -20,7 +20,7 @@ from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
 from checkpointer.hf_files import INDEX_FILE, files_to_fetch
-from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, checkpoint_order, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, upload_order, url_key
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.progress import byte_bar
 from checkpointer.retry import with_retries
@@ -173,6 +173,9 @@ class FsspecLocation:
     def checkpoint(self, name: str) -> FsspecLocation:
         return FsspecLocation(self.describe(name), self.storage_options)
 
+    def subfolder(self, path: str) -> FsspecLocation:
+        return FsspecLocation(self.describe(path), self.storage_options) if path else self
+
     def checkpoint_names(self) -> list[str]:
         try:
             entries = with_retries(lambda: self.fs.ls(self.root, detail=True), f"listing {self.url}")
@@ -180,7 +183,7 @@ class FsspecLocation:
             return []
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
         complete = [n for n in names if CHECKPOINT_NAME.match(n) and self.fs.isfile(f"{self.root}/{n}/{MANIFEST_FILE}")]
-        return sorted(complete, key=checkpoint_order)
+        return sorted(complete)
 
     def read_file(self, path: str) -> bytes | None:
         try:

@@ -31,8 +31,8 @@ from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.location_urls import HubUrl
-from checkpointer.locations import CHECKPOINT_NAME, cache_root, checkpoint_order, upload_order, url_key
-from checkpointer.lora import ADAPTER_CONFIG_FILE
+from checkpointer.locations import CHECKPOINT_NAME, cache_root, upload_order, url_key
+from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.training_state import TRAINING_STATE_DIR
 from checkpointer.model_card import CARD_MARKER, model_card
@@ -245,13 +245,16 @@ class HubLocation:
     def checkpoint(self, name: str) -> HubLocation:
         return HubLocation(HubUrl(self.url.repo_id, self.url.repo_type, _tag(name), self.url.subfolder), self.private)
 
+    def subfolder(self, path: str) -> HubLocation:
+        return HubLocation(self.url.with_subfolder(path), self.private) if path else self
+
     def checkpoint_names(self) -> list[str]:
         try:
             refs = self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type)
         except RepositoryNotFoundError:
             return []
         names = [t.name.replace("-", "_") for t in refs.tags]
-        return sorted((n for n in names if CHECKPOINT_NAME.match(n)), key=checkpoint_order)
+        return sorted(n for n in names if CHECKPOINT_NAME.match(n))
 
     def read_file(self, path: str) -> bytes | None:
         link = hf_hub_url(self.url.repo_id, repo_path(self.url, path), repo_type=self.url.repo_type, revision=self.url.revision, endpoint=constants.ENDPOINT)
@@ -295,7 +298,7 @@ class HubLocation:
 
 def _is_checkpoint_file(path: str) -> bool:
     """Files an earlier checkpoint at the same place wrote, which a new one replaces."""
-    return path.startswith(f"{TRAINING_STATE_DIR}/") or (
+    return path.startswith((f"{TRAINING_STATE_DIR}/", f"{ADAPTER_DIR}/")) or (
         "/" not in path and (path.endswith(".safetensors") or path in (INDEX_FILE, MANIFEST_FILE, ADAPTER_CONFIG_FILE))
     )
 

@@ -6,7 +6,8 @@ Every location answers the same questions:
 - ``staging_dir(name)``: the local folder where checkpoint ``name`` is assembled;
 - ``publish(folder, name, card)``: make it visible, complete, in one step;
 - ``checkpoint(name)``: where checkpoint ``name`` can be read back;
-- ``checkpoint_names()`` / ``remove(name)``: the complete checkpoints, for resuming and pruning;
+- ``checkpoint_names()`` / ``remove(name)``: the complete checkpoints (by name; their manifests
+  tell their order), for resuming and pruning;
 - ``read_file(path)`` (one process) and ``fetch_folder(path)`` (collective): files of a checkpoint.
 
 Publishing puts ``LAST_FILES`` last, so that on stores without atomic rename a reader
@@ -51,12 +52,6 @@ def url_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def checkpoint_order(name: str) -> tuple[int, int]:
-    """Sort key: newer checkpoints last (steps after epochs of the same count are not mixed up)."""
-    match = CHECKPOINT_NAME.match(name)
-    return (int(match.group(2)), 1 if match.group(1) == "step" else 0) if match else (-1, 0)
-
-
 class Location(Protocol):
     """A place checkpoints live."""
 
@@ -69,6 +64,8 @@ class Location(Protocol):
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str: ...
 
     def checkpoint(self, name: str) -> Location: ...
+
+    def subfolder(self, path: str) -> Location: ...
 
     def checkpoint_names(self) -> list[str]: ...
 
@@ -103,11 +100,14 @@ class LocalLocation:
     def checkpoint(self, name: str) -> LocalLocation:
         return LocalLocation(self.path / name)
 
+    def subfolder(self, path: str) -> LocalLocation:
+        return LocalLocation(self.path / path) if path else self
+
     def checkpoint_names(self) -> list[str]:
         if not self.path.is_dir():
             return []
         names = [p.name for p in self.path.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / MANIFEST_FILE).is_file()]
-        return sorted(names, key=checkpoint_order)
+        return sorted(names)
 
     def read_file(self, path: str) -> bytes | None:
         target = self.path / path

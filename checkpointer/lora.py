@@ -12,6 +12,7 @@ from torchtune.modules.peft import LoRALinear
 from checkpointer.layouts import is_adapter_key
 
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_DIR = "adapter"  # where the adapter goes when merged weights are published beside it
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 

@@ -28,7 +28,14 @@ def files_of(folder: Path) -> dict[str, int]:
 
 def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Write the manifest of ``folder`` (``info`` adds name, epoch, step, contents...)."""
-    manifest = {"format": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info, "files": files_of(folder)}
+    now = time.time_ns()
+    manifest = {
+        "format": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
+        "created_ns": now,  # orders checkpoints: epoch_N and step_N names do not
+        **info,
+        "files": files_of(folder),
+    }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
