@@ -30,12 +30,30 @@ from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_
 from checkpointer.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.hub_location import HubLocation
 from checkpointer.layouts import Layout, adapter_layout, get_layout, is_adapter_key
-from checkpointer.locations import Location, cache_root, make_location, url_key
+from checkpointer.locations import LocalLocation, Location, cache_root, make_location, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
-from checkpointer.manifest import MANIFEST_FILE, parse_manifest, write_manifest
+from checkpointer.failpoints import failpoint
+from checkpointer.manifest import (
+    MANIFEST_FILE,
+    check_against_manifest,
+    files_of,
+    hash_files,
+    parse_manifest,
+    read_manifest,
+    verify_hashes,
+    write_manifest,
+)
+from checkpointer.output_lock import OutputLock
 from checkpointer.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.model_config import ModelConfig
-from checkpointer.publish import copy_support_files, fsync_tree, output_config, write_index, write_json
+from checkpointer.publish import (
+    copy_support_files,
+    fsync_tree,
+    make_readable_not_writable,
+    output_config,
+    write_index,
+    write_json,
+)
 from checkpointer.shards import global_spec
 from checkpointer.training_state import TRAINING_STATE_DIR, load_training_state, save_training_state, stored_keys
 
@@ -81,6 +99,8 @@ class DistributedHFCheckpointer:
         save_dtype: dtype of saved weights (default: the model's).
         streaming: read remote weights by byte range, each rank only its own shards, instead
             of downloading the files once per node first.
+        verify_checksums: before loading a checkpoint that has a manifest, check the sha256 of
+            every file (each byte hashed once, split across ranks). Sizes are always checked.
         storage_options: fsspec options for URL locations (e.g. an S3 ``endpoint_url``).
         hub_private: create a missing Hub output repo as private (default True).
         process_group: the group whose ranks share the model (default: the world).
@@ -98,6 +118,7 @@ class DistributedHFCheckpointer:
         max_shard_size: int | str = "5GB",
         save_dtype: str | torch.dtype | None = None,
         streaming: bool = False,
+        verify_checksums: bool = False,
         storage_options: dict[str, Any] | None = None,
         hub_private: bool = True,
         process_group: dist.ProcessGroup | None = None,
@@ -118,7 +139,10 @@ class DistributedHFCheckpointer:
         self.max_shard_size = max_shard_size
         self.save_dtype = _dtype(save_dtype)
         self.streaming = streaming
+        self.verify_checksums = verify_checksums
         self.process_group = process_group
+        self._lock = OutputLock(self.destination.path) if isinstance(self.destination, LocalLocation) else None
+        self._lock_checked = False
         self.training_info: dict[str, Any] = {}  # recipes add details for the model card
         self.last_load: IOStats | None = None
         self.last_save: IOStats | None = None
@@ -157,7 +181,14 @@ class DistributedHFCheckpointer:
         return target
 
     def _files(self, folder: Folder, checkpoint_files: Sequence[str] | None) -> CheckpointFiles:
-        return on_all_ranks(lambda: read_checkpoint_files(folder, checkpoint_files), self.process_group)
+        """Read and check a checkpoint's files (and, with a manifest, their sizes or hashes) on every rank."""
+        files = on_all_ranks(lambda: read_checkpoint_files(folder, checkpoint_files), self.process_group)
+        manifest = on_all_ranks(lambda: read_manifest(folder), self.process_group)
+        if manifest is not None:
+            on_all_ranks(lambda: check_against_manifest(folder, manifest, list(files.files)), self.process_group)
+            if self.verify_checksums:
+                verify_hashes(folder, manifest, list(files.files), self.process_group)
+        return files
 
     def base_files(self) -> CheckpointFiles:
         """The base checkpoint's files and headers, read (and checked) on every rank."""
@@ -219,6 +250,8 @@ class DistributedHFCheckpointer:
         """
         state_dict = model.state_dict()
         on_all_ranks(lambda: _check_materialized(state_dict), self.process_group)
+        self._hold_output_lock()
+        failpoint("load:before_read")
         base = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
         adapter = {k: v for k, v in state_dict.items() if is_adapter_key(k)}
         contents = self.resume_manifest["contents"] if self.resuming else {}
@@ -289,7 +322,9 @@ class DistributedHFCheckpointer:
         adapter_plan = on_all_ranks(lambda: self._plan_adapter(adapter, state_dict), self.process_group) if adapter is not None else None
         # An adapter beside merged weights goes to adapter/: transformers would apply it twice otherwise.
         adapter_dir = ADAPTER_DIR if weights is not None else ""
+        self._hold_output_lock()
         on_rank_zero(lambda: _fresh_dir(staging), self.process_group)
+        failpoint("save:before_write")
         try:
             if weights is not None:
                 self.last_save = self._write_weights(weights, weights_plan, staging, name)
@@ -297,6 +332,9 @@ class DistributedHFCheckpointer:
                 self._write_adapter(adapter, adapter_plan, staging / adapter_dir)
             if intermediate_checkpoint:
                 save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
+            failpoint("save:after_write")
+            on_rank_zero(lambda: copy_support_files(folder, staging), self.process_group)
+            hashes = hash_files(LocalFolder(staging), files_of(staging), self.process_group)
         except BaseException:
             if rank(self.process_group) == 0:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -304,7 +342,8 @@ class DistributedHFCheckpointer:
         contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": intermediate_checkpoint}
         info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
         card = self._card(name, weights)
-        on_rank_zero(lambda: self._publish(staging, name, info, card, folder), self.process_group)
+        on_rank_zero(lambda: self._publish(staging, name, info, card, hashes), self.process_group)
+        failpoint("save:after_publish")
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
             log.info("saved checkpoint %s to %s", name, published)
@@ -351,11 +390,18 @@ class DistributedHFCheckpointer:
         finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
         write_hf_tensors(adapter_state, layout, specs, destinations, file_layout, staging, finish, self.process_group)
 
-    def _publish(self, staging: Path, name: str, info: dict, card: dict, base: Folder) -> None:
-        copy_support_files(base, staging)
-        write_manifest(staging, info)
+    def _publish(self, staging: Path, name: str, info: dict, card: dict, hashes: dict[str, str]) -> None:
+        write_manifest(staging, info, hashes)
+        make_readable_not_writable(staging)
         fsync_tree(staging)
+        failpoint("save:before_publish")
         self.destination.publish(staging, name, card)
+
+    def _hold_output_lock(self) -> None:
+        """Refuse a second job writing the same local output folder (held until this process exits)."""
+        if self._lock is not None and not self._lock_checked:  # the same answer on every rank
+            on_rank_zero(self._lock.acquire, self.process_group)
+            self._lock_checked = True
 
     def _prune(self) -> None:
         """Remove the oldest checkpoints beyond ``keep_last_n_checkpoints`` (never the newest)."""

@@ -79,6 +79,15 @@ def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) 
     return result  # type: ignore[return-value]
 
 
+def all_gather(value: T, group: dist.ProcessGroup | None = None) -> list[T]:
+    """Every rank's (picklable) ``value``, in rank order; ``[value]`` without a process group."""
+    if not is_distributed(group):
+        return [value]
+    values: list = [None] * world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    return values
+
+
 def on_rank_zero(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
     """Run ``step`` on rank 0 only; every rank returns its (picklable) result or raises its error."""
     if not is_distributed(group):

@@ -1,20 +1,28 @@
 """``checkpointer.json``: written last into every checkpoint; its presence means the checkpoint is whole.
 
 It records what the checkpoint holds (weights, adapter, training state), when and how it
-was made, and every other file with its size.
+was made, and every other file with its size and sha256. The hashes are computed right
+after the ranks wrote the files, each file by one rank (balanced by size), so hashing
+costs one parallel read of the checkpoint, mostly from the page cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
+from checkpointer.distributed import all_gather, on_all_ranks, rank, world_size
 from checkpointer.errors import CheckpointFormatError
+from checkpointer.folders import Folder
 
 MANIFEST_FILE = "checkpointer.json"
 FORMAT_VERSION = 1
+_READ_CHUNK = 16 * 2**20
 
 
 def files_of(folder: Path) -> dict[str, int]:
@@ -26,15 +34,44 @@ def files_of(folder: Path) -> dict[str, int]:
     }
 
 
-def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+def assign_by_size(sizes: dict[str, int], world: int) -> list[list[str]]:
+    """Split files among ``world`` ranks so each hashes about the same number of bytes."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        least = loads.index(min(loads))
+        shares[least].append(name)
+        loads[least] += sizes[name]
+    return shares
+
+
+def sha256_of(folder: Folder, name: str) -> str:
+    """The sha256 of one file of a folder, read in chunks."""
+    digest, size, offset = hashlib.sha256(), folder.size(name), 0
+    while offset < size:
+        chunk = folder.read(name, offset, min(_READ_CHUNK, size - offset))
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def hash_files(folder: Folder, sizes: dict[str, int], group: dist.ProcessGroup | None = None) -> dict[str, str]:
+    """sha256 of every file in ``sizes``; each rank hashes its share (collective)."""
+    mine = assign_by_size(sizes, world_size(group))[rank(group)]
+    local = on_all_ranks(lambda: {name: sha256_of(folder, name) for name in mine}, group)
+    return {name: digest for part in all_gather(local, group) for name, digest in part.items()}
+
+
+def write_manifest(folder: Path, info: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
     """Write the manifest of ``folder`` (``info`` adds name, epoch, step, contents...)."""
     now = time.time_ns()
+    files = {name: {"size": size, "sha256": hashes.get(name)} for name, size in files_of(folder).items()}
     manifest = {
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
         "created_ns": now,  # orders checkpoints: epoch_N and step_N names do not
         **info,
-        "files": files_of(folder),
+        "files": files,
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -45,6 +82,37 @@ def parse_manifest(text: bytes, where: str) -> dict[str, Any]:
         manifest = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
         raise CheckpointFormatError(f"{where}: not a checkpointer manifest of format {FORMAT_VERSION}")
     return manifest
+
+
+def read_manifest(folder: Folder) -> dict[str, Any] | None:
+    """The folder's manifest, or None if it has none."""
+    if not folder.exists(MANIFEST_FILE):
+        return None
+    return parse_manifest(folder.read(MANIFEST_FILE, 0, folder.size(MANIFEST_FILE)), folder.describe(MANIFEST_FILE))
+
+
+def check_against_manifest(folder: Folder, manifest: dict[str, Any], names: list[str]) -> None:
+    """Sizes of ``names`` must be what the manifest recorded (a cheap guard against truncation)."""
+    for name in names:
+        expected = (manifest["files"].get(name) or {}).get("size")
+        if expected is not None and folder.size(name) != expected:
+            raise CheckpointFormatError(
+                f"{folder.describe(name)}: {folder.size(name)} bytes, but {MANIFEST_FILE} recorded {expected}: "
+                "the file was truncated or replaced"
+            )
+
+
+def verify_hashes(folder: Folder, manifest: dict[str, Any], names: list[str], group: dist.ProcessGroup | None = None) -> None:
+    """Every file in ``names`` hashes to what the manifest recorded (collective, each byte read once)."""
+    recorded = {n: (manifest["files"].get(n) or {}).get("sha256") for n in names}
+    sizes = {n: folder.size(n) for n, digest in recorded.items() if digest}
+    actual = hash_files(folder, sizes, group)
+    bad = sorted(n for n in sizes if actual[n] != recorded[n])
+    if bad:
+        raise CheckpointFormatError(
+            f"{folder.describe(bad[0])}: sha256 {actual[bad[0]][:16]}... differs from {recorded[bad[0]][:16]}... "
+            f"in {MANIFEST_FILE}: the file is corrupt" + (f" (and {len(bad) - 1} more files)" if len(bad) > 1 else "")
+        )

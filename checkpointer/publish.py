@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
+from checkpointer.errors import CheckpointError
 from checkpointer.file_layout import FileLayout
 from checkpointer.folders import Folder
 from checkpointer.hf_files import INDEX_FILE, SUPPORT_FILES
+from checkpointer.manifest import MANIFEST_FILE
 
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -66,8 +68,24 @@ def fsync_tree(folder: Path) -> None:
     _fsync(folder)
 
 
+def make_readable_not_writable(folder: Path) -> None:
+    """Files 0644 and folders 0755 whatever the umask: nobody else can modify a checkpoint."""
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    folder.chmod(0o755)
+
+
 def replace_folder(staging: Path, final: Path) -> None:
-    """Rename ``staging`` to ``final``; an older ``final`` is moved aside first, then removed."""
+    """Rename ``staging`` to ``final``; an older checkpoint ``final`` is moved aside first, then removed.
+
+    Something at ``final`` that checkpointer did not write (no manifest, or a symlink) is never
+    replaced: the new checkpoint stays in ``staging`` and the error says so.
+    """
+    if final.is_symlink() or (final.exists() and not (final / MANIFEST_FILE).is_file()):
+        raise CheckpointError(
+            f"{final}: exists and was not written by checkpointer; refusing to replace it "
+            f"(the new checkpoint is complete in {staging}; move one of them)"
+        )
     old = final.parent / f".{final.name}.replaced"
     if old.exists():
         shutil.rmtree(old)

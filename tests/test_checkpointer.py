@@ -11,6 +11,7 @@ from safetensors import safe_open
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.builders import build_model_from_dir
 from checkpointer.hf_files import INDEX_FILE
+from checkpointer.output_lock import LOCK_FILE
 from variants import TOKENS, VARIANTS, hf_logits
 
 TOLERANCE = 1e-5
@@ -108,7 +109,7 @@ def test_saving_again_replaces_the_old_checkpoint_whole(tiny_models, tmp_path):
     checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
     with safe_open(tmp_path / "epoch_0" / "model.safetensors", "pt") as f:
         assert torch.all(f.get_tensor("model.norm.weight") == 3.0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]  # no staging or replaced folders left
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != LOCK_FILE) == ["epoch_0"]  # no staging or replaced folders
 
 
 def test_non_tensor_values_are_refused_before_anything_is_written(tiny_models, tmp_path):

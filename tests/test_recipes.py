@@ -56,7 +56,7 @@ def test_full_recipe_trains_and_publishes_every_checkpoint(uninterrupted):
     base, root = uninterrupted
     seen = losses(root / "metrics.jsonl")
     assert sorted(seen) == [1, 2, 3, 4, 5, 6] and seen[6] < seen[1]
-    names = sorted(p.name for p in (root / "out").iterdir())
+    names = sorted(p.name for p in (root / "out").iterdir() if not p.name.startswith("."))
     assert names == ["epoch_0", "epoch_1", "step_2", "step_4", "step_6"]
     for name in names:
         manifest = json.loads((root / "out" / name / MANIFEST_FILE).read_text())
@@ -95,7 +95,7 @@ def test_keep_last_n_checkpoints_prunes_the_oldest(tiny_models, tmp_path):
     base = tiny_models["llama3"]
     _full_run(base, tmp_path / "out", tmp_path / "m.jsonl", 2, "checkpointer.model_type=LLAMA3", "checkpointer.keep_last_n_checkpoints=2")
     (tmp_path / "out" / "notes.txt").write_text("mine")  # something the user put there is never touched
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["epoch_1", "notes.txt", "step_6"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".checkpointer.lock", "epoch_1", "notes.txt", "step_6"]
 
 
 @pytest.fixture(scope="module")
