@@ -39,7 +39,7 @@ def test_greedy_answer_to_a_chat_question_names_paris(smollm2_dir: pathlib.Path,
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     inputs = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = converted.generate(**inputs, max_new_tokens=24, do_sample=False)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"SmolLM2 (converted): {QUESTION[0]['content']!r} -> {answer!r}")
     assert "Paris" in answer
 
