@@ -140,6 +140,14 @@ def _clean_up_tokenization(text: str) -> str:
     return text
 
 
+def _cleans_up_spaces(config: Mapping[str, Any], tokenizer: Tokenizer) -> bool:
+    """Whether transformers 5 applies ``clean_up_tokenization`` when decoding: asked for, and not a BPE model
+    (for BPE it refuses unless forced, as the clean-up corrupts byte-level text)."""
+    forced = config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    is_bpe = type(tokenizer.model).__name__ == "BPE"
+    return bool(config.get("clean_up_tokenization_spaces")) and (not is_bpe or bool(forced))
+
+
 def _message_dict(message: Message | Mapping[str, Any]) -> dict[str, Any]:
     """A message as chat templates see it: ``{"role", "content": str}``; keys holding None are dropped."""
     if isinstance(message, Message):
@@ -174,7 +182,6 @@ class HFChatTokenizer(ModelTokenizer, Transform):
         self.max_seq_len = max_seq_len
         self.special_tokens_map = dict(special_tokens_map)
         self.template_name = template_name
-        self._template_source = chat_template
         self._template = compile_chat_template(chat_template) if chat_template is not None else None
         self._clean_up = clean_up_tokenization_spaces
         self.special_tokens = {
@@ -182,8 +189,8 @@ class HFChatTokenizer(ModelTokenizer, Transform):
         }
         self.bos_id = self._named_id("bos_token")
         self.eos_id = self._named_id("eos_token")
-        pad_id = self._named_id("pad_token")
-        self.pad_id = pad_id if pad_id is not None else self.eos_id if self.eos_id is not None else 0
+        # torchtune pads with pad_id, so it must be an id: without a pad token, pad with EOS (labels are ignored there)
+        self.pad_id = next((i for i in (self._named_id("pad_token"), self.eos_id) if i is not None), 0)
         self.stop_tokens = list(dict.fromkeys([i for i in (self.eos_id, *stop_ids) if i is not None]))
         with_specials = tokenizer.encode("", add_special_tokens=True).ids
         self._adds_bos = self.bos_id is not None and with_specials[:1] == [self.bos_id]
@@ -196,9 +203,7 @@ class HFChatTokenizer(ModelTokenizer, Transform):
             raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE}: expected a local Hugging Face tokenizer folder")
         config = _read_json(folder / CONFIG_FILE)
         template = read_chat_template(folder, config)
-        force_clean_up = config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
         tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-        is_bpe = type(tokenizer.model).__name__ == "BPE"
         return cls(
             tokenizer,
             special_tokens_map=read_special_tokens(folder, config),
@@ -206,9 +211,8 @@ class HFChatTokenizer(ModelTokenizer, Transform):
             template_name=template[1] if template else f"{folder} (no chat template)",
             max_seq_len=max_seq_len,
             stop_ids=_read_stop_ids(folder),
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces")) and
-            (not is_bpe or force_clean_up),
-        )  # fmt: skip
+            clean_up_tokenization_spaces=_cleans_up_spaces(config, tokenizer),
+        )
 
     def _named_id(self, name: str) -> int | None:
         text = self.special_tokens_map.get(name)

@@ -273,3 +273,23 @@ def test_works_without_transformers(tmp_path: pathlib.Path) -> None:
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_decode_cleans_up_spaces_where_transformers_does(tmp_path: pathlib.Path) -> None:
+    """A word-level tokenizer asking for ``clean_up_tokenization_spaces``, its tokens in a legacy
+    ``special_tokens_map.json``, extra stop ids in ``generation_config.json``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["<unk>", "<eos>", "<eot>", "hello", ",", "world", "!", "do", "n't"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
+    tokenizer.add_special_tokens(["<unk>", "<eos>", "<eot>"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "TokenizersBackend", "clean_up_tokenization_spaces": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<eos>"}}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    ours, hf = hf_chat_tokenizer(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = hf.encode("hello , world ! do n't")
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "hello, world! don't"
+    assert (ours.eos_id, ours.pad_id, ours.bos_id, ours.stop_tokens) == (1, 1, None, [1, 2])
