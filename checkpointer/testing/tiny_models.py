@@ -162,7 +162,7 @@ def write_tiny_model(
     model = model.to(dtype).eval()
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, **kwargs)
-    write_tiny_tokenizer(out, config.vocab_size)
+    write_tiny_tokenizer(out, config.vocab_size, TINY_CHAT_TEMPLATE)
     return out
 
 
@@ -199,10 +199,20 @@ def tiny_vocab(vocab_size: int) -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def write_tiny_tokenizer(path: str | os.PathLike[str], vocab_size: int = TINY_VOCAB_SIZE) -> None:
+# A ChatML-like template over the tiny vocabulary (its special tokens <s> and </s>).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def write_tiny_tokenizer(
+    path: str | os.PathLike[str], vocab_size: int = TINY_VOCAB_SIZE, chat_template: str | None = None
+) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json``: a byte-level BPE built in code.
 
-    One token per printable ASCII character, plus the special tokens (see ``tiny_vocab``).
+    One token per printable ASCII character, plus the special tokens (see ``tiny_vocab``);
+    ``chat_template`` goes into ``tokenizer_config.json`` when given.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -217,5 +227,6 @@ def write_tiny_tokenizer(path: str | os.PathLike[str], vocab_size: int = TINY_VO
         "tokenizer_class": "TokenizersBackend",  # transformers 5's name for a plain tokenizer.json
         "model_max_length": _COMMON["max_position_embeddings"],
         **{f"{role}_token": text for role, text in SPECIAL_TOKENS.items()},
+        **({"chat_template": chat_template} if chat_template else {}),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
