@@ -249,3 +249,40 @@ def test_s3_round_trip_on_two_ranks(s3_env, tiny_models):
     fs.get(f"{bucket}/runs/epoch_0", str(local), recursive=True)
     assert sorted(p.name for p in local.iterdir()) == sorted([p.name for p in base.iterdir()] + [MANIFEST_FILE])
     assert (hf_logits(local) - reference).abs().max() <= TOLERANCE
+
+
+def _save_three(checkpointer, model) -> list[str]:
+    published = []
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.norm.scale.add_(1.0)
+        published.append(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=step))
+    return published
+
+
+def test_keep_last_n_prunes_hub_tags(hub_env, tiny_models):
+    from huggingface_hub import HfApi
+
+    base = tiny_models["llama2"]
+    out = _unique("prune")
+    model = build_model_from_dir("LLAMA2", base)
+    checkpointer = DistributedHFCheckpointer(base, f"hf://{out}", "LLAMA2", keep_last_n_checkpoints=2)
+    checkpointer.load_model(model)
+    published = _save_three(checkpointer, model)
+    assert published[-1] == f"hf://{out}@step-3"
+    assert sorted(t.name for t in HfApi().list_repo_refs(out).tags) == ["step-2", "step-3"]
+    assert len(hub_env.commits(out)) == 4  # the history keeps every commit; only the tag of step 1 is gone
+
+
+def test_keep_last_n_prunes_fsspec_folders(tiny_models):
+    base = tiny_models["llama2"]
+    out = f"memory://prune/{uuid.uuid4().hex[:8]}"
+    model = build_model_from_dir("LLAMA2", base)
+    checkpointer = DistributedHFCheckpointer(base, out, "LLAMA2", keep_last_n_checkpoints=2)
+    checkpointer.load_model(model)
+    _save_three(checkpointer, model)
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{out.removeprefix('memory:/')}/notes.txt", b"mine")
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=4)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("memory:/"), detail=False))
+    assert names == ["notes.txt", "step_3", "step_4"]
