@@ -251,7 +251,6 @@ class DistributedHFCheckpointer:
         state_dict = model.state_dict()
         on_all_ranks(lambda: _check_materialized(state_dict), self.process_group)
         self._hold_output_lock()
-        failpoint("load:before_read")
         base = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
         adapter = {k: v for k, v in state_dict.items() if is_adapter_key(k)}
         contents = self.resume_manifest["contents"] if self.resuming else {}
@@ -324,7 +323,6 @@ class DistributedHFCheckpointer:
         adapter_dir = ADAPTER_DIR if weights is not None else ""
         self._hold_output_lock()
         on_rank_zero(lambda: _fresh_dir(staging), self.process_group)
-        failpoint("save:before_write")
         try:
             if weights is not None:
                 self.last_save = self._write_weights(weights, weights_plan, staging, name)
@@ -332,7 +330,6 @@ class DistributedHFCheckpointer:
                 self._write_adapter(adapter, adapter_plan, staging / adapter_dir)
             if intermediate_checkpoint:
                 save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
-            failpoint("save:after_write")
             on_rank_zero(lambda: copy_support_files(folder, staging), self.process_group)
             hashes = hash_files(LocalFolder(staging), files_of(staging), self.process_group)
         except BaseException:
@@ -394,7 +391,7 @@ class DistributedHFCheckpointer:
         write_manifest(staging, info, hashes)
         make_readable_not_writable(staging)
         fsync_tree(staging)
-        failpoint("save:before_publish")
+        failpoint("save:publish")
         self.destination.publish(staging, name, card)
 
     def _hold_output_lock(self) -> None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from checkpointer.distributed import all_gather, on_all_ranks, rank, world_size
 from checkpointer.errors import CheckpointFormatError
+from checkpointer.failpoints import failpoint
 from checkpointer.folders import Folder
 
 MANIFEST_FILE = "checkpointer.json"
@@ -58,7 +59,12 @@ def sha256_of(folder: Folder, name: str) -> str:
 def hash_files(folder: Folder, sizes: dict[str, int], group: dist.ProcessGroup | None = None) -> dict[str, str]:
     """sha256 of every file in ``sizes``; each rank hashes its share (collective)."""
     mine = assign_by_size(sizes, world_size(group))[rank(group)]
-    local = on_all_ranks(lambda: {name: sha256_of(folder, name) for name in mine}, group)
+
+    def hash_mine() -> dict[str, str]:
+        failpoint("save:hash")
+        return {name: sha256_of(folder, name) for name in mine}
+
+    local = on_all_ranks(hash_mine, group)
     return {name: digest for part in all_gather(local, group) for name, digest in part.items()}
 
 

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from checkpointer.failpoints import failpoint
 from checkpointer.hf_files import CheckpointFiles
 from checkpointer.safetensors_format import TensorEntry
 
@@ -60,6 +61,7 @@ class SafetensorsReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        failpoint("load:read")
         tensors = self.files.tensors
         ordered = sorted(plan.items, key=lambda i: (tensors[i.storage_index.fqn].file, tensors[i.storage_index.fqn].start, i.storage_offsets))
         try:

@@ -9,6 +9,7 @@ index). There are no per-rank files and no consolidation pass: each byte is writ
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,8 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from checkpointer.errors import CheckpointError
+from checkpointer.failpoints import failpoint
 from checkpointer.file_layout import FileLayout
 from checkpointer.safetensors_format import TensorEntry
 from checkpointer.storage_reader import tensor_bytes
@@ -68,6 +71,7 @@ class SafetensorsWriter(StorageWriter):
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        failpoint("save:write")
         results, fds = [], {}
         try:
             for item in sorted(plan.items, key=lambda i: (self.layout.entries[i.index.fqn].file, i.index.offset)):
@@ -87,7 +91,14 @@ class SafetensorsWriter(StorageWriter):
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
         offset = box_offset(entry, tuple(item.index.offset), data.numel())
-        written = _pwrite_all(fds[entry.file], tensor_bytes(data), offset)
+        try:
+            written = _pwrite_all(fds[entry.file], tensor_bytes(data), offset)
+        except OSError as e:
+            hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+            raise CheckpointError(
+                f"{self.folder / entry.file}: writing {entry.name} ({data.numel() * data.element_size()} bytes at "
+                f"offset {offset}) failed: {e.strerror}{hint}; the previous checkpoint is untouched"
+            ) from e
         self.bytes_written += written
         return WriteResult(index=item.index, size_in_bytes=written, storage_data=None)
 

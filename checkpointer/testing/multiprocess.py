@@ -71,6 +71,7 @@ def run_on_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, p
     for p in procs:
         p.start()
     collected: dict[int, tuple[bool, Any]] = {}
+    finished = False
     try:
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
         while len(collected) < world:
@@ -84,11 +85,13 @@ def run_on_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, p
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in collected]
                 if dead:
                     raise RankFailed(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+        finished = True
     finally:
-        for p in procs:
-            p.join(timeout=10)
+        for p in procs:  # after a failure the others may be stuck in a collective: end them at once
+            p.join(timeout=10 if finished else 0.5)
             if p.is_alive():
                 p.kill()
+                p.join()
     failures = [(r, v) for r, (ok, v) in sorted(collected.items()) if not ok]
     if failures:
         raise RankFailed("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in failures))
