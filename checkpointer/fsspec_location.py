@@ -56,9 +56,14 @@ class FsspecFolder:
     def read(self, name: str, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
-        data = with_retries(
-            lambda: self.fs.cat_file(self._path(name), start=offset, end=offset + length), f"reading {self.describe(name)}"
-        )
+        try:
+            data = with_retries(
+                lambda: self.fs.cat_file(self._path(name), start=offset, end=offset + length), f"reading {self.describe(name)}"
+            )
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+        except Exception as e:  # noqa: BLE001 - transient errors were retried; report what is left
+            raise CheckpointError(f"{self.describe(name)}: reading {length} bytes at {offset} failed after retries ({e})") from e
         if len(data) != length:
             raise CheckpointFormatError(
                 f"{self.describe(name)}: truncated: wanted {length} bytes at {offset}, got {len(data)}"

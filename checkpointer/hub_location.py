@@ -88,7 +88,10 @@ class HubFolder:
             return b""
         link = hf_hub_url(self.url.repo_id, self.repo_path(name), repo_type=self.url.repo_type, revision=self.sha, endpoint=constants.ENDPOINT)
         headers = build_hf_headers() | {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-        response = http_backoff("GET", link, headers=headers, max_retries=4, base_wait_time=0.5)
+        try:
+            response = http_backoff("GET", link, headers=headers, max_retries=4, base_wait_time=0.5)
+        except Exception as e:  # noqa: BLE001 - transient errors were retried; report what is left
+            raise CheckpointError(f"{self.describe(name)}: reading {length} bytes at {offset} failed after retries ({e})") from e
         if response.status_code != 206 or len(response.content) != length:
             raise CheckpointFormatError(
                 f"{self.describe(name)}: ranged read of {length} bytes at {offset} answered {response.status_code} "

@@ -1,0 +1,100 @@
+"""Faults from outside: the Hub answering 5xx, resetting connections, answering slowly."""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpointer import CheckpointError, DistributedHFCheckpointer
+from checkpointer.builders import build_model_from_dir
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
+
+
+def _upload(folder: Path) -> str:
+    from huggingface_hub import HfApi
+
+    repo = f"tester/faults-{uuid.uuid4().hex[:8]}"
+    HfApi().create_repo(repo)
+    HfApi().upload_folder(folder_path=str(folder), repo_id=repo)
+    return repo
+
+
+def _weights(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.items()}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("fault", [{"status": 503}, {"reset": True}, {"delay": 1.5}])
+def test_loads_survive_transient_hub_faults(hub_env, tiny_models, streaming, fault):
+    base = tiny_models["llama3"]
+    repo = _upload(base)
+    reference = DistributedHFCheckpointer(base, "/tmp/unused", "LLAMA3").load_checkpoint()["model"]
+    hub_env.inject_fault("GET", rf"^/{re.escape(repo)}/resolve/.*safetensors", times=2, **fault)
+    loaded = DistributedHFCheckpointer(f"hf://{repo}", "/tmp/unused", "LLAMA3", streaming=streaming).load_checkpoint()["model"]
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_a_load_that_keeps_failing_is_a_clear_error(hub_env, tiny_models):
+    repo = _upload(tiny_models["llama2"])
+    hub_env.inject_fault("GET", rf"^/{re.escape(repo)}/resolve/.*safetensors", status=500, times=100)
+    with pytest.raises(CheckpointError, match=repo):
+        DistributedHFCheckpointer(f"hf://{repo}", "/tmp/unused", "LLAMA2", streaming=True).load_checkpoint()
+
+
+def _random_fault(rng: random.Random, repo: str) -> tuple[str | None, dict]:
+    """(path regex, fault) for one push: none, transient (503, reset, slow) or hard (500 x 50)."""
+    commit = rf"^/api/models/{re.escape(repo)}/commit/"
+    choices = [
+        (None, {}),
+        (commit, {"status": 503}),
+        (commit, {"reset": True}),
+        (commit, {"delay": 0.5}),
+        (rf"^/api/models/{re.escape(repo)}/preupload/", {"delay": 0.5}),
+        (commit, {"status": 500, "times": 50}),
+    ]
+    return choices[rng.randrange(len(choices))]
+
+
+@pytest.mark.soak
+def test_soak_50_pushes_with_random_faults_lose_nothing(hub_env, tiny_models):
+    """Every push either lands whole (and downloads bitwise) or leaves the repo exactly as it was."""
+    from huggingface_hub import hf_hub_download
+
+    base = tiny_models["llama2"]
+    repo = f"tester/soak-{uuid.uuid4().hex[:8]}"
+    model = build_model_from_dir("LLAMA2", base)
+    checkpointer = DistributedHFCheckpointer(base, f"hf://{repo}", "LLAMA2")
+    checkpointer.load_model(model)
+    rng, landed, failed = random.Random(0), 0, 0
+    for step in range(1, 51):
+        with torch.no_grad():
+            model.norm.scale.add_(0.01)
+        expected = _weights(model.state_dict())
+        before = hub_env.commits(repo) if step > 1 else []
+        path, fault = _random_fault(rng, repo)
+        if path:
+            hub_env.inject_fault("POST", path, **{"times": 1, **fault})
+        try:
+            published = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=step)
+        except CheckpointError:
+            failed += 1
+            assert hub_env.commits(repo) == before  # nothing half-pushed
+            continue
+        finally:
+            hub_env.clear_faults()
+        landed += 1
+        assert published == f"hf://{repo}@step-{step}"
+        file = hf_hub_download(repo, "model.safetensors", revision=f"step-{step}")
+        saved = load_file(file)
+        assert torch.equal(saved["model.norm.weight"], expected["norm.scale"])
+    assert landed + failed == 50 and landed > 25 and failed > 0
