@@ -9,8 +9,10 @@ exactly one commit per checkpoint with ``create_commit`` against the branch head
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,24 @@ def _hub_error(url: HubUrl, error: Exception) -> CheckpointError:
     if status in (401, 403):
         return CheckpointError(f"{url}: not authorized ({status}): set HF_TOKEN to a token with access to {url.repo_id}")
     return CheckpointError(f"{url}: {type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of a Hub repo as the Hub describes it."""
+
+    size: int
+    sha256: str | None  # LFS files
+    git_sha1: str | None  # every file: the git blob id
+
+
+def _digest(path: Path, expected: RemoteFile) -> str:
+    """The digest of ``path`` of the kind ``expected`` has (sha256, else git's blob sha1)."""
+    digest = hashlib.sha256() if expected.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 * 2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def repo_path(url: HubUrl, name: str) -> str:
@@ -122,8 +142,8 @@ class HubLocation:
         prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
         return path[len(prefix) :] if path.startswith(prefix) and "/" not in path[len(prefix) :] else None
 
-    def _resolve(self) -> tuple[str, dict[str, int]]:
-        """The commit sha the revision points at, and the files of our folder with their sizes."""
+    def _snapshot(self) -> tuple[str, dict[str, RemoteFile]]:
+        """The commit sha the revision points at, and every file of the repo with its size and digests."""
         try:
             info = with_retries(
                 lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
@@ -131,33 +151,57 @@ class HubLocation:
             )
         except (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError) as e:
             raise _hub_error(self.url, e) from None
-        sizes = {self._in_folder(s.rfilename): s.size or 0 for s in info.siblings or []}
-        sizes.pop(None, None)
-        return info.sha, sizes
+        files = {
+            s.rfilename: RemoteFile(s.size or 0, getattr(s.lfs, "sha256", None) if s.lfs else None, s.blob_id)
+            for s in info.siblings or []
+        }
+        return info.sha, files
 
     def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
         if constants.HF_HUB_OFFLINE:
             return self._open_cached(self.url.revision or "main")
-        sha, sizes = on_rank_zero(self._resolve, group)
-        if streaming:
-            return HubFolder(self.url, sha, sizes)
+        sha, files = on_rank_zero(self._snapshot, group)
+        sizes = {name: f.size for path, f in files.items() if (name := self._in_folder(path)) is not None}
         remote = HubFolder(self.url, sha, sizes)
+        if streaming:
+            return remote
         names = on_rank_zero(
             lambda: files_to_fetch(set(sizes), lambda: remote.read(INDEX_FILE, 0, remote.size(INDEX_FILE)), str(self.url), checkpoint_files),
             group,
         )
-        patterns = [remote.repo_path(n) for n in names]
-        on_all_ranks(lambda: self._download(sha, patterns) if local_rank(group) == 0 else None, group)
+        paths = [remote.repo_path(n) for n in names]
+        on_all_ranks(lambda: self._download(sha, paths, files) if local_rank(group) == 0 else None, group)
         return on_all_ranks(lambda: self._open_cached(sha), group)
 
-    def _download(self, sha: str, patterns: list[str]) -> None:
+    def _download(self, sha: str, paths: list[str], files: dict[str, RemoteFile]) -> None:
+        """Fetch ``paths`` at ``sha`` into the Hugging Face cache and check them against the Hub's digests."""
         try:
             with_retries(
-                lambda: snapshot_download(self.url.repo_id, repo_type=self.url.repo_type, revision=sha, allow_patterns=patterns),
+                lambda: snapshot_download(self.url.repo_id, repo_type=self.url.repo_type, revision=sha, allow_patterns=paths),
                 f"downloading {self.url}",
             )
         except (HfHubHTTPError, RepositoryNotFoundError) as e:
             raise _hub_error(self.url, e) from None
+        marker = cache_root() / "verified" / url_key(f"{self.url.repo_type}/{self.url.repo_id}@{sha}:{sorted(paths)}")
+        if not marker.exists():
+            for path in paths:
+                self._verify_cached(sha, path, files[path])
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+
+    def _verify_cached(self, sha: str, path: str, expected: RemoteFile) -> None:
+        """A downloaded file must hash to what the Hub reported (sha256 for LFS, git blob sha1 otherwise)."""
+        local = try_to_load_from_cache(self.url.repo_id, path, revision=sha, repo_type=self.url.repo_type)
+        if not isinstance(local, str):
+            raise CheckpointError(f"{self.url}/{path}: missing from the Hugging Face cache after download")
+        actual = _digest(Path(local), expected)
+        wanted = expected.sha256 or expected.git_sha1
+        if wanted and actual != wanted:
+            Path(local).resolve().unlink(missing_ok=True)  # never leave a corrupt blob in the cache
+            raise CheckpointFormatError(
+                f"{self.url}/{path}: downloaded bytes hash to {actual[:16]}... but the Hub reports {wanted[:16]}...: "
+                "corrupted in transit; the cached copy was removed, try again"
+            )
 
     def _open_cached(self, revision: str) -> Folder:
         """The cached snapshot at ``revision`` (a sha, or a ref the cache knows), found via its config.json."""
@@ -270,27 +314,18 @@ class HubLocation:
 
     def fetch_folder(self, path: str, group=None) -> Path:
         """A local copy (in the Hugging Face cache) of the subfolder ``path``, fetched once per node."""
-        sha, sizes = on_rank_zero(self._resolve_all, group)
-        folder_prefix = repo_path(self.url, path) + "/"
-        patterns = [f"{folder_prefix}*"]
-        on_all_ranks(lambda: self._download(sha, patterns) if local_rank(group) == 0 else None, group)
-        first = next((f for f in sorted(sizes) if f.startswith(folder_prefix)), None)
-        if first is None:
+        sha, files = on_rank_zero(self._snapshot, group)
+        prefix = repo_path(self.url, path) + "/"
+        paths = sorted(f for f in files if f.startswith(prefix))
+        if not paths:
             raise CheckpointError(f"{self.url}/{path}: no such folder at commit {sha}")
+        on_all_ranks(lambda: self._download(sha, paths, files) if local_rank(group) == 0 else None, group)
         cached = on_all_ranks(
-            lambda: try_to_load_from_cache(self.url.repo_id, first, revision=sha, repo_type=self.url.repo_type), group
+            lambda: try_to_load_from_cache(self.url.repo_id, paths[0], revision=sha, repo_type=self.url.repo_type), group
         )
         if not isinstance(cached, str):
             raise CheckpointError(f"{self.url}/{path}: download incomplete (not in the Hugging Face cache)")
-        return Path(cached[: -len(first)]) / repo_path(self.url, path)
-
-    def _resolve_all(self) -> tuple[str, dict[str, int]]:
-        """The commit sha and every file of the repo with its size (paths from the repo root)."""
-        info = with_retries(
-            lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
-            f"resolving {self.url}",
-        )
-        return info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []}
+        return Path(cached[: -len(paths[0])]) / repo_path(self.url, path)
 
     def remove(self, name: str) -> None:
         """On the Hub a checkpoint is a tag; removing it drops the tag (history keeps the files)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import uuid
@@ -98,3 +99,15 @@ def test_soak_50_pushes_with_random_faults_lose_nothing(hub_env, tiny_models):
         saved = load_file(file)
         assert torch.equal(saved["model.norm.weight"], expected["norm.scale"])
     assert landed + failed == 50 and landed > 25 and failed > 0
+
+
+def test_a_download_corrupted_in_transit_is_caught_and_dropped_from_the_cache(hub_env, tiny_models):
+    """The Hub reports each file's digest; a download that does not match it never loads."""
+    repo = _upload(tiny_models["llama2"])
+    data = hub_env.file_bytes(repo, "model.safetensors")
+    corrupt = bytearray(data)
+    corrupt[-1] ^= 0x01  # one bit of the last weight, behind the Hub's back (its reported digest stays)
+    hub_env.store._blobs[hashlib.sha256(data).hexdigest()] = bytes(corrupt)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: downloaded bytes hash to .* but the Hub reports") as e:
+        DistributedHFCheckpointer(f"hf://{repo}", "/tmp/unused", "LLAMA2").load_checkpoint()
+    assert "the cached copy was removed" in str(e.value)
