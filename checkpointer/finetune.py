@@ -12,9 +12,11 @@ the number of ranks).
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -229,8 +231,14 @@ def shutdown(succeeded: bool) -> None:
         dist.destroy_process_group()
 
 
-def run(cfg: DictConfig, lora: bool) -> None:
-    """Set up, train, save, tear down."""
+def run(cfg: DictConfig, lora: bool, exit_process: bool = False) -> None:
+    """Set up, train, save, tear down.
+
+    With ``exit_process`` (the recipe scripts), a successful run ends the process with
+    ``os._exit(0)`` after the clean shutdown: gloo's worker threads can still hold work
+    objects whose destruction during interpreter finalization aborts the process
+    (pytorch/pytorch#179291), turning a finished run into a failed one.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     recipe = FinetuneRecipe(cfg, lora=lora)
     succeeded = False
@@ -239,4 +247,11 @@ def run(cfg: DictConfig, lora: bool) -> None:
         recipe.train()
         succeeded = True
     finally:
+        del recipe
+        gc.collect()  # release FSDP state and pending work while the interpreter is fully alive
         shutdown(succeeded)
+    if exit_process:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

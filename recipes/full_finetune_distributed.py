@@ -16,7 +16,7 @@ from checkpointer.finetune import run
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    run(cfg, lora=False)
+    run(cfg, lora=False, exit_process=True)
 
 
 if __name__ == "__main__":
