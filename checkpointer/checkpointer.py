@@ -12,8 +12,11 @@ then ``checkpointer.json`` is written and the folder is published in one step.
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import logging
 import shutil
+import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero, rank, world_size
+from checkpointer.distributed import is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.errors import CheckpointError
 from checkpointer.file_layout import plan_file_layout
 from checkpointer.folders import Folder, LocalFolder
@@ -55,6 +58,7 @@ from checkpointer.publish import (
     write_json,
 )
 from checkpointer.shards import global_spec
+from checkpointer.staging import StagingBuffers
 from checkpointer.training_state import TRAINING_STATE_DIR, load_training_state, save_training_state, stored_keys
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,8 @@ class DistributedHFCheckpointer:
             of downloading the files once per node first.
         verify_checksums: before loading a checkpoint that has a manifest, check the sha256 of
             every file (each byte hashed once, split across ranks). Sizes are always checked.
+        async_save: save in the background by default (see ``save_checkpoint``); call
+            ``wait()`` before the process ends.
         storage_options: fsspec options for URL locations (e.g. an S3 ``endpoint_url``).
         hub_private: create a missing Hub output repo as private (default True).
         process_group: the group whose ranks share the model (default: the world).
@@ -119,6 +125,7 @@ class DistributedHFCheckpointer:
         save_dtype: str | torch.dtype | None = None,
         streaming: bool = False,
         verify_checksums: bool = False,
+        async_save: bool = False,
         storage_options: dict[str, Any] | None = None,
         hub_private: bool = True,
         process_group: dist.ProcessGroup | None = None,
@@ -143,6 +150,12 @@ class DistributedHFCheckpointer:
         self.process_group = process_group
         self._lock = OutputLock(self.destination.path) if isinstance(self.destination, LocalLocation) else None
         self._lock_checked = False
+        self.async_save = async_save
+        self.last_blocked_seconds: float | None = None
+        self._staging = StagingBuffers()
+        self._pending: concurrent.futures.Future | None = None
+        self._background: DistributedHFCheckpointer | None = None
+        self._executor: concurrent.futures.Executor | None = None
         self.training_info: dict[str, Any] = {}  # recipes add details for the model card
         self.last_load: IOStats | None = None
         self.last_save: IOStats | None = None
@@ -299,8 +312,9 @@ class DistributedHFCheckpointer:
         adapter_only: bool = False,
         *,
         step: int | None = None,
+        async_save: bool | None = None,
     ) -> str:
-        """torchtune's interface; returns where the checkpoint was published.
+        """torchtune's interface; returns where the checkpoint is (or, when async, will be) published.
 
         ``state_dict`` holds ``"model"`` (weights; skipped when ``adapter_only``), optionally
         ``"adapter"`` (LoRA parameters) with ``"adapter_config"`` (``r``, ``lora_alpha``),
@@ -308,7 +322,43 @@ class DistributedHFCheckpointer:
         The adapter (PEFT format) is at the checkpoint's top level, or in ``adapter/`` when
         merged weights are saved beside it.
         Every rank calls it; each writes only its own bytes.
+
+        With ``async_save`` (default: the constructor's), the call returns once this rank's
+        shards are copied into reusable buffers; writing and publishing continue in the
+        background on a separate process group. A second save waits for the first; an error
+        of a background save is raised by the next save or by :meth:`wait`.
         """
+        self.wait()
+        if self.async_save if async_save is None else async_save:
+            return self._save_in_background(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
+        return self._save(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
+
+    def wait(self) -> None:
+        """Block until a background save is published; raise its error if it failed (on every rank)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+            self.last_save = self._background.last_save
+
+    def _save_in_background(self, state_dict: dict[str, Any], epoch: int, intermediate: bool, adapter_only: bool, step: int | None) -> str:
+        started = time.perf_counter()
+        staged = self._staging.stage(state_dict)
+        self.last_blocked_seconds = time.perf_counter() - started
+        background = self._background_checkpointer()
+        self._pending = self._executor.submit(background._save, staged, epoch, intermediate, adapter_only, step)
+        return self.destination.describe(checkpoint_name(epoch, step))
+
+    def _background_checkpointer(self) -> DistributedHFCheckpointer:
+        """A copy of this checkpointer whose collectives use a process group of its own (created once)."""
+        if self._background is None:
+            group = dist.new_group(backend="gloo") if is_distributed() else None  # collective: every rank is here
+            self._background = copy.copy(self)
+            self._background.process_group = group
+            self._background._pending = None
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpointer-save")
+        return self._background
+
+    def _save(self, state_dict: dict[str, Any], epoch: int, intermediate_checkpoint: bool, adapter_only: bool, step: int | None) -> str:
         name = checkpoint_name(epoch, step)
         staging = self.destination.staging_dir(name)
         weights = state_dict.get(MODEL_KEY) if not adapter_only else None

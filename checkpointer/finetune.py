@@ -180,6 +180,7 @@ class FinetuneRecipe:
             final = self.progress.epoch == self.epochs
             if final or self.progress.epoch % int(self.cfg.get("save_every_n_epochs", 1)) == 0:
                 self.save(epoch=self.progress.epoch - 1, final=final)
+        self.checkpointer.wait()  # a background save must be published before the job ends
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         if not indices:  # this rank has no example left in the step: a batch that adds no loss

@@ -1,0 +1,48 @@
+"""Rank functions for the async-save tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from checkpointer import CheckpointError, DistributedHFCheckpointer
+from checkpointer.failpoints import ENV
+from checkpointer.fsdp import build_sharded_model, default_mesh
+from checkpointer.model_config import ModelConfig
+
+
+def _loaded(base: str, out: str, model_type: str):
+    config = ModelConfig.from_json(open(f"{base}/config.json").read())
+    model = build_sharded_model(model_type, config, default_mesh())
+    checkpointer = DistributedHFCheckpointer(base, out, model_type, async_save=True)
+    checkpointer.load_model(model)
+    return model, checkpointer
+
+
+def save_in_background_while_training(rank: int, world: int, base: str, out: str, model_type: str) -> dict:
+    """Two async saves with the weights changed right after each call returns."""
+    model, checkpointer = _loaded(base, out, model_type)
+    first = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    blocked = checkpointer.last_blocked_seconds
+    with torch.no_grad():  # "the next training steps", while epoch_0 is still being written
+        for parameter in model.parameters():
+            parameter.mul_(2)
+    second = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=1)  # waits for the first
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(3)
+    checkpointer.wait()
+    return {"paths": [first, second], "blocked": blocked, "full": checkpointer.last_save.seconds}
+
+
+def background_error_surfaces(rank: int, world: int, base: str, out: str, model_type: str) -> str:
+    """A background save that fails on one rank: the next call raises, on every rank."""
+    model, checkpointer = _loaded(base, out, model_type)
+    os.environ[ENV] = "save:write@1:raise"
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)  # returns: the failure is later
+    try:  # the next save first waits for this one, and raises its error before starting
+        checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=1)
+    except CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"

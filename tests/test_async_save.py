@@ -1,0 +1,28 @@
+"""Async save: the loop waits only for a copy of its own shards; writing and publishing overlap training."""
+
+from __future__ import annotations
+
+import torch
+
+from async_workers import background_error_surfaces, save_in_background_while_training
+from checkpointer import DistributedHFCheckpointer
+from checkpointer.testing.multiprocess import run_on_ranks
+
+
+def test_async_saves_hold_the_weights_of_the_moment_they_were_called(tiny_models, tmp_path):
+    base, out = tiny_models["qwen2_untied"], tmp_path / "out"
+    results = run_on_ranks(save_in_background_while_training, 2, str(base), str(out), "QWEN2", timeout=180)
+    assert results[0]["paths"] == [str(out / "epoch_0"), str(out / "epoch_1")]
+    original = DistributedHFCheckpointer(base, tmp_path / "x", "QWEN2").load_checkpoint()["model"]
+    first = DistributedHFCheckpointer(out / "epoch_0", tmp_path / "x", "QWEN2", verify_checksums=True).load_checkpoint()["model"]
+    second = DistributedHFCheckpointer(out / "epoch_1", tmp_path / "x", "QWEN2", verify_checksums=True).load_checkpoint()["model"]
+    for key, value in original.items():
+        assert torch.equal(first[key], value), key  # not the weights changed after the call returned
+        assert torch.equal(second[key], value * 2), key
+    assert all(r["blocked"] < r["full"] for r in results)
+
+
+def test_a_background_failure_is_raised_by_the_next_save_on_every_rank(tiny_models, tmp_path):
+    messages = run_on_ranks(background_error_surfaces, 2, str(tiny_models["llama2"]), str(tmp_path / "out"), "LLAMA2", timeout=180)
+    assert all("failpoint save:write on rank 1" in m for m in messages), messages
+    assert not (tmp_path / "out" / "epoch_0").exists()
