@@ -359,6 +359,7 @@ class DistributedHFCheckpointer:
         return self._background
 
     def _save(self, state_dict: dict[str, Any], epoch: int, intermediate_checkpoint: bool, adapter_only: bool, step: int | None) -> str:
+        started = time.perf_counter()
         name = checkpoint_name(epoch, step)
         staging = self.destination.staging_dir(name)
         weights = state_dict.get(MODEL_KEY) if not adapter_only else None
@@ -381,7 +382,8 @@ class DistributedHFCheckpointer:
             if intermediate_checkpoint:
                 save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
             on_rank_zero(lambda: copy_support_files(folder, staging), self.process_group)
-            hashes = hash_files(LocalFolder(staging), files_of(staging), self.process_group)
+            sizes = files_of(staging)
+            hashes = hash_files(LocalFolder(staging), sizes, self.process_group)
         except BaseException:
             if rank(self.process_group) == 0:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -393,7 +395,8 @@ class DistributedHFCheckpointer:
         failpoint("save:after_publish")
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
-            log.info("saved checkpoint %s to %s", name, published)
+            size, seconds = sum(sizes.values()), time.perf_counter() - started
+            log.info("saved %s: %.3f GB in %.1f s (%.2f GB/s) to %s", name, size / 1e9, seconds, size / 1e9 / max(seconds, 1e-9), published)
         if self.keep_last_n_checkpoints:
             on_rank_zero(self._prune, self.process_group)
         return published
