@@ -47,6 +47,7 @@ from checkpointer.manifest import (
     write_manifest,
 )
 from checkpointer.output_lock import OutputLock
+from checkpointer.progress import human_bytes
 from checkpointer.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.model_config import ModelConfig
 from checkpointer.publish import (
@@ -396,7 +397,7 @@ class DistributedHFCheckpointer:
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
             size, seconds = sum(sizes.values()), time.perf_counter() - started
-            log.info("saved %s: %.3f GB in %.1f s (%.2f GB/s) to %s", name, size / 1e9, seconds, size / 1e9 / max(seconds, 1e-9), published)
+            log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_bytes(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
         if self.keep_last_n_checkpoints:
             on_rank_zero(self._prune, self.process_group)
         return published

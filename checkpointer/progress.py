@@ -21,3 +21,12 @@ def show_progress() -> bool:
 def byte_bar(total: int, description: str) -> tqdm:
     """A bar counting bytes (a no-op object when bars are off)."""
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress())
+
+
+def human_bytes(count: float) -> str:
+    """``1234567`` -> ``1.2 MB`` (powers of 10, as Hugging Face counts)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.1f} TB"
