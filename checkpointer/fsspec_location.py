@@ -20,7 +20,7 @@ from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
 from checkpointer.hf_files import INDEX_FILE, files_to_fetch
-from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, publish_remotely, upload_order, url_key
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.progress import byte_bar
 from checkpointer.retry import with_retries
@@ -145,20 +145,17 @@ class FsspecLocation:
         order = upload_order(folder)
         last = [f for f in order if f in LAST_FILES]
         first = [f for f in order if f not in LAST_FILES]
-        try:
+        total = sum((folder / n).stat().st_size for n in order)
+
+        def upload() -> None:
             self._remove_markers(destination, last)
-            total = sum((folder / n).stat().st_size for n in order)
             with byte_bar(total, f"upload {self.describe(name)}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
                 for uploaded in pool.map(lambda n: self._put(folder, n, destination), first):
                     bar.update(uploaded)
                 for n in last:
                     bar.update(self._put(folder, n, destination))
-        except Exception as e:
-            raise CheckpointError(
-                f"upload to {self.describe(name)} failed ({type(e).__name__}: {e}); "
-                f"the complete checkpoint is kept at {folder}"
-            ) from e
-        shutil.rmtree(folder, ignore_errors=True)
+
+        publish_remotely(f"upload to {self.describe(name)}", folder, upload, lambda e: f"{type(e).__name__}: {e}")
         return self.describe(name)
 
     def _remove_markers(self, destination: str, markers: list[str]) -> None:

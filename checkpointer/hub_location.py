@@ -10,7 +10,6 @@ exactly one commit per checkpoint with ``create_commit`` against the branch head
 from __future__ import annotations
 
 import hashlib
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.location_urls import HubUrl
-from checkpointer.locations import CHECKPOINT_NAME, cache_root, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, cache_root, publish_remotely, upload_order, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.training_state import TRAINING_STATE_DIR
@@ -249,18 +248,16 @@ class HubLocation:
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
         """One commit with every file of ``folder`` (and the card), tagged after ``name``."""
         save_id = uuid.uuid4().hex
-        try:
+
+        def push() -> None:
             commit = with_retries(lambda: self._commit_once(folder, name, card, save_id), f"pushing {name} to {self.url}")
             tag = _tag(name)
             if tag in {t.name for t in self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type).tags}:
                 self.api.delete_tag(self.url.repo_id, tag=tag, repo_type=self.url.repo_type)
             self.api.create_tag(self.url.repo_id, tag=tag, revision=commit, repo_type=self.url.repo_type)
-        except Exception as e:
-            raise CheckpointError(
-                f"push of {name} to {self.url} failed ({_hub_error(self.url, e) if isinstance(e, HfHubHTTPError) else e}); "
-                f"the complete checkpoint is kept at {folder}"
-            ) from e
-        shutil.rmtree(folder, ignore_errors=True)
+
+        explain = lambda e: str(_hub_error(self.url, e)) if isinstance(e, HfHubHTTPError) else str(e)  # noqa: E731
+        publish_remotely(f"push of {name} to {self.url}", folder, push, explain)
         return self.describe(name)
 
     def _commit_once(self, folder: Path, name: str, card: dict[str, Any], save_id: str) -> str:

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch.distributed as dist
 
@@ -34,6 +34,15 @@ from checkpointer.publish import replace_folder
 
 CHECKPOINT_NAME = re.compile(r"^(epoch|step)_(\d+)$")
 LAST_FILES = (INDEX_FILE, CONFIG_FILE, MANIFEST_FILE)
+
+
+def publish_remotely(what: str, folder: Path, upload: Callable[[], None], explain: Callable[[Exception], str] = str) -> None:
+    """Run ``upload``; on failure raise naming the kept staged copy, on success remove it."""
+    try:
+        upload()
+    except Exception as e:
+        raise CheckpointError(f"{what} failed ({explain(e)}); the complete checkpoint is kept at {folder}") from e
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def upload_order(folder: Path) -> list[str]:
