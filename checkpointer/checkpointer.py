@@ -30,7 +30,7 @@ from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_
 from checkpointer.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.hub_location import HubLocation
 from checkpointer.layouts import Layout, adapter_layout, get_layout, is_adapter_key
-from checkpointer.locations import LocalLocation, Location, cache_root, make_location, url_key
+from checkpointer.locations import LocalLocation, Location, cache_root, fresh_dir, make_location, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
 from checkpointer.failpoints import failpoint
 from checkpointer.manifest import (
@@ -322,7 +322,7 @@ class DistributedHFCheckpointer:
         # An adapter beside merged weights goes to adapter/: transformers would apply it twice otherwise.
         adapter_dir = ADAPTER_DIR if weights is not None else ""
         self._hold_output_lock()
-        on_rank_zero(lambda: _fresh_dir(staging), self.process_group)
+        on_rank_zero(lambda: fresh_dir(staging), self.process_group)
         try:
             if weights is not None:
                 self.last_save = self._write_weights(weights, weights_plan, staging, name)
@@ -428,13 +428,6 @@ class DistributedHFCheckpointer:
         except CheckpointError:
             return None
         return {key: entry.file for key, entry in files.tensors.items()}
-
-
-def _fresh_dir(path: Path) -> None:
-    """An empty staging folder (a leftover from an interrupted save of the same name is removed)."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
 
 
 def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | None:

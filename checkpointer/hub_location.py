@@ -28,10 +28,10 @@ from huggingface_hub.utils import build_hf_headers, http_backoff
 
 from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.errors import CheckpointError, CheckpointFormatError
-from checkpointer.folders import Folder, LocalFolder, check_relative_name
+from checkpointer.folders import Folder, LocalFolder, check_relative_name, local_files
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.location_urls import HubUrl
-from checkpointer.locations import CHECKPOINT_NAME, cache_root, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, cache_root, fresh_dir, upload_order, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.training_state import TRAINING_STATE_DIR
@@ -124,16 +124,10 @@ class HubLocation:
 
     def _resolve(self) -> tuple[str, dict[str, int]]:
         """The commit sha the revision points at, and the files of our folder with their sizes."""
-        try:
-            info = with_retries(
-                lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
-                f"resolving {self.url}",
-            )
-        except (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise _hub_error(self.url, e) from None
-        sizes = {self._in_folder(s.rfilename): s.size or 0 for s in info.siblings or []}
+        sha, files = self._resolve_all()
+        sizes = {self._in_folder(path): size for path, size in files.items()}
         sizes.pop(None, None)
-        return info.sha, sizes
+        return sha, sizes
 
     def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
         if constants.HF_HUB_OFFLINE:
@@ -186,13 +180,13 @@ class HubLocation:
         info = self.api.repo_info(repo, repo_type=kind, revision=branch)
         return info.sha, {s.rfilename for s in info.siblings or []}
 
-    def _operations(self, folder: Path, existing: set[str], card: dict[str, Any]) -> list:
+    def _operations(self, folder: Path, existing: set[str], card: dict[str, Any] | None) -> list:
         """Add every staged file (and the card); delete earlier checkpoint files this one replaces."""
         prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
         new = {prefix + rel: folder / rel for rel in upload_order(folder)}
         operations: list = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p)) for path, p in new.items()]
         readme = prefix + README
-        if readme not in existing or self._card_is_ours(readme):
+        if card is not None and readme not in new and (readme not in existing or self._card_is_ours(readme)):
             operations.append(CommitOperationAdd(readme, model_card(self.url.repo_id, card).encode()))
         stale = [p for p in existing if p not in new and _is_checkpoint_file(p.removeprefix(prefix)) and p.startswith(prefix)]
         return operations + [CommitOperationDelete(path_in_repo=p) for p in stale]
@@ -203,23 +197,44 @@ class HubLocation:
         return response.status_code == 200 and CARD_MARKER in response.text
 
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
-        """One commit with every file of ``folder`` (and the card), tagged after ``name``."""
-        save_id = uuid.uuid4().hex
-        try:
-            commit = with_retries(lambda: self._commit_once(folder, name, card, save_id), f"pushing {name} to {self.url}")
-            tag = _tag(name)
-            if tag in {t.name for t in self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type).tags}:
-                self.api.delete_tag(self.url.repo_id, tag=tag, repo_type=self.url.repo_type)
-            self.api.create_tag(self.url.repo_id, tag=tag, revision=commit, repo_type=self.url.repo_type)
-        except Exception as e:
-            raise CheckpointError(
-                f"push of {name} to {self.url} failed ({_hub_error(self.url, e) if isinstance(e, HfHubHTTPError) else e}); "
-                f"the complete checkpoint is kept at {folder}"
-            ) from e
+        """One commit with every file of ``folder`` (and the card), tagged after ``name``; the staged copy is removed."""
+        self.replace_with(folder, card, f"checkpointer: {name}", _tag(name))
         shutil.rmtree(folder, ignore_errors=True)
         return self.describe(name)
 
-    def _commit_once(self, folder: Path, name: str, card: dict[str, Any], save_id: str) -> str:
+    def staging_folder(self) -> Path:
+        return fresh_dir(cache_root() / "staging" / f"{url_key(str(self.url))}-here")
+
+    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+        """ONE commit making ``folder``'s files the contents here (creating the repo and branch if missing).
+
+        ``card``: a model card to add unless a README of the user's is there (None: no card);
+        ``tag``: a tag to (re)point at the commit. ``folder`` is kept. Returns the commit's URL.
+        """
+        save_id = uuid.uuid4().hex
+        message = message or f"checkpointer: upload {folder.name}"
+        try:
+            commit = with_retries(lambda: self._commit_once(folder, message, card, save_id), f"pushing {folder} to {self.url}")
+            if tag:
+                self._retag(tag, commit)
+        except Exception as e:
+            raise CheckpointError(
+                f"push to {self.url} failed ({_hub_error(self.url, e) if isinstance(e, HfHubHTTPError) else e}); "
+                f"the complete checkpoint is kept at {folder}"
+            ) from e
+        return self.commit_url(commit)
+
+    def commit_url(self, commit: str) -> str:
+        """The Hub page of ``commit`` in this repo."""
+        kind = "" if self.url.repo_type == "model" else f"{self.url.repo_type}s/"
+        return f"{constants.ENDPOINT}/{kind}{self.url.repo_id}/commit/{commit}"
+
+    def _retag(self, tag: str, commit: str) -> None:
+        if tag in {t.name for t in self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type).tags}:
+            self.api.delete_tag(self.url.repo_id, tag=tag, repo_type=self.url.repo_type)
+        self.api.create_tag(self.url.repo_id, tag=tag, revision=commit, repo_type=self.url.repo_type)
+
+    def _commit_once(self, folder: Path, message: str, card: dict[str, Any] | None, save_id: str) -> str:
         """Commit against the current head; if an earlier attempt already landed, return that commit."""
         head, existing = self._head()
         landed = self._find_landed(save_id)
@@ -228,7 +243,7 @@ class HubLocation:
         info = self.api.create_commit(
             self.url.repo_id,
             operations=self._operations(folder, existing, card),
-            commit_message=f"checkpointer: {name}",
+            commit_message=message,
             commit_description=f"save-id: {save_id}",
             repo_type=self.url.repo_type,
             revision=self._branch(),
@@ -269,27 +284,44 @@ class HubLocation:
         return response.content
 
     def fetch_folder(self, path: str, group=None) -> Path:
-        """A local copy (in the Hugging Face cache) of the subfolder ``path``, fetched once per node."""
+        """A local copy (in the Hugging Face cache) of the subfolder ``path`` (``""``: this folder), fetched once per node."""
         sha, sizes = on_rank_zero(self._resolve_all, group)
-        folder_prefix = repo_path(self.url, path) + "/"
+        folder = "/".join(p for p in (self.url.subfolder, check_relative_name(path, str(self.url)) if path else "") if p)
+        folder_prefix = f"{folder}/" if folder else ""
+        where = f"{self.url}/{path}" if path else str(self.url)
         patterns = [f"{folder_prefix}*"]
         on_all_ranks(lambda: self._download(sha, patterns) if local_rank(group) == 0 else None, group)
         first = next((f for f in sorted(sizes) if f.startswith(folder_prefix)), None)
         if first is None:
-            raise CheckpointError(f"{self.url}/{path}: no such folder at commit {sha}")
+            raise CheckpointError(f"{where}: no such folder at commit {sha}")
         cached = on_all_ranks(
             lambda: try_to_load_from_cache(self.url.repo_id, first, revision=sha, repo_type=self.url.repo_type), group
         )
         if not isinstance(cached, str):
-            raise CheckpointError(f"{self.url}/{path}: download incomplete (not in the Hugging Face cache)")
-        return Path(cached[: -len(first)]) / repo_path(self.url, path)
+            raise CheckpointError(f"{where}: download incomplete (not in the Hugging Face cache)")
+        return Path(cached[: -len(first)]) / folder
+
+    def list_files(self) -> dict[str, int]:
+        """Every file of this folder of the repo (subfolders included) with its size."""
+        if constants.HF_HUB_OFFLINE:
+            cached = self._open_cached(self.url.revision or "main")
+            return local_files(cached.root)
+        _, sizes = self._resolve_all()
+        prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
+        files = {p[len(prefix) :]: size for p, size in sorted(sizes.items()) if p.startswith(prefix)}
+        if not files:
+            raise CheckpointError(f"{self.url}: no files there")
+        return files
 
     def _resolve_all(self) -> tuple[str, dict[str, int]]:
         """The commit sha and every file of the repo with its size (paths from the repo root)."""
-        info = with_retries(
-            lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
-            f"resolving {self.url}",
-        )
+        try:
+            info = with_retries(
+                lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
+                f"resolving {self.url}",
+            )
+        except (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise _hub_error(self.url, e) from None
         return info.sha, {s.rfilename: s.size or 0 for s in info.siblings or []}
 
     def remove(self, name: str) -> None:

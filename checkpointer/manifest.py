@@ -19,7 +19,7 @@ import torch.distributed as dist
 from checkpointer.distributed import all_gather, on_all_ranks, rank, world_size
 from checkpointer.errors import CheckpointFormatError
 from checkpointer.failpoints import failpoint
-from checkpointer.folders import Folder
+from checkpointer.folders import Folder, local_files
 
 MANIFEST_FILE = "checkpointer.json"
 FORMAT_VERSION = 1
@@ -28,11 +28,7 @@ _READ_CHUNK = 16 * 2**20
 
 def files_of(folder: Path) -> dict[str, int]:
     """Every file under ``folder`` (relative POSIX path -> size), the manifest excluded."""
-    return {
-        p.relative_to(folder).as_posix(): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_FILE
-    }
+    return {name: size for name, size in local_files(folder).items() if name.rsplit("/", 1)[-1] != MANIFEST_FILE}
 
 
 def assign_by_size(sizes: dict[str, int], world: int) -> list[list[str]]:

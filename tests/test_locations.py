@@ -286,3 +286,76 @@ def test_keep_last_n_prunes_fsspec_folders(tiny_models):
     checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=4)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("memory:/"), detail=False))
     assert names == ["notes.txt", "step_3", "step_4"]
+
+
+# ---- one process: listing, publishing at the location itself, fetching it whole -----------------
+
+
+def _small_folder(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "config.json").write_text("{}")
+    (root / "sub" / "a.bin").write_bytes(b"12345")
+    return root
+
+
+def _place(kind: str, folder: Path, hub_env_or_none) -> str:
+    """``folder``'s files at a location of ``kind``; returns its URL or path."""
+    if kind == "local":
+        return str(folder)
+    if kind == "memory":
+        root = f"/listing/{uuid.uuid4().hex[:8]}"
+        fsspec.filesystem("memory").put(str(folder), root, recursive=True)
+        return f"memory:/{root}"
+    repo = _unique("listing")
+    _upload_to_hub(folder, repo)
+    return f"hf://{repo}"
+
+
+@pytest.mark.parametrize("kind", ["local", "memory", "hub"])
+def test_list_files_and_fetch_folder_of_the_location_itself(kind, tmp_path, request):
+    from checkpointer.locations import make_location
+
+    hub = request.getfixturevalue("hub_env") if kind == "hub" else None
+    location = make_location(_place(kind, _small_folder(tmp_path / "src"), hub), "location")
+    files = location.list_files()
+    assert {k: v for k, v in files.items() if k != ".gitattributes"} == {"config.json": 2, "sub/a.bin": 5}
+    fetched = location.fetch_folder("")
+    assert (fetched / "sub" / "a.bin").read_bytes() == b"12345" and (fetched / "config.json").exists()
+    assert location.subfolder("sub").list_files() == {"a.bin": 5}
+
+
+@pytest.mark.parametrize("value", ["{tmp}/missing", "memory://no/such/folder", "hf://tester/no-such-repo-listing"])
+def test_list_files_of_nothing_is_a_clear_error(value, tmp_path, hub_env):
+    from checkpointer.locations import make_location
+
+    with pytest.raises(CheckpointError, match="no such folder|not found"):
+        make_location(value.format(tmp=tmp_path), "location").list_files()
+
+
+def test_replace_with_publishes_at_the_location_itself(tmp_path, hub_env):
+    from huggingface_hub import HfApi
+
+    from checkpointer.locations import make_location
+
+    local = make_location(tmp_path / "out" / "model", "to")
+    staging = local.staging_folder()
+    _small_folder(staging / "x")
+    assert local.replace_with(staging) == str(tmp_path / "out" / "model")
+    assert (tmp_path / "out" / "model" / "x" / "sub" / "a.bin").exists() and not staging.exists()
+
+    memory = make_location(f"memory://replace/{uuid.uuid4().hex[:8]}", "to")
+    folder = _small_folder(memory.staging_folder() / "f")
+    assert memory.replace_with(folder) == memory.describe()
+    assert memory.list_files() == {"config.json": 2, "sub/a.bin": 5} and folder.exists()  # the source is kept
+
+    repo = _unique("replace")
+    hub = make_location(f"hf://{repo}", "to", private=False)
+    url = hub.replace_with(folder, card=None, message="my upload", tag="v1")
+    commits = hub_env.commits(repo)
+    assert len(commits) == 2 and commits[0]["title"] == "my upload"
+    assert url.endswith(f"/{repo}/commit/{commits[0]['id']}")
+    assert set(commits[0]["files_changed"]) == {"config.json", "sub/a.bin"}  # no card asked for
+    assert "v1" in {t.name for t in HfApi().list_repo_refs(repo).tags} and not HfApi().repo_info(repo).private
+    (folder / "README.md").write_text("mine")
+    hub.replace_with(folder, card={"checkpoint": "x"})
+    assert hub_env.file_bytes(repo, "README.md") == b"mine"  # the user's README wins over a card
