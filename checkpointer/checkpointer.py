@@ -50,7 +50,7 @@ from checkpointer.publish import (
     copy_support_files,
     fsync_tree,
     make_readable_not_writable,
-    output_config,
+    saved_config,
     write_index,
     write_json,
 )
@@ -64,16 +64,17 @@ MODEL_KEY = "model"
 ADAPTER_KEY = "adapter"
 ADAPTER_CONFIG_KEY = "adapter_config"
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+def parse_dtype(value: str | torch.dtype | None, argument: str = "save_dtype") -> torch.dtype | None:
+    """``"bf16"``, ``"bfloat16"`` or ``torch.bfloat16`` -> ``torch.bfloat16``; ``argument`` names the setting in errors."""
     if value is None or isinstance(value, torch.dtype):
         return value
     name = str(value).removeprefix("torch.")
-    dtype = _DTYPES.get(name) or getattr(torch, name, None)
+    dtype = SAVE_DTYPES.get(name) or getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"save_dtype {value!r} is not a dtype (use fp32, bf16 or fp16)")
+        raise CheckpointError(f"{argument} {value!r} is not a dtype (use fp32, bf16 or fp16)")
     return dtype
 
 
@@ -137,7 +138,7 @@ class DistributedHFCheckpointer:
         self.resume_from_checkpoint = resume_from_checkpoint
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
         self.max_shard_size = max_shard_size
-        self.save_dtype = _dtype(save_dtype)
+        self.save_dtype = parse_dtype(save_dtype)
         self.streaming = streaming
         self.verify_checksums = verify_checksums
         self.process_group = process_group
@@ -357,9 +358,7 @@ class DistributedHFCheckpointer:
 
     def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> IOStats:
         specs, destinations, file_layout = plan
-        tied = not any(d.hf_key in self.layout.tied for d in destinations.values())
-        dtypes = {s.dtype for s in specs.values()}
-        config = output_config(self.config_dict, dtypes.pop() if len(dtypes) == 1 else None, tied)
+        config = saved_config(self.config_dict, self.layout, specs, destinations)
 
         def finish(folder: Path) -> None:
             write_json(folder / CONFIG_FILE, config)
