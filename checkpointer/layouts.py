@@ -145,23 +145,20 @@ def register_layout(
     _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types))
 
 
-def model_types_for_keys(
-    hf_keys: Iterable[str], tied: bool | None = None, hf_model_type: str | None = None, partial: bool = False
-) -> list[str]:
+def model_types_for_keys(hf_keys: Iterable[str], tied: bool | None = None, hf_model_type: str | None = None) -> list[str]:
     """The registered model types whose layout names exactly these Hugging Face keys (any number of layers).
 
     Several types share one key layout (LLAMA2, LLAMA3, LLAMA3_2 and MISTRAL; a tied checkpoint
     also looks like GEMMA): all are returned, sorted, unless the config's ``hf_model_type``
     (``"llama"``, ``"gemma"``...) narrows them. ``tied`` (the config's ``tie_word_embeddings``)
-    tells whether an ``lm_head.weight`` needs a rule of its own. ``partial``: the keys need only
-    be a subset (e.g. the weights a LoRA adapter targets).
+    tells whether an ``lm_head.weight`` needs a rule of its own.
     """
     keys = [(key, _abstract(key)[0]) for key in hf_keys]
     patterns = {pattern for _, pattern in keys}
     matches = {
         name: key_set
         for name, key_set in _KEY_SETS.items()
-        if keys and all(key_set.known(k, p, tied) for k, p in keys) and (partial or key_set.required <= patterns)
+        if keys and all(key_set.known(k, p, tied) for k, p in keys) and key_set.required <= patterns
     }
     narrowed = [name for name, key_set in matches.items() if hf_model_type in key_set.hf_model_types]
     return sorted(narrowed or matches)

@@ -30,13 +30,14 @@ if TYPE_CHECKING:
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool) -> dict[str, Any]:
-    """The base config, updated to describe the saved weights (dtype, tied embeddings)."""
+def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool | None) -> dict[str, Any]:
+    """The base config, updated to describe the saved weights (dtype, tied embeddings; None leaves either as is)."""
     config = dict(base)
     if dtype in _TORCH_DTYPE_NAMES:
         key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
         config[key] = _TORCH_DTYPE_NAMES[dtype]
-    config["tie_word_embeddings"] = tied
+    if tied is not None:
+        config["tie_word_embeddings"] = tied
     return config
 
 
