@@ -26,8 +26,10 @@ from checkpointer.builders import LoraSpec, build_model_from_dir
 from checkpointer.cli import main
 from checkpointer.lora import adapter_state_dict
 from checkpointer.manifest import MANIFEST_FILE
+from checkpointer.testing.multiprocess import run_on_ranks
 from checkpointer.testing.tiny_models import write_tiny_model
 from checkpointer.training_state import save_training_state
+from dist_workers import save_dcp
 from places import KINDS, place, unique_repo
 from variants import TOKENS, hf_logits
 
@@ -135,6 +137,21 @@ def test_inspect_shows_adapter_manifest_and_training_state(lora_checkpoint, caps
     assert "manifest (checkpointer.json): epoch_0" in out and "world size 1" in out
     assert "training state (training_state/): metadata json" in out and "progress" in out
     assert "model type: no weights here" in out
+
+
+def test_s3_with_storage_options(base, s3_env, tmp_path, capsys):
+    fs = s3_env.filesystem()
+    bucket = f"cli-{tmp_path.name[-8:].lower().replace('_', '-')}"
+    fs.mkdir(bucket)
+    fs.put(str(base), f"{bucket}/base", recursive=True)
+    options = ["--storage-options", json.dumps(s3_env.storage_options)]
+    code, out, _ = run(capsys, "inspect", f"s3://{bucket}/base", "--json", *options)
+    assert code == 0 and json.loads(out)["weights"]["split"]["files"] == 12
+    assert run(capsys, "consolidate", f"s3://{bucket}/base", "--to", f"s3://{bucket}/one", "--single-file", *options)[0] == 0
+    assert run(capsys, "verify", f"s3://{bucket}/one", "--full", *options)[0] == 0
+    assert run(capsys, "diff", f"s3://{bucket}/base", f"s3://{bucket}/one", *options)[:2] == (0, "no differences (atol 0.0)\n")
+    code, _, err = run(capsys, "inspect", f"s3://{bucket}/base", "--storage-options", "[1]")
+    assert code == 2 and "expected a JSON object" in err
 
 
 # ---- verify ----------------------------------------------------------------------------------------
@@ -286,10 +303,19 @@ def test_export_dcp_refuses_pickled_metadata_unless_trusted(base, tmp_path, caps
     assert (hf_logits(tmp_path / "hf") - hf_logits(base)).abs().max() <= TOLERANCE
 
 
+def test_export_dcp_saved_on_two_ranks_with_fused_tensors(tmp_path, capsys):
+    base = write_tiny_model("PHI3_MINI", tmp_path / "phi3", max_shard_size="30KB")  # q/k/v and w1/w3 fused in HF files
+    run_on_ranks(save_dcp, 2, str(base), "PHI3_MINI", str(tmp_path / "dist_epoch_0"), timeout=300)
+    code, _, _ = run(capsys, "export", tmp_path / "dist_epoch_0", "--to", tmp_path / "hf", "--model-type", "PHI3_MINI", "--base", base, "--trust-pickle")
+    assert code == 0
+    assert (hf_logits(tmp_path / "hf") - hf_logits(base)).abs().max() <= TOLERANCE
+
+
 def test_export_dcp_with_json_metadata_needs_no_trust(base, tmp_path, capsys):
     folder = tmp_path / "state"
     save_training_state({"model": _torchtune_state(base)}, folder)
-    code, _, _ = run(capsys, "export", folder, "--to", tmp_path / "hf", "--model-type", "LLAMA3", "--base", base, "--single-file", "--dtype", "bf16")
+    source = place("memory", folder)  # DCP reads local files: a remote folder is fetched first
+    code, _, _ = run(capsys, "export", source, "--to", tmp_path / "hf", "--model-type", "LLAMA3", "--base", base, "--single-file", "--dtype", "bf16")
     assert code == 0
     got = _safetensors(tmp_path / "hf")
     expected = {k: v for p in base.glob("*.safetensors") for k, v in load_file(p).items()}
