@@ -80,6 +80,10 @@ def _add_split(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, help="save floating-point tensors in this dtype (config.json follows); default: as they are")
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing local DEST folder whole (remote files are always overwritten)")
+
+
 def _add_hub_publishing(parser: argparse.ArgumentParser) -> None:
     visibility = parser.add_mutually_exclusive_group()
     visibility.add_argument("--private", dest="private", action="store_true", default=True, help="create a missing Hub repo as private (default)")
@@ -128,8 +132,9 @@ def _consolidate_parser(command) -> None:
     sub = command("consolidate", "re-split a checkpoint's weights (e.g. into one model.safetensors) and copy config and tokenizer",
                   _run_consolidate, "Streams tensor by tensor (memory: the largest tensor). --to hf://ns/repo makes ONE commit.")  # fmt: skip
     sub.add_argument("location", metavar="LOCATION")
-    sub.add_argument("--to", required=True, metavar="DEST", help="where to write: a new local folder (replaced if it exists), URL or hf://ns/repo")
+    sub.add_argument("--to", required=True, metavar="DEST", help="where to write: a new local folder, URL or hf://ns/repo")
     _add_split(sub, "5GB")
+    _add_overwrite(sub)
     _add_hub_publishing(sub)
 
 
@@ -148,6 +153,7 @@ def _export_parser(command) -> None:
     sub.add_argument("--trust-pickle", action="store_true",
                      help="read DCP's default pickled .metadata (unpickling runs code: only for checkpoints you trust)")  # fmt: skip
     _add_split(sub, "5GB")
+    _add_overwrite(sub)
     _add_hub_publishing(sub)
 
 
@@ -200,14 +206,14 @@ def _run_consolidate(args: argparse.Namespace):
     from checkpointer.commands.consolidate import consolidate
 
     return consolidate(args.location, args.to, _shard_size(args), _dtype(args.dtype), private=args.private, message=args.message,
-                       storage_options=args.storage_options)  # fmt: skip
+                       overwrite=args.overwrite, storage_options=args.storage_options)  # fmt: skip
 
 
 def _run_export(args: argparse.Namespace):
     from checkpointer.commands.export import ExportOptions, export
 
     options = ExportOptions(args.to, args.base, args.model_type, _dtype(args.dtype), _shard_size(args), args.trust_pickle,
-                            args.private, args.message, args.storage_options)  # fmt: skip
+                            args.private, args.message, args.overwrite, args.storage_options)  # fmt: skip
     return export(args.checkpoint, options)
 
 

@@ -223,6 +223,8 @@ def test_consolidate_into_one_file_loads_in_transformers_with_the_same_logits(ba
     assert _safetensors(one).keys() == expected.keys() and all(torch.equal(_safetensors(one)[k], v) for k, v in expected.items())
     assert (hf_logits(one) - hf_logits(base)).abs().max() <= TOLERANCE
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"} <= {p.name for p in one.iterdir()}
+    code, _, _ = run(capsys, "consolidate", one, "--to", one, "--max-shard-size", "100KB", "--overwrite")  # in place
+    assert code == 0 and len(list(one.glob("*.safetensors"))) == 4 and (hf_logits(one) - hf_logits(base)).abs().max() <= TOLERANCE
 
 
 def test_consolidate_to_memory_converts_dtype_and_resplits(base, tmp_path, capsys):
@@ -399,6 +401,8 @@ def test_diff_lists_changed_missing_and_converted_tensors(base, tmp_path, capsys
         (["export", "{tmp}", "--to", "{tmp}/out"], "nothing to export"),
         (["consolidate", "{base}", "--to", "{tmp}/out", "--max-shard-size", "lots"], "not a size"),
         (["consolidate", "{base}", "--to", "{tmp}/out", "--dtype", "int3"], "invalid choice"),
+        (["consolidate", "{base}", "--to", "{tmp}"], "the folder exists; pass --overwrite"),
+        (["consolidate", "{tmp}", "--to", "{tmp}/out"], "no Hugging Face weights here"),
     ],
 )
 def test_bad_inputs_exit_2_with_what_to_do(argv, message, base, tmp_path, hub_env, capsys):

@@ -8,15 +8,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointFiles, read_checkpoint_files
+from checkpointer.layouts import model_types_for_keys
 from checkpointer.location_urls import LocalPath, parse_location
-from checkpointer.locations import Location, make_location
+from checkpointer.locations import LocalLocation, Location, make_location
 from checkpointer.lora import ADAPTER_DIR, ADAPTER_FILE
 from checkpointer.manifest import MANIFEST_FILE, parse_manifest
 from checkpointer.publish import fsync_tree
@@ -66,6 +67,19 @@ def human_size(nbytes: int | None) -> str:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def dtypes_name(dtypes: Iterable[torch.dtype]) -> str:
+    """``"bfloat16"`` when every tensor has that dtype, else ``"mixed"``."""
+    unique = set(dtypes)
+    return dtype_name(unique.pop()) if len(unique) == 1 else "mixed"
+
+
+def model_types(keys: Iterable[str], config: dict[str, Any] | None) -> list[str]:
+    """The registered model types whose key layout these Hugging Face keys follow (narrowed by config.json)."""
+    config = config or {}
+    keys = list(keys)
+    return model_types_for_keys(keys, config.get("tie_word_embeddings"), config.get("model_type")) if keys else []
 
 
 def converted(target: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
@@ -141,6 +155,11 @@ class Checkpoint:
 
     def weights(self) -> CheckpointFiles:
         """The Hugging Face weights, headers validated (raises at the first problem)."""
+        if not self.has_weights:
+            raise CheckpointError(
+                f"{self.describe()}: no Hugging Face weights here (no {INDEX_FILE} or {SINGLE_FILE}): check the path; "
+                "a checkpoint holding only an adapter becomes weights with `checkpointer export`"
+            )
         return read_checkpoint_files(self.folder)
 
     def tensor_files(self) -> CheckpointFiles:
@@ -169,12 +188,16 @@ def hub_repo_id(location: Location) -> str | None:
     return getattr(url, "repo_id", None)
 
 
-def publish_built(destination: Location, build: Callable[[Path], None], card: dict[str, Any] | None, message: str) -> str:
+def publish_built(
+    destination: Location, build: Callable[[Path], None], card: dict[str, Any] | None, message: str, overwrite: bool = False
+) -> str:
     """Build a folder in the destination's staging area, then publish it there in one step.
 
-    A local destination is renamed into place; a remote one gets one upload or one Hub commit.
-    If the build fails the staging folder is removed; if the upload fails it is kept (the error says where).
+    A local destination is renamed into place (an existing folder there is replaced whole, so
+    only with ``overwrite``); a remote one gets one upload or one Hub commit. If the build fails
+    the staging folder is removed; if the upload fails it is kept (the error says where).
     """
+    _refuse_replacing(destination, overwrite)
     staging = destination.staging_folder()
     try:
         build(staging)
@@ -185,6 +208,16 @@ def publish_built(destination: Location, build: Callable[[Path], None], card: di
     published = destination.replace_with(staging, card, message)
     shutil.rmtree(staging, ignore_errors=True)
     return published
+
+
+def _refuse_replacing(destination: Location, overwrite: bool) -> None:
+    path = destination.path if isinstance(destination, LocalLocation) else None
+    if path is None or not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"--to {path}: a file is in the way; remove it or choose another destination")
+    if not overwrite and any(path.iterdir()):
+        raise CheckpointError(f"--to {path}: the folder exists; pass --overwrite to replace it whole, or choose another destination")
 
 
 def card_info(name: str, base_model: str | None, model_type: str | None, dtype: str | None, world_size: int = 1) -> dict[str, Any]:

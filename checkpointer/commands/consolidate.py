@@ -25,6 +25,7 @@ def consolidate(
     *,
     private: bool = True,
     message: str | None = None,
+    overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> Outcome:
     """Write ``source``'s weights to ``to`` in files of at most ``max_shard_size`` (one file when it all fits)."""
@@ -40,7 +41,8 @@ def consolidate(
         if README in checkpoint.files:  # the model's card describes the same model
             (out / README).write_bytes(checkpoint.read_bytes(README))
 
-    where = publish_built(destination, build, None, message or f"checkpointer consolidate: {len(layout.headers)} file(s) from {source}")
+    message = message or f"checkpointer consolidate: {len(layout.headers)} file(s) from {source}"
+    where = publish_built(destination, build, None, message, overwrite)
     return Outcome(0, f"consolidated {len(files.tensors)} tensors into {len(layout.headers)} file(s), {timer.rate(layout.total_bytes)} -> {where}")
 
 

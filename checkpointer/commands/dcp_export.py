@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, card_info, converted, dtype_name, hub_repo_id, publish_built
+from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, card_info, converted, dtypes_name, hub_repo_id, publish_built
 from checkpointer.distributed import dcp_errors
 from checkpointer.errors import CheckpointError, CheckpointMismatchError
 from checkpointer.file_layout import FileLayout, plan_file_layout
@@ -81,9 +81,8 @@ def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
         write_index(out, file_layout)
 
     destination = make_location(options.to, "--to", options.storage_options, private=options.private)
-    dtypes = {s.dtype for s in specs.values()}
-    card = card_info(Path(where).name, hub_repo_id(config_source.location), layout.name, dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed")
-    published = publish_built(destination, build, card, options.message or f"checkpointer export: {where} as {layout.name}")
+    card = card_info(Path(where).name, hub_repo_id(config_source.location), layout.name, dtypes_name(s.dtype for s in specs.values()))
+    published = publish_built(destination, build, card, options.message or f"checkpointer export: {where} as {layout.name}", options.overwrite)
     return Outcome(0, f"exported {len(keys)} tensors of {where} as {layout.name}: {len(file_layout.headers)} file(s), {timer.rate(file_layout.total_bytes)} -> {published}")
 
 

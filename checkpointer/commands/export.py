@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, card_info, dtype_name, hub_repo_id, publish_built
+from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, card_info, dtypes_name, hub_repo_id, model_types, publish_built
 from checkpointer.commands.dcp_export import DCP_METADATA_FILES, export_dcp
 from checkpointer.commands.rewrite import plan_rewrite, rewrite
 from checkpointer.errors import CheckpointError
@@ -36,6 +36,7 @@ class ExportOptions:
     trust_pickle: bool = False
     private: bool = True
     message: str | None = None
+    overwrite: bool = False
     storage_options: dict[str, Any] | None = None
 
 
@@ -70,10 +71,11 @@ def export_adapter(source: Checkpoint, options: ExportOptions) -> Outcome:
     merge = _merger(adapter, weights, scale, source.describe(ADAPTER_FILE))
     layout = plan_rewrite(weights, options.dtype, options.max_shard_size)
     destination = make_location(options.to, "--to", options.storage_options, private=options.private)
-    dtypes = {e.dtype for e in layout.entries.values()}
-    card = card_info(Path(source.describe()).name, hub_repo_id(base.location), None, dtype_name(dtypes.pop()) if len(dtypes) == 1 else "mixed")
+    names = " / ".join(model_types(weights.tensors, base.config())) or None
+    card = card_info(Path(source.describe()).name, hub_repo_id(base.location), names, dtypes_name(e.dtype for e in layout.entries.values()))
     build = lambda out: rewrite(base, weights, layout, out, f"export -> {options.to}", merge)  # noqa: E731
-    where = publish_built(destination, build, card, options.message or f"checkpointer export: {source.describe()} merged into {base.describe()}")
+    message = options.message or f"checkpointer export: {source.describe()} merged into {base.describe()}"
+    where = publish_built(destination, build, card, message, options.overwrite)
     return Outcome(0, f"merged {len(merge.pairs)} LoRA pair(s) into {base.describe()}: {len(layout.headers)} file(s), {timer.rate(layout.total_bytes)} -> {where}")
 
 

@@ -8,10 +8,9 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from checkpointer.commands.common import Checkpoint, Outcome, Timer, human_size
+from checkpointer.commands.common import Checkpoint, Outcome, Timer, human_size, model_types
 from checkpointer.file_layout import natural_key
 from checkpointer.hf_files import CheckpointFiles, read_checkpoint_files
-from checkpointer.layouts import model_types_for_keys
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 from checkpointer.safetensors_format import DTYPE_NAMES
 from checkpointer.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
@@ -42,7 +41,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "files": checkpoint.files,
         "config": {k: config[k] for k in _CONFIG_FIELDS if k in config} if config else None,
         "weights": _weights(weights) if weights else None,
-        "model_types": _model_types(keys, config),
+        "model_types": model_types(keys, config),
         "manifest": checkpoint.manifest(),
         "adapters": adapters,
         "training_state": _dcp(checkpoint, f"{TRAINING_STATE_DIR}/"),
@@ -75,11 +74,6 @@ def _adapter(folder: Checkpoint) -> dict[str, Any]:
     config = folder.read_json(ADAPTER_CONFIG_FILE) or {}
     fields = ("peft_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
     return {"config": {k: config[k] for k in fields if k in config}, "tensor_bytes": files.total_bytes, "tensors": _tensor_rows(files)}
-
-
-def _model_types(keys: Any, config: dict | None) -> list[str]:
-    config = config or {}
-    return model_types_for_keys(keys, config.get("tie_word_embeddings"), config.get("model_type")) if keys else []
 
 
 def _dcp(checkpoint: Checkpoint, prefix: str) -> dict[str, Any] | None:

@@ -6,11 +6,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from checkpointer.commands.common import Checkpoint, Outcome, Timer, card_info, is_repo_id
+from checkpointer.commands.common import Checkpoint, Outcome, Timer, card_info, is_repo_id, model_types
 from checkpointer.commands.verify import check
 from checkpointer.errors import CheckpointError
 from checkpointer.hub_location import README, HubLocation
-from checkpointer.layouts import model_types_for_keys
 from checkpointer.location_urls import HubUrl, parse_location
 from checkpointer.locations import LocalLocation, make_location
 from checkpointer.lora import ADAPTER_CONFIG_FILE
@@ -72,7 +71,10 @@ def _card(checkpoint: Checkpoint, folder: Path) -> dict[str, Any]:
     manifest = checkpoint.manifest() or {}
     config = checkpoint.config() or {}
     base = (checkpoint.read_json(ADAPTER_CONFIG_FILE) or {}).get("base_model_name_or_path")
-    types = model_types_for_keys(checkpoint.weights().tensors, config.get("tie_word_embeddings"), config.get("model_type")) if checkpoint.has_weights else []
+    try:
+        types = model_types(checkpoint.weights().tensors, config) if checkpoint.has_weights else []
+    except CheckpointError:  # pushed with --no-verify
+        types = []
     dtype = config.get("dtype") or config.get("torch_dtype") or ("adapter only" if not checkpoint.has_weights else None)
     base_model = base if is_repo_id(base) else None
     return card_info(manifest.get("name") or folder.name, base_model, " / ".join(types) or None, dtype, manifest.get("world_size", 1))
