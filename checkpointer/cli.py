@@ -62,13 +62,18 @@ def _json_object(value: str) -> dict[str, Any]:
     return parsed
 
 
-def _common_options() -> argparse.ArgumentParser:
+LOCATION_HELP = "a local folder, an fsspec URL (s3://, gs://, memory://...) or hf://namespace/repo[@revision][/subfolder]"
+
+
+def _common_options(remote: bool) -> argparse.ArgumentParser:
+    """-q/-v for every command; --storage-options for those that read or write URL locations."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("output and remote access")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no log lines (results and errors only)")
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging, and a traceback with unexpected errors")
-    group.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
-                       help="fsspec options for URL locations, e.g. an S3 endpoint: '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")  # fmt: skip
+    if remote:
+        group.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                           help="fsspec options for URL locations, e.g. an S3 endpoint: '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")  # fmt: skip
     return common
 
 
@@ -95,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (``checkpointer --help`` is its help)."""
     parser = argparse.ArgumentParser(prog="checkpointer", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    common = _common_options()
+    remote, local = _common_options(remote=True), _common_options(remote=False)
 
-    def command(name: str, summary: str, run: Callable[[argparse.Namespace], Any], details: str = "") -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=summary + ("\n\n" + details if details else ""), parents=[common],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    def command(name: str, summary: str, run: Callable[[argparse.Namespace], Any], details: str = "", urls: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary + ("\n\n" + details if details else ""),
+                                  parents=[remote if urls else local], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         sub.set_defaults(run=run)
         return sub
 
@@ -115,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _inspect_parser(command) -> None:
     sub = command("inspect", "what is in a checkpoint: files, tensors, split, model type, index, manifest, adapter, training state",
                   _run_inspect, "Reads headers, index and manifest only (never whole weight files).")  # fmt: skip
-    sub.add_argument("location", metavar="LOCATION")
+    sub.add_argument("location", metavar="LOCATION", help=LOCATION_HELP)
     sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -124,14 +129,14 @@ def _verify_parser(command) -> None:
                   "Checks every file the index names is there, every indexed key is in its file and no key is extra,\n"
                   "every header (strictly), config.json, adapters, training-state files, and sizes (and sha256, with\n"
                   "--full) against checkpointer.json when there is one.")  # fmt: skip
-    sub.add_argument("location", metavar="LOCATION")
+    sub.add_argument("location", metavar="LOCATION", help=LOCATION_HELP)
     sub.add_argument("--full", action="store_true", help="also read every byte: every tensor, and sha256 digests the manifest records")
 
 
 def _consolidate_parser(command) -> None:
     sub = command("consolidate", "re-split a checkpoint's weights (e.g. into one model.safetensors) and copy config and tokenizer",
                   _run_consolidate, "Streams tensor by tensor (memory: the largest tensor). --to hf://ns/repo makes ONE commit.")  # fmt: skip
-    sub.add_argument("location", metavar="LOCATION")
+    sub.add_argument("location", metavar="LOCATION", help=LOCATION_HELP)
     sub.add_argument("--to", required=True, metavar="DEST", help="where to write: a new local folder, URL or hf://ns/repo")
     _add_split(sub, "5GB")
     _add_overwrite(sub)
@@ -146,7 +151,7 @@ def _export_parser(command) -> None:
                   "(--base, default: base_model_name_or_path of adapter_config.json), tensor by tensor.\n"
                   "A DCP checkpoint (dcp.save / torchtune's DistributedCheckpointer, any world size) is read without a\n"
                   "process group and written with --model-type's key map; config.json and tokenizer come from --base.")  # fmt: skip
-    sub.add_argument("checkpoint", metavar="CHECKPOINT")
+    sub.add_argument("checkpoint", metavar="CHECKPOINT", help="the intermediate checkpoint: " + LOCATION_HELP)
     sub.add_argument("--to", required=True, metavar="DEST", help="where to write: a new local folder, URL or hf://ns/repo")
     sub.add_argument("--base", metavar="BASE", help="the base model (folder, URL, hf://ns/repo or a bare repo id)")
     sub.add_argument("--model-type", choices=sorted(LAYOUTS), type=str.upper, help="torchtune model type of a DCP checkpoint")
@@ -159,7 +164,7 @@ def _export_parser(command) -> None:
 
 def _push_parser(command) -> None:
     sub = command("push", "publish a local folder to the Hub as ONE commit with a model card; prints the commit URL", _run_push,
-                  "The repo (and branch) is created if missing. The folder is verified first (headers only).")  # fmt: skip
+                  "The repo (and branch) is created if missing. The folder is verified first (headers only).", urls=False)  # fmt: skip
     sub.add_argument("local", metavar="LOCAL", help="a local checkpoint folder")
     sub.add_argument("repo", metavar="REPO", help="hf://namespace/repo[@branch][/subfolder]")
     sub.add_argument("--revision", metavar="BRANCH", help="the branch to commit to (default main)")
@@ -171,8 +176,8 @@ def _push_parser(command) -> None:
 def _diff_parser(command) -> None:
     sub = command("diff", "which tensors differ between two checkpoints: missing keys, dtype/shape changes, max abs and relative L2",
                   _run_diff, "Exit code 0 when nothing differs by more than --atol, 1 otherwise.")  # fmt: skip
-    sub.add_argument("a", metavar="A")
-    sub.add_argument("b", metavar="B")
+    sub.add_argument("a", metavar="A", help=LOCATION_HELP)
+    sub.add_argument("b", metavar="B", help="the other checkpoint, anywhere")
     sub.add_argument("--atol", type=float, default=0.0, help="values differing by at most this count as equal (default 0: bitwise)")
     sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 

@@ -130,6 +130,18 @@ def test_inspect_reports_tensors_split_and_model_type_on_every_location(kind, ba
         assert 0 < served < weights / 10, (served, weights)
 
 
+def test_inspect_and_verify_offline_read_the_hugging_face_cache(base, hub_env, monkeypatch, capsys):
+    from huggingface_hub import constants, snapshot_download
+
+    location = place("hub", base)
+    snapshot_download(location.removeprefix("hf://"))
+    hub_env.clear_requests()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert run(capsys, "inspect", location, "--json")[0] == 0
+    assert run(capsys, "verify", location, "--full")[0] == 0
+    assert hub_env.requests == []
+
+
 def test_inspect_shows_adapter_manifest_and_training_state(lora_checkpoint, capsys):
     code, out, _ = run(capsys, "inspect", lora_checkpoint)
     assert code == 0
