@@ -86,7 +86,8 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _copy(folder: Path, target: Path) -> Path:
-    shutil.copytree(folder, target)
+    """A writable copy (published checkpoints are read-only)."""
+    shutil.copytree(folder, target, copy_function=shutil.copyfile)
     return target
 
 
@@ -197,19 +198,15 @@ def test_verify_lists_every_problem_with_its_file_and_key(base, tmp_path, capsys
 
 
 def test_verify_checks_the_manifest_training_state_and_sha256(lora_checkpoint, tmp_path, capsys):
-    import hashlib
-
     checkpoint = _copy(lora_checkpoint, tmp_path / "ckpt")
-    manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
     adapter = checkpoint / "adapter_model.safetensors"
-    manifest["sha256"] = {"adapter_model.safetensors": hashlib.sha256(adapter.read_bytes()).hexdigest()}
-    (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
+    digests = sum(1 for f in json.loads((checkpoint / MANIFEST_FILE).read_text())["files"].values() if f["sha256"])
     assert run(capsys, "verify", checkpoint, "--full")[0] == 0
     data = bytearray(adapter.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit in the tensor data: headers and sizes still agree
     adapter.write_bytes(bytes(data))
     code, _, err = run(capsys, "verify", checkpoint)
-    assert code == 0 and "sha256 digests of 1 file(s): checked with --full" in err
+    assert code == 0 and f"sha256 digests of {digests} file(s): checked with --full" in err
     code, out, _ = run(capsys, "verify", checkpoint, "--full")
     assert code == 1 and "adapter_model.safetensors: sha256" in out
 
@@ -235,6 +232,8 @@ def test_consolidate_into_one_file_loads_in_transformers_with_the_same_logits(ba
     assert _safetensors(one).keys() == expected.keys() and all(torch.equal(_safetensors(one)[k], v) for k, v in expected.items())
     assert (hf_logits(one) - hf_logits(base)).abs().max() <= TOLERANCE
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"} <= {p.name for p in one.iterdir()}
+    code, _, err = run(capsys, "consolidate", base, "--to", one)
+    assert code == 2 and "pass --overwrite" in err
     code, _, _ = run(capsys, "consolidate", one, "--to", one, "--max-shard-size", "100KB", "--overwrite")  # in place
     assert code == 0 and len(list(one.glob("*.safetensors"))) == 4 and (hf_logits(one) - hf_logits(base)).abs().max() <= TOLERANCE
 
@@ -413,7 +412,7 @@ def test_diff_lists_changed_missing_and_converted_tensors(base, tmp_path, capsys
         (["export", "{tmp}", "--to", "{tmp}/out"], "nothing to export"),
         (["consolidate", "{base}", "--to", "{tmp}/out", "--max-shard-size", "lots"], "not a size"),
         (["consolidate", "{base}", "--to", "{tmp}/out", "--dtype", "int3"], "invalid choice"),
-        (["consolidate", "{base}", "--to", "{tmp}"], "the folder exists; pass --overwrite"),
+        (["consolidate", "{base}", "--to", "{tmp}", "--overwrite"], "the folder exists and checkpointer did not write it"),
         (["consolidate", "{tmp}", "--to", "{tmp}/out"], "no Hugging Face weights here"),
     ],
 )

@@ -13,14 +13,14 @@ from typing import Any, Callable, Iterable
 import torch
 
 from checkpointer.errors import CheckpointError, CheckpointFormatError
-from checkpointer.folders import Folder
+from checkpointer.folders import Folder, LocalFolder
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.layouts import model_types_for_keys
 from checkpointer.location_urls import LocalPath, parse_location
 from checkpointer.locations import LocalLocation, Location, make_location
 from checkpointer.lora import ADAPTER_DIR, ADAPTER_FILE
-from checkpointer.manifest import MANIFEST_FILE, parse_manifest
-from checkpointer.publish import fsync_tree
+from checkpointer.manifest import MANIFEST_FILE, files_of, hash_files, read_manifest, write_manifest
+from checkpointer.publish import fsync_tree, make_readable_not_writable
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -141,9 +141,7 @@ class Checkpoint:
 
     def manifest(self) -> dict[str, Any] | None:
         """checkpointer's manifest (``checkpointer.json``), when the checkpoint has one."""
-        if MANIFEST_FILE not in self.files:
-            return None
-        return parse_manifest(self.read_bytes(MANIFEST_FILE), self.describe(MANIFEST_FILE))
+        return read_manifest(self.folder)
 
     @property
     def has_weights(self) -> bool:
@@ -189,18 +187,29 @@ def hub_repo_id(location: Location) -> str | None:
 
 
 def publish_built(
-    destination: Location, build: Callable[[Path], None], card: dict[str, Any] | None, message: str, overwrite: bool = False
+    destination: Location,
+    build: Callable[[Path], None],
+    *,
+    command: str,
+    message: str,
+    card: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> str:
-    """Build a folder in the destination's staging area, then publish it there in one step.
+    """Build Hugging Face weights in the destination's staging area, then publish them there in one step.
 
-    A local destination is renamed into place (an existing folder there is replaced whole, so
-    only with ``overwrite``); a remote one gets one upload or one Hub commit. If the build fails
-    the staging folder is removed; if the upload fails it is kept (the error says where).
+    Like a checkpoint, the folder gets ``checkpointer.json`` (every file's size and sha256, what
+    made it) last and is made read-only. A local destination is renamed into place (replacing a
+    folder checkpointer wrote, only with ``overwrite``); a remote one gets one upload or one Hub
+    commit. If the build fails the staging folder is removed; if the upload fails it is kept.
     """
     _refuse_replacing(destination, overwrite)
     staging = destination.staging_folder()
     try:
         build(staging)
+        info = {"name": Path(destination.describe()).name, "made_by": f"checkpointer {command}", "world_size": 1,
+                "contents": {"weights": True, "adapter": None, "training_state": False}}  # fmt: skip
+        write_manifest(staging, info, hash_files(LocalFolder(staging), files_of(staging)))
+        make_readable_not_writable(staging)
         fsync_tree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -211,12 +220,17 @@ def publish_built(
 
 
 def _refuse_replacing(destination: Location, overwrite: bool) -> None:
+    """A local destination is replaced whole: only a folder checkpointer wrote, and only when asked."""
     path = destination.path if isinstance(destination, LocalLocation) else None
     if path is None or not path.exists():
         return
     if not path.is_dir():
         raise CheckpointError(f"--to {path}: a file is in the way; remove it or choose another destination")
-    if not overwrite and any(path.iterdir()):
+    if not any(path.iterdir()):
+        return
+    if not (path / MANIFEST_FILE).is_file():
+        raise CheckpointError(f"--to {path}: the folder exists and checkpointer did not write it; choose another destination (or remove it yourself)")
+    if not overwrite:
         raise CheckpointError(f"--to {path}: the folder exists; pass --overwrite to replace it whole, or choose another destination")
 
 

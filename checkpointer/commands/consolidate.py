@@ -13,6 +13,7 @@ from checkpointer.commands.rewrite import plan_rewrite, rewrite
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, SUPPORT_FILES, CheckpointFiles
 from checkpointer.hub_location import README
 from checkpointer.locations import make_location
+from checkpointer.manifest import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,12 @@ def consolidate(
             (out / README).write_bytes(checkpoint.read_bytes(README))
 
     message = message or f"checkpointer consolidate: {len(layout.headers)} file(s) from {source}"
-    where = publish_built(destination, build, None, message, overwrite)
+    where = publish_built(destination, build, command="consolidate", message=message, overwrite=overwrite)
     return Outcome(0, f"consolidated {len(files.tensors)} tensors into {len(layout.headers)} file(s), {timer.rate(layout.total_bytes)} -> {where}")
 
 
 def _mention_what_stays(checkpoint: Checkpoint, files: CheckpointFiles) -> None:
-    copied = {CONFIG_FILE, README, INDEX_FILE, *SUPPORT_FILES, *files.files}
+    copied = {CONFIG_FILE, README, INDEX_FILE, MANIFEST_FILE, *SUPPORT_FILES, *files.files}  # a new manifest is written
     left = sorted({name.split("/", 1)[0] for name in checkpoint.files} - copied)
     if left:
         log.info("not copied (consolidate writes the weights, config and tokenizer files): %s", ", ".join(left))

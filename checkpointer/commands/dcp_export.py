@@ -82,7 +82,8 @@ def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
 
     destination = make_location(options.to, "--to", options.storage_options, private=options.private)
     card = card_info(Path(where).name, hub_repo_id(config_source.location), layout.name, dtypes_name(s.dtype for s in specs.values()))
-    published = publish_built(destination, build, card, options.message or f"checkpointer export: {where} as {layout.name}", options.overwrite)
+    message = options.message or f"checkpointer export: {where} as {layout.name}"
+    published = publish_built(destination, build, command="export", message=message, card=card, overwrite=options.overwrite)
     return Outcome(0, f"exported {len(keys)} tensors of {where} as {layout.name}: {len(file_layout.headers)} file(s), {timer.rate(file_layout.total_bytes)} -> {published}")
 
 

@@ -75,7 +75,7 @@ def export_adapter(source: Checkpoint, options: ExportOptions) -> Outcome:
     card = card_info(Path(source.describe()).name, hub_repo_id(base.location), names, dtypes_name(e.dtype for e in layout.entries.values()))
     build = lambda out: rewrite(base, weights, layout, out, f"export -> {options.to}", merge)  # noqa: E731
     message = options.message or f"checkpointer export: {source.describe()} merged into {base.describe()}"
-    where = publish_built(destination, build, card, message, options.overwrite)
+    where = publish_built(destination, build, command="export", message=message, card=card, overwrite=options.overwrite)
     return Outcome(0, f"merged {len(merge.pairs)} LoRA pair(s) into {base.describe()}: {len(layout.headers)} file(s), {timer.rate(layout.total_bytes)} -> {where}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,14 +10,13 @@ from checkpointer.commands.common import Checkpoint, Outcome, Timer, human_size
 from checkpointer.errors import CheckpointError
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, scan_checkpoint_files
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE, lora_scale
-from checkpointer.manifest import MANIFEST_FILE, recorded_files
+from checkpointer.manifest import MANIFEST_FILE, recorded_files, sha256_of
 from checkpointer.progress import byte_bar
 from checkpointer.storage_reader import read_tensor
 from checkpointer.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 64 * 2**20
 _PICKLED_METADATA = ".metadata"
 
 
@@ -187,18 +185,15 @@ def _read_everything(checkpoint: Checkpoint, weight_sets: list[WeightSet], manif
 
 def _check_digest(checkpoint: Checkpoint, path: str, expected: str, findings: Findings, bar) -> None:
     folder, name = checkpoint.reader(path)
-    digest, size = hashlib.sha256(), checkpoint.files[path]
     try:
-        for offset in range(0, size, _CHUNK):
-            data = folder.read(name, offset, min(_CHUNK, size - offset))
-            digest.update(data)
-            findings.bytes_read += len(data)
-            bar.update(len(data))
+        actual = sha256_of(folder, name)
     except CheckpointError as e:
         findings.problems.append(str(e))
         return
-    if digest.hexdigest() != expected.lower():
-        findings.problems.append(f"{checkpoint.describe(path)}: sha256 {digest.hexdigest()} differs from {MANIFEST_FILE}'s {expected}")
+    findings.bytes_read += checkpoint.files[path]
+    bar.update(checkpoint.files[path])
+    if actual != expected.lower():
+        findings.problems.append(f"{checkpoint.describe(path)}: sha256 {actual} differs from {MANIFEST_FILE}'s {expected}: the file is corrupt or was replaced")
 
 
 def _read_tensors(weight_set: WeightSet, name: str, findings: Findings, bar) -> None:
