@@ -86,7 +86,7 @@ def _add_split(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing local DEST folder whole (remote files are always overwritten)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing local DEST folder that checkpointer wrote, whole (remote files are always overwritten)")
 
 
 def _add_hub_publishing(parser: argparse.ArgumentParser) -> None:

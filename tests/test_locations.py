@@ -251,7 +251,7 @@ def test_keep_last_n_prunes_hub_tags(hub_env, tiny_models):
     from huggingface_hub import HfApi
 
     base = tiny_models["llama2"]
-    out = _unique("prune")
+    out = unique_repo("prune")
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, f"hf://{out}", "LLAMA2", keep_last_n_checkpoints=2)
     checkpointer.load_model(model)

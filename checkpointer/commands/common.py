@@ -97,6 +97,7 @@ class Checkpoint:
     location: Location
     files: dict[str, int]
     folder: Folder
+    _subs: dict[str, Checkpoint] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, value: str, argument: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
@@ -111,9 +112,11 @@ class Checkpoint:
         """The checkpoint's subfolder ``path`` (e.g. ``adapter``), opened the same way."""
         if not path:
             return self
-        location, prefix = self.location.subfolder(path), f"{path}/"
-        files = {name[len(prefix) :]: size for name, size in self.files.items() if name.startswith(prefix)}
-        return Checkpoint(location, files, location.open(None, streaming=True))
+        if path not in self._subs:  # opened once: on the Hub, opening asks for the file list
+            location, prefix = self.location.subfolder(path), f"{path}/"
+            files = {name[len(prefix) :]: size for name, size in self.files.items() if name.startswith(prefix)}
+            self._subs[path] = Checkpoint(location, files, location.open(None, streaming=True))
+        return self._subs[path]
 
     def reader(self, path: str) -> tuple[Folder, str]:
         """The folder that reads file ``path`` (which may lie in a subfolder) and its name there."""
