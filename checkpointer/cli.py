@@ -12,13 +12,19 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from checkpointer.commands.common import Outcome
 
 log = logging.getLogger(__name__)
 
 OK, FAILED, USAGE = 0, 1, 2
+CommandAdder = Callable[..., argparse.ArgumentParser]  # build_parser's command(name, summary, run, details)
 _DTYPES = ("fp32", "bf16", "fp16")
 
 DESCRIPTION = """\
@@ -117,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inspect_parser(command) -> None:
+def _inspect_parser(command: CommandAdder) -> None:
     sub = command("inspect", "what is in a checkpoint: files, tensors, split, model type, index, manifest, adapter, training state",
                   _run_inspect, "Reads headers, index and manifest only (never whole weight files).")  # fmt: skip
     sub.add_argument("location", metavar="LOCATION", help=LOCATION_HELP)
     sub.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
-def _verify_parser(command) -> None:
+def _verify_parser(command: CommandAdder) -> None:
     sub = command("verify", "is a checkpoint whole? exit code 0 if it is, 1 if not (each problem printed with its file and key)", _run_verify,
                   "Checks every file the index names is there, every indexed key is in its file and no key is extra,\n"
                   "every header (strictly), config.json, adapters, training-state files, and sizes (and sha256, with\n"
@@ -133,7 +139,7 @@ def _verify_parser(command) -> None:
     sub.add_argument("--full", action="store_true", help="also read every byte: every tensor, and sha256 digests the manifest records")
 
 
-def _consolidate_parser(command) -> None:
+def _consolidate_parser(command: CommandAdder) -> None:
     sub = command("consolidate", "re-split a checkpoint's weights (e.g. into one model.safetensors) and copy config and tokenizer",
                   _run_consolidate, "Streams tensor by tensor (memory: the largest tensor). --to hf://ns/repo makes ONE commit.")  # fmt: skip
     sub.add_argument("location", metavar="LOCATION", help=LOCATION_HELP)
@@ -143,7 +149,7 @@ def _consolidate_parser(command) -> None:
     _add_hub_publishing(sub)
 
 
-def _export_parser(command) -> None:
+def _export_parser(command: CommandAdder) -> None:
     from checkpointer.layouts import LAYOUTS
 
     sub = command("export", "turn an intermediate checkpoint (LoRA adapter, or DCP weights) into plain Hugging Face weights", _run_export,
@@ -162,7 +168,7 @@ def _export_parser(command) -> None:
     _add_hub_publishing(sub)
 
 
-def _push_parser(command) -> None:
+def _push_parser(command: CommandAdder) -> None:
     sub = command("push", "publish a local folder to the Hub as ONE commit with a model card; prints the commit URL", _run_push,
                   "The repo (and branch) is created if missing. The folder is verified first (headers only).", urls=False)  # fmt: skip
     sub.add_argument("local", metavar="LOCAL", help="a local checkpoint folder")
@@ -173,7 +179,7 @@ def _push_parser(command) -> None:
     _add_hub_publishing(sub)
 
 
-def _diff_parser(command) -> None:
+def _diff_parser(command: CommandAdder) -> None:
     sub = command("diff", "which tensors differ between two checkpoints: missing keys, dtype/shape changes, max abs and relative L2",
                   _run_diff, "Exit code 0 when nothing differs by more than --atol, 1 otherwise.")  # fmt: skip
     sub.add_argument("a", metavar="A", help=LOCATION_HELP)
@@ -185,7 +191,7 @@ def _diff_parser(command) -> None:
 # ---- dispatch: arguments -> the command functions ----------------------------------------------------
 
 
-def _dtype(name: str | None):
+def _dtype(name: str | None) -> torch.dtype | None:
     from checkpointer.checkpointer import SAVE_DTYPES
 
     return SAVE_DTYPES[name] if name else None
@@ -195,26 +201,26 @@ def _shard_size(args: argparse.Namespace) -> int | str:
     return sys.maxsize if args.single_file else args.max_shard_size
 
 
-def _run_inspect(args: argparse.Namespace):
+def _run_inspect(args: argparse.Namespace) -> Outcome:
     from checkpointer.commands.inspect import inspect
 
     return inspect(args.location, args.json, args.storage_options)
 
 
-def _run_verify(args: argparse.Namespace):
+def _run_verify(args: argparse.Namespace) -> Outcome:
     from checkpointer.commands.verify import verify
 
     return verify(args.location, args.full, args.storage_options)
 
 
-def _run_consolidate(args: argparse.Namespace):
+def _run_consolidate(args: argparse.Namespace) -> Outcome:
     from checkpointer.commands.consolidate import consolidate
 
     return consolidate(args.location, args.to, _shard_size(args), _dtype(args.dtype), private=args.private, message=args.message,
                        overwrite=args.overwrite, storage_options=args.storage_options)  # fmt: skip
 
 
-def _run_export(args: argparse.Namespace):
+def _run_export(args: argparse.Namespace) -> Outcome:
     from checkpointer.commands.export import ExportOptions, export
 
     options = ExportOptions(args.to, args.base, args.model_type, _dtype(args.dtype), _shard_size(args), args.trust_pickle,
@@ -222,14 +228,14 @@ def _run_export(args: argparse.Namespace):
     return export(args.checkpoint, options)
 
 
-def _run_push(args: argparse.Namespace):
+def _run_push(args: argparse.Namespace) -> Outcome:
     from checkpointer.commands.push import push
 
     return push(args.local, args.repo, revision=args.revision, tag=args.tag, private=args.private, message=args.message,
                 check_first=args.check_first)  # fmt: skip
 
 
-def _run_diff(args: argparse.Namespace):
+def _run_diff(args: argparse.Namespace) -> Outcome:
     from checkpointer.commands.diff import diff
 
     return diff(args.a, args.b, args.atol, args.json, args.storage_options)

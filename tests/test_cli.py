@@ -57,7 +57,7 @@ def lora_checkpoint(base, tmp_path_factory) -> Path:
     checkpointer.load_model(model)
     with torch.no_grad():
         torch.manual_seed(0)
-        for key, value in adapter_state_dict(model).items():
+        for value in adapter_state_dict(model).values():
             value.normal_(std=0.05)  # B is zero after initialization: make the adapter change the model
     state = {"adapter": adapter_state_dict(model), "adapter_config": {"r": 4, "lora_alpha": 8.0}, "progress": {"step": torch.tensor(3)}}
     return Path(checkpointer.save_checkpoint(state, epoch=0, intermediate_checkpoint=True, adapter_only=True))
@@ -225,7 +225,7 @@ def test_verify_checks_the_manifest_training_state_and_sha256(lora_checkpoint, t
 
 def test_consolidate_into_one_file_loads_in_transformers_with_the_same_logits(base, tmp_path, capsys):
     code, _, err = run(capsys, "consolidate", base, "--to", tmp_path / "one", "--single-file")
-    assert code == 0 and f"into 1 file(s)" in err and str(tmp_path / "one") in err
+    assert code == 0 and "into 1 file(s)" in err and str(tmp_path / "one") in err
     one = tmp_path / "one"
     assert sorted(p.name for p in one.glob("*.safetensors")) == ["model.safetensors"] and not (one / "model.safetensors.index.json").exists()
     expected = {k: v for p in base.glob("*.safetensors") for k, v in load_file(p).items()}

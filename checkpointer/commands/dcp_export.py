@@ -13,7 +13,7 @@ is plain JSON and is always read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -32,6 +32,7 @@ from checkpointer.matching import Destination, plan_for_save
 from checkpointer.model_config import ModelConfig
 from checkpointer.progress import byte_bar
 from checkpointer.publish import copy_support_files, saved_config, write_index, write_json
+from checkpointer.safetensors_format import TensorSpec
 from checkpointer.training_state import METADATA_FILE, JsonMetadataReader, WeightsOnlyLoadPlanner
 
 if TYPE_CHECKING:
@@ -133,11 +134,11 @@ def _known(layout: Layout, key: str) -> bool:
 
 
 def _write_file(
-    reader,
+    reader: Callable[[], FileSystemReader],
     entries: dict[str, Any],
     keys: dict[str, str],
     layout: Layout,
-    specs: dict,
+    specs: dict[str, TensorSpec],
     destinations: dict[str, Destination],
     one_file: FileLayout,
     out: Path,

@@ -14,6 +14,7 @@ from checkpointer.location_urls import HubUrl, parse_location
 from checkpointer.locations import LocalLocation, make_location
 from checkpointer.lora import ADAPTER_CONFIG_FILE
 
+
 def push(
     local: str,
     to: str,

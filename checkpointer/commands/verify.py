@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm import tqdm
+
 from checkpointer.commands.common import Checkpoint, Outcome, Timer, human_size
 from checkpointer.errors import CheckpointError
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, scan_checkpoint_files
@@ -183,7 +185,7 @@ def _read_everything(checkpoint: Checkpoint, weight_sets: list[WeightSet], manif
             _read_tensors(weight_set, name, findings, bar)
 
 
-def _check_digest(checkpoint: Checkpoint, path: str, expected: str, findings: Findings, bar) -> None:
+def _check_digest(checkpoint: Checkpoint, path: str, expected: str, findings: Findings, bar: tqdm) -> None:
     folder, name = checkpoint.reader(path)
     try:
         actual = sha256_of(folder, name)
@@ -196,7 +198,7 @@ def _check_digest(checkpoint: Checkpoint, path: str, expected: str, findings: Fi
         findings.problems.append(f"{checkpoint.describe(path)}: sha256 {actual} differs from {MANIFEST_FILE}'s {expected}: the file is corrupt or was replaced")
 
 
-def _read_tensors(weight_set: WeightSet, name: str, findings: Findings, bar) -> None:
+def _read_tensors(weight_set: WeightSet, name: str, findings: Findings, bar: tqdm) -> None:
     entries = sorted((e for e in weight_set.files.tensors.values() if e.file == name), key=lambda e: e.start)
     for entry in entries:
         try:
