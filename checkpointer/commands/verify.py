@@ -65,7 +65,7 @@ def check(checkpoint: Checkpoint, full: bool = False) -> Findings:
         _check_dcp(checkpoint, prefix, findings)
     if manifest is not None:
         _check_contents(checkpoint, manifest, findings)
-        _check_sizes(checkpoint, manifest, findings)
+        _check_sizes(checkpoint, manifest, findings, full)
     if not weight_sets and manifest is None and not _has_dcp(checkpoint):
         findings.problems.append(f"{checkpoint.describe()}: no weights, adapter, manifest or DCP metadata here: check the path")
     if full:
@@ -160,7 +160,7 @@ def _check_contents(checkpoint: Checkpoint, manifest: dict[str, Any], findings: 
         findings.problems.append(f"{checkpoint.describe()}: {MANIFEST_FILE} says it holds weights, but there is no index or model.safetensors")
 
 
-def _check_sizes(checkpoint: Checkpoint, manifest: dict[str, Any], findings: Findings) -> None:
+def _check_sizes(checkpoint: Checkpoint, manifest: dict[str, Any], findings: Findings, full: bool) -> None:
     records = recorded_files(manifest)
     for path, record in records.items():
         size = checkpoint.files.get(path)
@@ -169,7 +169,7 @@ def _check_sizes(checkpoint: Checkpoint, manifest: dict[str, Any], findings: Fin
         elif record.size is not None and size != record.size:
             findings.problems.append(f"{checkpoint.describe(path)}: {size} bytes, but {MANIFEST_FILE} records {record.size}")
     digests = sum(1 for r in records.values() if r.sha256)
-    if digests:
+    if digests and not full:
         findings.notes.append(f"{MANIFEST_FILE} records sha256 digests of {digests} file(s): checked with --full")
 
 
