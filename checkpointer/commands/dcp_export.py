@@ -12,6 +12,7 @@ is plain JSON and is always read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -57,35 +58,77 @@ def dcp_reader(folder: Path, where: str, trust_pickle: bool) -> FileSystemReader
     return FileSystemReader(folder)
 
 
+@dataclass(frozen=True)
+class DcpModel:
+    """The model weights in a DCP checkpoint: a reader, and the DCP key of each torchtune key."""
+
+    reader: Callable[[], FileSystemReader]  # a fresh reader per load
+    entries: dict[str, Any]  # DCP key -> its metadata
+    keys: dict[str, str]  # torchtune key -> DCP key
+
+    def spec(self, tune_key: str, dtype: torch.dtype | None) -> tuple[torch.dtype, tuple[int, ...]]:
+        entry = self.entries[self.keys[tune_key]]
+        return converted(dtype, entry.properties.dtype), tuple(entry.size)
+
+    def load(self, tune_keys: list[str]) -> dict[str, torch.Tensor]:
+        """Full tensors of ``tune_keys``, resharded from however many ranks saved them."""
+        state = {self.keys[t]: torch.empty(tuple(self.entries[self.keys[t]].size), dtype=self.entries[self.keys[t]].properties.dtype) for t in tune_keys}
+        with quiet_dcp(), dcp_errors():
+            dcp.load(state, storage_reader=self.reader(), planner=WeightsOnlyLoadPlanner(), no_dist=True)
+        return {t: state[self.keys[t]] for t in tune_keys}
+
+
+@dataclass(frozen=True)
+class HFPlan:
+    """Where each torchtune tensor goes in the Hugging Face files."""
+
+    layout: Layout
+    specs: dict[str, TensorSpec]
+    destinations: dict[str, Destination]
+    files: FileLayout
+
+    def keys_in(self, file: str) -> list[str]:
+        return [t for t, d in self.destinations.items() if self.files.entries[d.hf_key].file == file]
+
+    def write(self, file: str, tensors: dict[str, torch.Tensor], out: Path) -> int:
+        """Write the one file ``file`` from its torchtune ``tensors`` with the library's DCP writer."""
+        one = self.files.subset(file)
+        specs, destinations = {h: self.specs[h] for h in one.entries}, {t: self.destinations[t] for t in tensors}
+        write_hf_tensors(tensors, self.layout, specs, destinations, one, out, lambda _: None, None)
+        return one.total_bytes
+
+
 def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
     """Write the model weights of the DCP checkpoint at ``source`` as Hugging Face files."""
-    timer = Timer()
-    where = source.describe()
-    local = source.location.fetch_folder("")  # DCP reads local files; remote folders are downloaded once
-    reader = lambda: dcp_reader(local, where, options.trust_pickle)  # noqa: E731 - a fresh reader per load
-    metadata = reader().read_metadata()
+    timer, where = Timer(), source.describe()
     config_source = _config_source(source, options)
     config = config_source.config()
     layout = get_layout(_model_type(options, where), ModelConfig.from_dict(config, config_source.describe(CONFIG_FILE)))
-    keys = model_keys(metadata, layout, where)
-    entries = metadata.state_dict_metadata
-    model_specs = {t: (converted(options.dtype, entries[k].properties.dtype), tuple(entries[k].size)) for t, k in keys.items()}
-    specs, destinations = plan_for_save(layout, model_specs)
-    file_layout = plan_file_layout(specs, None, options.max_shard_size)
+    model = _dcp_model(source, layout, options.trust_pickle)
+    specs, destinations = plan_for_save(layout, {t: model.spec(t, options.dtype) for t in model.keys})
+    plan = HFPlan(layout, specs, destinations, plan_file_layout(specs, None, options.max_shard_size))
 
     def build(out: Path) -> None:
-        with byte_bar(file_layout.total_bytes, f"export -> {options.to}") as bar:
-            for file in file_layout.headers:
-                bar.update(_write_file(reader, entries, keys, layout, specs, destinations, file_layout.subset(file), out))
+        with byte_bar(plan.files.total_bytes, f"export -> {options.to}") as bar:
+            for file in plan.files.headers:
+                bar.update(plan.write(file, model.load(plan.keys_in(file)), out))
         write_json(out / CONFIG_FILE, saved_config(config, layout, specs, destinations))
         copy_support_files(config_source.folder, out)
-        write_index(out, file_layout)
+        write_index(out, plan.files)
 
     destination = make_location(options.to, "--to", options.storage_options, private=options.private)
     card = card_info(Path(where).name, hub_repo_id(config_source.location), layout.name, dtypes_name(s.dtype for s in specs.values()))
     message = options.message or f"checkpointer export: {where} as {layout.name}"
     published = publish_built(destination, build, command="export", message=message, card=card, overwrite=options.overwrite)
-    return Outcome(0, f"exported {len(keys)} tensors of {where} as {layout.name}: {len(file_layout.headers)} file(s), {timer.rate(file_layout.total_bytes)} -> {published}")
+    return Outcome(0, f"exported {len(model.keys)} tensors of {where} as {layout.name}: {len(plan.files.headers)} file(s), {timer.rate(plan.files.total_bytes)} -> {published}")
+
+
+def _dcp_model(source: Checkpoint, layout: Layout, trust_pickle: bool) -> DcpModel:
+    """Open the DCP checkpoint (remote folders are downloaded once: DCP reads local files)."""
+    local = source.location.fetch_folder("")
+    reader = lambda: dcp_reader(local, source.describe(), trust_pickle)  # noqa: E731
+    metadata = reader().read_metadata()
+    return DcpModel(reader, metadata.state_dict_metadata, model_keys(metadata, layout, source.describe()))
 
 
 def _config_source(source: Checkpoint, options: ExportOptions) -> Checkpoint:
@@ -131,24 +174,3 @@ def _known(layout: Layout, key: str) -> bool:
     except CheckpointMismatchError:
         return False
     return True
-
-
-def _write_file(
-    reader: Callable[[], FileSystemReader],
-    entries: dict[str, Any],
-    keys: dict[str, str],
-    layout: Layout,
-    specs: dict[str, TensorSpec],
-    destinations: dict[str, Destination],
-    one_file: FileLayout,
-    out: Path,
-) -> int:
-    """Load the torchtune tensors of one output file from DCP and write that file."""
-    part = {t: d for t, d in destinations.items() if d.hf_key in one_file.entries}
-    state = {keys[t]: torch.empty(tuple(entries[keys[t]].size), dtype=entries[keys[t]].properties.dtype) for t in part}
-    with quiet_dcp(), dcp_errors():
-        dcp.load(state, storage_reader=reader(), planner=WeightsOnlyLoadPlanner(), no_dist=True)
-    tensors = {t: state[keys[t]] for t in part}
-    file_specs = {h: specs[h] for h in one_file.entries}
-    write_hf_tensors(tensors, layout, file_specs, part, one_file, out, lambda _: None, None)
-    return one_file.total_bytes
