@@ -33,7 +33,7 @@ from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_
 from checkpointer.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.hub_location import HubLocation
 from checkpointer.layouts import Layout, adapter_layout, get_layout, is_adapter_key
-from checkpointer.locations import LocalLocation, Location, cache_root, make_location, url_key
+from checkpointer.locations import LocalLocation, Location, cache_root, fresh_dir, make_location, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
 from checkpointer.failpoints import failpoint
 from checkpointer.manifest import (
@@ -54,7 +54,7 @@ from checkpointer.publish import (
     copy_support_files,
     fsync_tree,
     make_readable_not_writable,
-    output_config,
+    saved_config,
     write_index,
     write_json,
 )
@@ -69,16 +69,17 @@ MODEL_KEY = "model"
 ADAPTER_KEY = "adapter"
 ADAPTER_CONFIG_KEY = "adapter_config"
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+def parse_dtype(value: str | torch.dtype | None, argument: str = "save_dtype") -> torch.dtype | None:
+    """``"bf16"``, ``"bfloat16"`` or ``torch.bfloat16`` -> ``torch.bfloat16``; ``argument`` names the setting in errors."""
     if value is None or isinstance(value, torch.dtype):
         return value
     name = str(value).removeprefix("torch.")
-    dtype = _DTYPES.get(name) or getattr(torch, name, None)
+    dtype = SAVE_DTYPES.get(name) or getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"save_dtype {value!r} is not a dtype (use fp32, bf16 or fp16)")
+        raise CheckpointError(f"{argument} {value!r} is not a dtype (use fp32, bf16 or fp16)")
     return dtype
 
 
@@ -145,7 +146,7 @@ class DistributedHFCheckpointer:
         self.resume_from_checkpoint = resume_from_checkpoint
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
         self.max_shard_size = max_shard_size
-        self.save_dtype = _dtype(save_dtype)
+        self.save_dtype = parse_dtype(save_dtype)
         self.streaming = streaming
         self.verify_checksums = verify_checksums
         self.process_group = process_group
@@ -374,7 +375,7 @@ class DistributedHFCheckpointer:
         # An adapter beside merged weights goes to adapter/: transformers would apply it twice otherwise.
         adapter_dir = ADAPTER_DIR if weights is not None else ""
         self._hold_output_lock()
-        on_rank_zero(lambda: _fresh_dir(staging), self.process_group)
+        on_rank_zero(lambda: fresh_dir(staging), self.process_group)
         try:
             if weights is not None:
                 self.last_save = self._write_weights(weights, weights_plan, staging, name)
@@ -411,9 +412,7 @@ class DistributedHFCheckpointer:
 
     def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> IOStats:
         specs, destinations, file_layout = plan
-        tied = not any(d.hf_key in self.layout.tied for d in destinations.values())
-        dtypes = {s.dtype for s in specs.values()}
-        config = output_config(self.config_dict, dtypes.pop() if len(dtypes) == 1 else None, tied)
+        config = saved_config(self.config_dict, self.layout, specs, destinations)
 
         def finish(folder: Path) -> None:
             write_json(folder / CONFIG_FILE, config)
@@ -482,13 +481,6 @@ class DistributedHFCheckpointer:
         except CheckpointError:
             return None
         return {key: entry.file for key, entry in files.tensors.items()}
-
-
-def _fresh_dir(path: Path) -> None:
-    """An empty staging folder (a leftover from an interrupted save of the same name is removed)."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
 
 
 def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | None:

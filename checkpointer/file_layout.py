@@ -52,6 +52,11 @@ class FileLayout:
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
+    def subset(self, file: str) -> FileLayout:
+        """The layout of one file alone (to write the files one at a time)."""
+        entries = {name: entry for name, entry in self.entries.items() if entry.file == file}
+        return FileLayout({file: self.headers[file]}, {file: self.sizes[file]}, entries)
+
 
 def _split_by_size(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     groups: list[list[TensorSpec]] = [[]]

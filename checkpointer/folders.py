@@ -37,6 +37,11 @@ class Folder(Protocol):
         """Release open files."""
 
 
+def local_files(root: Path) -> dict[str, int]:
+    """Every file under ``root`` (relative POSIX path -> size), in sorted order."""
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def check_relative_name(name: str, folder: str) -> str:
     """A file name from an index must stay inside its folder."""
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name:

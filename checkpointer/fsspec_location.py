@@ -20,7 +20,7 @@ from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
 from checkpointer.hf_files import INDEX_FILE, files_to_fetch
-from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, publish_remotely, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, fresh_dir, kept_on_failure, upload_order, url_key
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.progress import byte_bar
 from checkpointer.retry import with_retries
@@ -140,23 +140,42 @@ class FsspecLocation:
         return cache_root() / "staging" / url_key(self.url) / name
 
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
-        """Upload ``folder`` as ``url/name``: files in parallel, then index, config and manifest, in order."""
-        destination = f"{self.root}/{name}"
+        """Upload ``folder`` as ``url/name`` (see :meth:`replace_with`), then remove the staged copy."""
+        published = self.checkpoint(name).replace_with(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        return published
+
+    def staging_folder(self) -> Path:
+        return fresh_dir(cache_root() / "staging" / f"{url_key(self.url)}-here")
+
+    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+        """Upload ``folder``'s files here: in parallel, then index, config and manifest, in order; ``folder`` is kept."""
         order = upload_order(folder)
         last = [f for f in order if f in LAST_FILES]
         first = [f for f in order if f not in LAST_FILES]
         total = sum((folder / n).stat().st_size for n in order)
 
-        def upload() -> None:
-            self._remove_markers(destination, last)
-            with byte_bar(total, f"upload {self.describe(name)}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
-                for uploaded in pool.map(lambda n: self._put(folder, n, destination), first):
+        def upload() -> str:
+            self._remove_markers(self.root, last)
+            with byte_bar(total, f"upload {self.url}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+                for uploaded in pool.map(lambda n: self._put(folder, n, self.root), first):
                     bar.update(uploaded)
                 for n in last:
-                    bar.update(self._put(folder, n, destination))
+                    bar.update(self._put(folder, n, self.root))
+            return self.url
 
-        publish_remotely(f"upload to {self.describe(name)}", folder, upload, lambda e: f"{type(e).__name__}: {e}")
-        return self.describe(name)
+        return kept_on_failure(f"upload to {self.url}", folder, upload, lambda e: f"{type(e).__name__}: {e}")
+
+    def list_files(self) -> dict[str, int]:
+        try:
+            found = with_retries(lambda: self.fs.find(self.root, detail=True), f"listing {self.url}")
+        except FileNotFoundError:
+            found = {}
+        prefix = self.root.rstrip("/") + "/"
+        files = {n[len(prefix) :]: info.get("size") or 0 for n, info in sorted(found.items()) if n.startswith(prefix) and info.get("type") == "file"}
+        if not files:
+            raise CheckpointError(f"{self.url}: no such folder, or it is empty")
+        return files
 
     def _remove_markers(self, destination: str, markers: list[str]) -> None:
         """Re-publishing a name: hide the old checkpoint first, so no mix is ever visible as complete."""
@@ -194,13 +213,14 @@ class FsspecLocation:
             return None
 
     def fetch_folder(self, path: str, group=None) -> Path:
-        """A local copy of the subfolder ``path`` (fetched once per node)."""
+        """A local copy of the subfolder ``path`` (``""``: this folder), fetched once per node."""
         target = cache_root() / "downloads" / url_key(self.describe(path))
+        source = "/".join(p for p in (self.root, path) if p) + "/"
 
         def fetch() -> None:
             if target.exists():
                 shutil.rmtree(target)
-            with_retries(lambda: self.fs.get(f"{self.root}/{path}/", str(target) + "/", recursive=True), f"downloading {self.describe(path)}")
+            with_retries(lambda: self.fs.get(source, str(target) + "/", recursive=True), f"downloading {self.describe(path)}")
 
         on_all_ranks(lambda: fetch() if local_rank(group) == 0 else None, group)
         return target

@@ -91,13 +91,7 @@ def _choose_files(folder: Folder, checkpoint_files: Sequence[str] | None) -> tup
         return [check_relative_name(f, folder.describe()) for f in checkpoint_files], None, {}
     if folder.exists(INDEX_FILE):
         weight_map, metadata = read_index(folder)
-        files = sorted(set(weight_map.values()))
-        for name in files:
-            if not folder.exists(name):
-                raise CheckpointFormatError(
-                    f"{folder.describe(name)}: missing: {INDEX_FILE} names this shard but it does not exist"
-                )
-        return files, weight_map, metadata
+        return sorted(set(weight_map.values())), weight_map, metadata
     if folder.exists(SINGLE_FILE):
         return [SINGLE_FILE], None, {}
     raise CheckpointFormatError(
@@ -105,36 +99,62 @@ def _choose_files(folder: Folder, checkpoint_files: Sequence[str] | None) -> tup
     )
 
 
+def scan_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None = None) -> tuple[CheckpointFiles, list[str]]:
+    """Like :func:`read_checkpoint_files`, but every problem is listed instead of the first raised.
+
+    Returns the files whose headers could be read (and their tensors) and one message per
+    problem: a missing file, a bad or truncated header, a tensor in two files, an index that
+    does not match the files. A missing or unreadable index still raises.
+    """
+    files, weight_map, metadata = _choose_files(folder, checkpoint_files)
+    problems: list[str] = []
+    headers: dict[str, Header] = {}
+    for name in files:
+        if weight_map is not None and not folder.exists(name):
+            problems.append(f"{folder.describe(name)}: missing: {INDEX_FILE} names this shard but it does not exist")
+            continue
+        try:
+            headers[name] = read_header(folder, name)
+        except CheckpointFormatError as e:
+            problems.append(str(e))
+    tensors = _tensors_of(folder, headers, problems)
+    if weight_map is not None:
+        problems += weight_map_problems(folder, {k: f for k, f in weight_map.items() if f in headers}, tensors)
+    return CheckpointFiles(folder, tuple(headers), tensors, weight_map, metadata, headers), problems
+
+
 def read_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None = None) -> CheckpointFiles:
     """Discover and validate the weight files of the checkpoint in ``folder``."""
-    files, weight_map, metadata = _choose_files(folder, checkpoint_files)
-    headers = {name: read_header(folder, name) for name in files}
+    files, problems = scan_checkpoint_files(folder, checkpoint_files)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointFormatError(problems[0] + more)
+    return files
+
+
+def _tensors_of(folder: Folder, headers: dict[str, Header], problems: list[str]) -> dict[str, TensorEntry]:
     tensors: dict[str, TensorEntry] = {}
-    for name, header in headers.items():
+    for header in headers.values():
         for key, entry in header.tensors.items():
             if key in tensors:
-                raise CheckpointFormatError(
-                    f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}"
-                )
+                problems.append(f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}")
+                continue
             tensors[key] = entry
-    if weight_map is not None:
-        _check_weight_map(folder, weight_map, tensors)
-    return CheckpointFiles(folder, tuple(files), tensors, weight_map, metadata, headers)
+    return tensors
 
 
-def _check_weight_map(folder: Folder, weight_map: dict[str, str], tensors: dict[str, TensorEntry]) -> None:
+def weight_map_problems(folder: Folder, weight_map: dict[str, str], tensors: dict[str, TensorEntry]) -> list[str]:
+    """Where the index and the files disagree: keys missing from their file, in another file, or not indexed."""
     where = folder.describe(INDEX_FILE)
+    problems = []
     for key, name in weight_map.items():
         if key not in tensors:
-            raise CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it")
-        if tensors[key].file != name:
-            raise CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}")
-    extra = sorted(set(tensors) - set(weight_map))
-    if extra:
-        raise CheckpointFormatError(
-            f"{where}: tensor {extra[0]!r} in {tensors[extra[0]].file} is not in the index"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
+            problems.append(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it")
+        elif tensors[key].file != name:
+            problems.append(f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}")
+    for key in sorted(set(tensors) - set(weight_map)):
+        problems.append(f"{where}: tensor {key!r} in {tensors[key].file} is not in the index")
+    return problems
 
 
 def files_to_fetch(available: set[str], read_index: Callable[[], bytes], where: str, checkpoint_files: Sequence[str] | None = None) -> list[str]:

@@ -37,7 +37,7 @@ class IOStats:
         return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
 
 
-class _quiet_dcp(warnings.catch_warnings):
+class quiet_dcp(warnings.catch_warnings):
     """DCP warns on every single-process call that it assumes no process group; we mean it."""
 
     def __enter__(self):
@@ -51,7 +51,7 @@ def read_hf_tensors(
 ) -> IOStats:
     """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``."""
     reader, started = SafetensorsReader(files), time.perf_counter()
-    with _quiet_dcp(), dcp_errors(group), torch.no_grad():
+    with quiet_dcp(), dcp_errors(group), torch.no_grad():
         dcp.load(state_dict, storage_reader=reader, planner=HFLoadPlanner(layout), process_group=group, no_dist=not is_distributed())
     return IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
 
@@ -68,7 +68,7 @@ def write_hf_tensors(
 ) -> IOStats:
     """Write ``state_dict`` into the files ``file_layout`` describes, in ``folder``; ``finish`` runs last on rank 0."""
     writer, started = SafetensorsWriter(folder, file_layout, finish), time.perf_counter()
-    with _quiet_dcp(), dcp_errors(group), torch.no_grad():
+    with quiet_dcp(), dcp_errors(group), torch.no_grad():
         dcp.save(
             state_dict,
             storage_writer=writer,

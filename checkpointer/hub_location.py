@@ -10,6 +10,7 @@ exactly one commit per checkpoint with ``create_commit`` against the branch head
 from __future__ import annotations
 
 import hashlib
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,10 @@ from huggingface_hub.utils import build_hf_headers, http_backoff
 
 from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.errors import CheckpointError, CheckpointFormatError
-from checkpointer.folders import Folder, LocalFolder, check_relative_name
+from checkpointer.folders import Folder, LocalFolder, check_relative_name, local_files
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.location_urls import HubUrl
-from checkpointer.locations import CHECKPOINT_NAME, cache_root, publish_remotely, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, cache_root, fresh_dir, kept_on_failure, upload_order, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.training_state import TRAINING_STATE_DIR
@@ -229,13 +230,13 @@ class HubLocation:
         info = self.api.repo_info(repo, repo_type=kind, revision=branch)
         return info.sha, {s.rfilename for s in info.siblings or []}
 
-    def _operations(self, folder: Path, existing: set[str], card: dict[str, Any]) -> list:
+    def _operations(self, folder: Path, existing: set[str], card: dict[str, Any] | None) -> list:
         """Add every staged file (and the card); delete earlier checkpoint files this one replaces."""
         prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
         new = {prefix + rel: folder / rel for rel in upload_order(folder)}
         operations: list = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p)) for path, p in new.items()]
         readme = prefix + README
-        if readme not in existing or self._card_is_ours(readme):
+        if card is not None and readme not in new and (readme not in existing or self._card_is_ours(readme)):
             operations.append(CommitOperationAdd(readme, model_card(self.url.repo_id, card).encode()))
         stale = [p for p in existing if p not in new and _is_checkpoint_file(p.removeprefix(prefix)) and p.startswith(prefix)]
         return operations + [CommitOperationDelete(path_in_repo=p) for p in stale]
@@ -246,21 +247,43 @@ class HubLocation:
         return response.status_code == 200 and CARD_MARKER in response.text
 
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
-        """One commit with every file of ``folder`` (and the card), tagged after ``name``."""
-        save_id = uuid.uuid4().hex
-
-        def push() -> None:
-            commit = with_retries(lambda: self._commit_once(folder, name, card, save_id), f"pushing {name} to {self.url}")
-            tag = _tag(name)
-            if tag in {t.name for t in self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type).tags}:
-                self.api.delete_tag(self.url.repo_id, tag=tag, repo_type=self.url.repo_type)
-            self.api.create_tag(self.url.repo_id, tag=tag, revision=commit, repo_type=self.url.repo_type)
-
-        explain = lambda e: str(_hub_error(self.url, e)) if isinstance(e, HfHubHTTPError) else str(e)  # noqa: E731
-        publish_remotely(f"push of {name} to {self.url}", folder, push, explain)
+        """One commit with every file of ``folder`` (and the card), tagged after ``name``; the staged copy is removed."""
+        self.replace_with(folder, card, f"checkpointer: {name}", _tag(name))
+        shutil.rmtree(folder, ignore_errors=True)
         return self.describe(name)
 
-    def _commit_once(self, folder: Path, name: str, card: dict[str, Any], save_id: str) -> str:
+    def staging_folder(self) -> Path:
+        return fresh_dir(cache_root() / "staging" / f"{url_key(str(self.url))}-here")
+
+    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+        """ONE commit making ``folder``'s files the contents here (creating the repo and branch if missing).
+
+        ``card``: a model card to add unless a README of the user's is there (None: no card);
+        ``tag``: a tag to (re)point at the commit. ``folder`` is kept. Returns the commit's URL.
+        """
+        save_id = uuid.uuid4().hex
+        message = message or f"checkpointer: upload {folder.name}"
+
+        def push() -> str:
+            commit = with_retries(lambda: self._commit_once(folder, message, card, save_id), f"pushing {folder} to {self.url}")
+            if tag:
+                self._retag(tag, commit)
+            return commit
+
+        explain = lambda e: str(_hub_error(self.url, e)) if isinstance(e, HfHubHTTPError) else str(e)  # noqa: E731
+        return self.commit_url(kept_on_failure(f"push to {self.url}", folder, push, explain))
+
+    def commit_url(self, commit: str) -> str:
+        """The Hub page of ``commit`` in this repo."""
+        kind = "" if self.url.repo_type == "model" else f"{self.url.repo_type}s/"
+        return f"{constants.ENDPOINT}/{kind}{self.url.repo_id}/commit/{commit}"
+
+    def _retag(self, tag: str, commit: str) -> None:
+        if tag in {t.name for t in self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type).tags}:
+            self.api.delete_tag(self.url.repo_id, tag=tag, repo_type=self.url.repo_type)
+        self.api.create_tag(self.url.repo_id, tag=tag, revision=commit, repo_type=self.url.repo_type)
+
+    def _commit_once(self, folder: Path, message: str, card: dict[str, Any] | None, save_id: str) -> str:
         """Commit against the current head; if an earlier attempt already landed, return that commit."""
         head, existing = self._head()
         landed = self._find_landed(save_id)
@@ -269,7 +292,7 @@ class HubLocation:
         info = self.api.create_commit(
             self.url.repo_id,
             operations=self._operations(folder, existing, card),
-            commit_message=f"checkpointer: {name}",
+            commit_message=message,
             commit_description=f"save-id: {save_id}",
             repo_type=self.url.repo_type,
             revision=self._branch(),
@@ -310,19 +333,33 @@ class HubLocation:
         return response.content
 
     def fetch_folder(self, path: str, group=None) -> Path:
-        """A local copy (in the Hugging Face cache) of the subfolder ``path``, fetched once per node."""
+        """A local copy (in the Hugging Face cache) of the subfolder ``path`` (``""``: this folder), fetched once per node."""
         sha, files = on_rank_zero(self._snapshot, group)
-        prefix = repo_path(self.url, path) + "/"
+        folder = "/".join(p for p in (self.url.subfolder, check_relative_name(path, str(self.url)) if path else "") if p)
+        prefix = f"{folder}/" if folder else ""
+        where = f"{self.url}/{path}" if path else str(self.url)
         paths = sorted(f for f in files if f.startswith(prefix))
         if not paths:
-            raise CheckpointError(f"{self.url}/{path}: no such folder at commit {sha}")
+            raise CheckpointError(f"{where}: no such folder at commit {sha}")
         on_all_ranks(lambda: self._download(sha, paths, files) if local_rank(group) == 0 else None, group)
         cached = on_all_ranks(
             lambda: try_to_load_from_cache(self.url.repo_id, paths[0], revision=sha, repo_type=self.url.repo_type), group
         )
         if not isinstance(cached, str):
-            raise CheckpointError(f"{self.url}/{path}: download incomplete (not in the Hugging Face cache)")
-        return Path(cached[: -len(paths[0])]) / repo_path(self.url, path)
+            raise CheckpointError(f"{where}: download incomplete (not in the Hugging Face cache)")
+        return Path(cached[: -len(paths[0])]) / folder
+
+    def list_files(self) -> dict[str, int]:
+        """Every file of this folder of the repo (subfolders included) with its size."""
+        if constants.HF_HUB_OFFLINE:
+            cached = self._open_cached(self.url.revision or "main")
+            return local_files(cached.root)
+        _, remote = self._snapshot()
+        prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
+        files = {p[len(prefix) :]: f.size for p, f in sorted(remote.items()) if p.startswith(prefix)}
+        if not files:
+            raise CheckpointError(f"{self.url}: no files there")
+        return files
 
     def remove(self, name: str) -> None:
         """On the Hub a checkpoint is a tag; removing it drops the tag (history keeps the files)."""

@@ -111,12 +111,57 @@ LayoutFactory = Callable[[ModelConfig], Layout]
 LAYOUTS: dict[str, LayoutFactory] = {}
 
 
+@dataclass(frozen=True)
+class _KeySet:
+    """The HF key patterns of a layout: those a checkpoint must hold, may hold, and may carry unused."""
+
+    required: frozenset[str]
+    optional: frozenset[str]  # tied copies (lm_head.weight)
+    with_rule: frozenset[str]
+    ignored: tuple[re.Pattern, ...]
+    hf_model_types: frozenset[str]  # config.json "model_type" values of the models it serves
+
+    def known(self, key: str, pattern: str, tied: bool | None) -> bool:
+        if pattern in self.required or any(p.fullmatch(key) for p in self.ignored):
+            return True
+        return pattern in self.optional and (tied is not False or pattern in self.with_rule)
+
+
+_KEY_SETS: dict[str, _KeySet] = {}
+
+
 def register_layout(
-    name: str, rules: Iterable[Rule], ignored_hf: Iterable[str] = (), tied: dict[str, str] | None = None
+    name: str,
+    rules: Iterable[Rule],
+    ignored_hf: Iterable[str] = (),
+    tied: dict[str, str] | None = None,
+    hf_model_types: Iterable[str] = (),
 ) -> None:
-    """Add a model type to the registry."""
+    """Add a model type to the registry (``hf_model_types``: the config.json ``model_type`` values it serves)."""
     rules, ignored_hf, tied = tuple(rules), tuple(ignored_hf), dict(tied or _TIED_OUTPUT)
     LAYOUTS[name] = lambda config: Layout(name, rules, config, ignored_hf, tied)
+    with_rule = frozenset(r.hf for r in rules)
+    ignored = tuple(re.compile(p) for p in ignored_hf)
+    _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types))
+
+
+def model_types_for_keys(hf_keys: Iterable[str], tied: bool | None = None, hf_model_type: str | None = None) -> list[str]:
+    """The registered model types whose layout names exactly these Hugging Face keys (any number of layers).
+
+    Several types share one key layout (LLAMA2, LLAMA3, LLAMA3_2 and MISTRAL; a tied checkpoint
+    also looks like GEMMA): all are returned, sorted, unless the config's ``hf_model_type``
+    (``"llama"``, ``"gemma"``...) narrows them. ``tied`` (the config's ``tie_word_embeddings``)
+    tells whether an ``lm_head.weight`` needs a rule of its own.
+    """
+    keys = [(key, _abstract(key)[0]) for key in hf_keys]
+    patterns = {pattern for _, pattern in keys}
+    matches = {
+        name: key_set
+        for name, key_set in _KEY_SETS.items()
+        if keys and all(key_set.known(k, p, tied) for k, p in keys) and key_set.required <= patterns
+    }
+    narrowed = [name for name, key_set in matches.items() if hf_model_type in key_set.hf_model_types]
+    return sorted(narrowed or matches)
 
 
 def get_layout(model_type: object, config: ModelConfig) -> Layout:
@@ -214,18 +259,19 @@ _PHI3 = [
     _OUTPUT,
 ]
 
-for _name in ("LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL"):
-    register_layout(_name, _LLAMA, _ROTARY_CACHE)
-register_layout("GEMMA", [r for r in _LLAMA if r is not _OUTPUT], _ROTARY_CACHE)
-register_layout("GEMMA2", _GEMMA2, _ROTARY_CACHE)
-register_layout("QWEN2", _QWEN2, _ROTARY_CACHE)
-register_layout("QWEN3", _QWEN3, _ROTARY_CACHE)
-register_layout("PHI3_MINI", _PHI3, _ROTARY_CACHE)
+for _name in ("LLAMA2", "LLAMA3", "LLAMA3_2"):
+    register_layout(_name, _LLAMA, _ROTARY_CACHE, hf_model_types=["llama"])
+register_layout("MISTRAL", _LLAMA, _ROTARY_CACHE, hf_model_types=["mistral"])
+register_layout("GEMMA", [r for r in _LLAMA if r is not _OUTPUT], _ROTARY_CACHE, hf_model_types=["gemma"])
+register_layout("GEMMA2", _GEMMA2, _ROTARY_CACHE, hf_model_types=["gemma2"])
+register_layout("QWEN2", _QWEN2, _ROTARY_CACHE, hf_model_types=["qwen2"])
+register_layout("QWEN3", _QWEN3, _ROTARY_CACHE, hf_model_types=["qwen3"])
+register_layout("PHI3_MINI", _PHI3, _ROTARY_CACHE, hf_model_types=["phi3"])
 
 
 # ---- LoRA adapters in PEFT's format ----------------------------------------------------------
 
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 ADAPTER_MARKERS = (".lora_a.", ".lora_b.")
 
 
@@ -245,7 +291,7 @@ def adapter_layout(base: Layout) -> Layout:
     for rule in base.rules:
         if not rule.tune.endswith(".weight") or rule.part_rows:
             continue
-        tune, hf = rule.tune.removesuffix(".weight"), _PEFT_PREFIX + rule.hf.removesuffix(".weight")
+        tune, hf = rule.tune.removesuffix(".weight"), PEFT_PREFIX + rule.hf.removesuffix(".weight")
         rules.append(Rule(f"{tune}.lora_a.weight", f"{hf}.lora_A.weight"))
         rules.append(Rule(f"{tune}.lora_b.weight", f"{hf}.lora_B.weight", rope=rule.rope))
     return Layout(f"{base.name} LoRA adapter", rules, base.config)

@@ -5,6 +5,9 @@ Every location answers the same questions:
   needed files once per node, or with ``streaming`` read byte ranges on demand);
 - ``staging_dir(name)``: the local folder where checkpoint ``name`` is assembled;
 - ``publish(folder, name, card)``: make it visible, complete, in one step;
+- ``staging_folder()`` / ``replace_with(folder, ...)``: the same for the location itself
+  (what the command line's ``consolidate``, ``export`` and ``push`` write);
+- ``list_files()`` (one process): every file here, with its size;
 - ``checkpoint(name)``: where checkpoint ``name`` can be read back;
 - ``checkpoint_names()`` / ``remove(name)``: the complete checkpoints (by name; their manifests
   tell their order), for resuming and pruning;
@@ -21,33 +24,33 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch.distributed as dist
 
 from checkpointer.errors import CheckpointError
-from checkpointer.folders import Folder, LocalFolder
+from checkpointer.folders import Folder, LocalFolder, local_files
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_location
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.publish import replace_folder
 
+T = TypeVar("T")
 CHECKPOINT_NAME = re.compile(r"^(epoch|step)_(\d+)$")
 LAST_FILES = (INDEX_FILE, CONFIG_FILE, MANIFEST_FILE)
 
 
-def publish_remotely(what: str, folder: Path, upload: Callable[[], None], explain: Callable[[Exception], str] = str) -> None:
-    """Run ``upload``; on failure raise naming the kept staged copy, on success remove it."""
+def kept_on_failure(what: str, folder: Path, upload: Callable[[], T], explain: Callable[[Exception], str] = str) -> T:
+    """Run ``upload``; if it fails, raise an error that names the staged copy ``folder`` (which is kept)."""
     try:
-        upload()
+        return upload()
     except Exception as e:
         raise CheckpointError(f"{what} failed ({explain(e)}); the complete checkpoint is kept at {folder}") from e
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def upload_order(folder: Path) -> list[str]:
     """Relative paths of every file under ``folder``, with ``LAST_FILES`` (top level) at the end."""
-    files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+    files = list(local_files(folder))
     return [f for f in files if f not in LAST_FILES] + [f for f in LAST_FILES if f in files]
 
 
@@ -61,6 +64,14 @@ def url_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at ``path`` (a leftover of an interrupted run is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 class Location(Protocol):
     """A place checkpoints live."""
 
@@ -71,6 +82,14 @@ class Location(Protocol):
     def staging_dir(self, name: str) -> Path: ...
 
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str: ...
+
+    def staging_folder(self) -> Path: ...
+
+    def replace_with(
+        self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None
+    ) -> str: ...
+
+    def list_files(self) -> dict[str, int]: ...
 
     def checkpoint(self, name: str) -> Location: ...
 
@@ -103,8 +122,21 @@ class LocalLocation:
         return self.path / f".{name}.partial"
 
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
-        replace_folder(folder, self.path / name)
-        return str(self.path / name)
+        return self.checkpoint(name).replace_with(folder)
+
+    def staging_folder(self) -> Path:
+        """A fresh hidden folder beside this one (same file system, so publishing is a rename)."""
+        return fresh_dir(self.path.parent / f".{self.path.name}.partial")
+
+    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+        """Rename ``folder`` (from :meth:`staging_folder`) into place; an older folder here is replaced whole."""
+        replace_folder(folder, self.path)
+        return str(self.path)
+
+    def list_files(self) -> dict[str, int]:
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such folder")
+        return local_files(self.path)
 
     def checkpoint(self, name: str) -> LocalLocation:
         return LocalLocation(self.path / name)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torchtune.modules.peft import LoRALinear
 
-from checkpointer.layouts import is_adapter_key
+from checkpointer.errors import CheckpointError
+from checkpointer.layouts import PEFT_PREFIX, is_adapter_key
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_DIR = "adapter"  # where the adapter goes when merged weights are published beside it
@@ -24,6 +26,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def merge_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B A`` computed in fp32, in W's dtype (W: out x in, A: r x in, B: out x r)."""
+    return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+
+
 def _merged_weight(module: LoRALinear) -> torch.Tensor:
     """``W + (alpha / r) B A`` for this rank's rows of W; only the small A is gathered.
 
@@ -31,9 +38,7 @@ def _merged_weight(module: LoRALinear) -> torch.Tensor:
     rows of B line up with the local rows of W.
     """
     weight = module.weight
-    a = _full(module.lora_a.weight).float()
-    b = _local(module.lora_b.weight).float()
-    merged = (_local(weight).float() + (module.alpha / module.rank) * (b @ a)).to(weight.dtype)
+    merged = merge_lora(_local(weight), _full(module.lora_a.weight), _local(module.lora_b.weight), module.alpha / module.rank)
     if isinstance(weight, DTensor):
         return DTensor.from_local(merged, weight.device_mesh, weight.placements, shape=weight.shape, stride=weight.stride())
     return merged
@@ -73,3 +78,34 @@ def peft_adapter_config(
         "use_dora": False,
         "modules_to_save": None,
     }
+
+
+def lora_scale(config: dict[str, Any], where: str) -> float:
+    """The factor PEFT applies to ``B A``: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+
+    Refuses what a plain merge cannot reproduce (DoRA, per-module rank or alpha patterns).
+    """
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA adapters can be merged")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern") if config.get(k)]
+    if unsupported:
+        raise CheckpointError(f"{where}: {', '.join(unsupported)} cannot be merged here; merge with peft's merge_and_unload()")
+    try:
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{where}: needs integer 'r' and number 'lora_alpha'") from None
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def peft_pairs(adapter_keys: Iterable[str], where: str) -> dict[str, tuple[str, str]]:
+    """Base weight key -> its (``lora_A``, ``lora_B``) keys, for the keys of a PEFT adapter file."""
+    pairs: dict[str, dict[str, str]] = {}
+    for key in adapter_keys:
+        module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not module or kind not in ("A.weight", "B.weight"):
+            raise CheckpointError(f"{where}: {key!r} is not a LoRA weight (expected ...lora_A.weight / ...lora_B.weight)")
+        pairs.setdefault(f"{module}.weight", {})[kind[0]] = key
+    unpaired = sorted(k for k, pair in pairs.items() if len(pair) != 2)
+    if unpaired:
+        raise CheckpointError(f"{where}: {unpaired[0]} has only one of lora_A and lora_B")
+    return {base: (pair["A"], pair["B"]) for base, pair in pairs.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from checkpointer.distributed import all_gather, on_all_ranks, rank, world_size
 from checkpointer.errors import CheckpointFormatError
 from checkpointer.failpoints import failpoint
-from checkpointer.folders import Folder
+from checkpointer.folders import Folder, local_files
 
 MANIFEST_FILE = "checkpointer.json"
 FORMAT_VERSION = 1
@@ -28,11 +29,7 @@ _READ_CHUNK = 16 * 2**20
 
 def files_of(folder: Path) -> dict[str, int]:
     """Every file under ``folder`` (relative POSIX path -> size), the manifest excluded."""
-    return {
-        p.relative_to(folder).as_posix(): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_FILE
-    }
+    return {name: size for name, size in local_files(folder).items() if name.rsplit("/", 1)[-1] != MANIFEST_FILE}
 
 
 def assign_by_size(sizes: dict[str, int], world: int) -> list[list[str]]:
@@ -122,3 +119,25 @@ def verify_hashes(folder: Folder, manifest: dict[str, Any], names: list[str], gr
             f"{folder.describe(bad[0])}: sha256 {actual[bad[0]][:16]}... differs from {recorded[bad[0]][:16]}... "
             f"in {MANIFEST_FILE}: the file is corrupt" + (f" (and {len(bad) - 1} more files)" if len(bad) > 1 else "")
         )
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What a manifest says of one file: its size and, when recorded, its sha256 (hex)."""
+
+    size: int | None
+    sha256: str | None = None
+
+
+def recorded_files(manifest: dict[str, Any]) -> dict[str, FileRecord]:
+    """The files a manifest lists (relative path -> record), one process.
+
+    ``files`` maps each path to ``{"size": ..., "sha256": ...}``; manifests written before
+    digests were recorded map it to the size alone.
+    """
+    records = {}
+    for path, value in (manifest.get("files") or {}).items():
+        info = value if isinstance(value, dict) else {"size": value}
+        size = info.get("size")
+        records[path] = FileRecord(size if isinstance(size, int) else None, info.get("sha256"))
+    return records

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
 from checkpointer.distributed import rank
 
 
+_forced: list[bool] = []  # innermost progress_bars(...) setting
+
+
+@contextlib.contextmanager
+def progress_bars(show: bool) -> Iterator[None]:
+    """Within the block, bars are on (rank 0 only) or off whatever the terminal (e.g. ``--quiet``)."""
+    _forced.append(show)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
 def show_progress() -> bool:
-    """Bars on rank 0 when stderr is a terminal; CHECKPOINTER_PROGRESS=1/0 forces them on/off."""
+    """Bars on rank 0 when stderr is a terminal; CHECKPOINTER_PROGRESS=1/0 or progress_bars() force them on/off."""
     forced = os.environ.get("CHECKPOINTER_PROGRESS")
+    if _forced:
+        return _forced[-1] and rank() == 0
     if forced is not None:
         return forced == "1" and rank() == 0
     return rank() == 0 and sys.stderr.isatty()

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,17 +22,30 @@ from checkpointer.folders import Folder
 from checkpointer.hf_files import INDEX_FILE, SUPPORT_FILES
 from checkpointer.manifest import MANIFEST_FILE
 
+if TYPE_CHECKING:
+    from checkpointer.layouts import Layout
+    from checkpointer.matching import Destination
+    from checkpointer.safetensors_format import TensorSpec
+
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool) -> dict[str, Any]:
-    """The base config, updated to describe the saved weights (dtype, tied embeddings)."""
+def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool | None) -> dict[str, Any]:
+    """The base config, updated to describe the saved weights (dtype, tied embeddings; None leaves either as is)."""
     config = dict(base)
     if dtype in _TORCH_DTYPE_NAMES:
         key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
         config[key] = _TORCH_DTYPE_NAMES[dtype]
-    config["tie_word_embeddings"] = tied
+    if tied is not None:
+        config["tie_word_embeddings"] = tied
     return config
+
+
+def saved_config(base: dict[str, Any], layout: Layout, specs: dict[str, TensorSpec], destinations: dict[str, Destination]) -> dict[str, Any]:
+    """The config of weights saved as ``specs`` (dtype when there is one, tied unless lm_head is written)."""
+    tied = not any(d.hf_key in layout.tied for d in destinations.values())
+    dtypes = {s.dtype for s in specs.values()}
+    return output_config(base, dtypes.pop() if len(dtypes) == 1 else None, tied)
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from checkpointer.failpoints import failpoint
+from checkpointer.folders import Folder
 from checkpointer.hf_files import CheckpointFiles
 from checkpointer.safetensors_format import TensorEntry
 
@@ -28,6 +29,13 @@ from checkpointer.safetensors_format import TensorEntry
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:
+    """One whole tensor, read from its byte range straight into a new CPU tensor (one process)."""
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    folder.read_into(entry.file, entry.start, tensor_bytes(tensor))
+    return tensor
 
 
 class SafetensorsReader(StorageReader):

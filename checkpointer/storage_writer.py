@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -45,6 +46,13 @@ def box_offset(entry: TensorEntry, offsets: tuple[int, ...], numel: int) -> int:
     if any(offsets[1:]) or (row_elems and numel % row_elems):
         raise NotImplementedError(f"{entry.name}: writing boxes that split rows (tensor parallel) is not supported")
     return entry.start + offsets[0] * entry.row_bytes
+
+
+def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
+    """``pwrite`` a whole tensor, converted to ``entry``'s dtype, at its offset in an open file (from :func:`create_files`)."""
+    if tuple(tensor.shape) != entry.shape:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} has shape {tuple(tensor.shape)}, its header says {entry.shape}")
+    return _pwrite_tensor(fd, tensor, entry.dtype, entry.start)
 
 
 class SafetensorsWriter(StorageWriter):
@@ -87,16 +95,16 @@ class SafetensorsWriter(StorageWriter):
 
     def _write_item(self, item: WriteItem, planner: SavePlanner, fds: dict[str, int]) -> WriteResult:
         entry = self.layout.entries[item.index.fqn]
-        data = planner.resolve_data(item).detach().to(device="cpu", dtype=entry.dtype).contiguous()
+        data = planner.resolve_data(item)
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
         offset = box_offset(entry, tuple(item.index.offset), data.numel())
         try:
-            written = _pwrite_all(fds[entry.file], tensor_bytes(data), offset)
+            written = _pwrite_tensor(fds[entry.file], data, entry.dtype, offset)
         except OSError as e:
             hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
             raise CheckpointError(
-                f"{self.folder / entry.file}: writing {entry.name} ({data.numel() * data.element_size()} bytes at "
+                f"{self.folder / entry.file}: writing {entry.name} ({data.numel() * entry.dtype.itemsize} bytes at "
                 f"offset {offset}) failed: {e.strerror}{hint}; the previous checkpoint is untouched"
             ) from e
         self.bytes_written += written
@@ -111,6 +119,11 @@ class SafetensorsWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return False
+
+
+def _pwrite_tensor(fd: int, tensor: torch.Tensor, dtype: torch.dtype, offset: int) -> int:
+    data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    return _pwrite_all(fd, tensor_bytes(data), offset)
 
 
 def _pwrite_all(fd: int, payload: memoryview, offset: int) -> int:

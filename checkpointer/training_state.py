@@ -116,17 +116,24 @@ class JsonMetadataWriter(FileSystemWriter):
         partial.replace(path)
 
 
+def parse_metadata_json(text: str | bytes, where: str) -> Metadata:
+    """DCP metadata from the text of a ``.metadata.json`` (``where`` names it in errors)."""
+    try:
+        return metadata_from_json(json.loads(text))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{where}: invalid training state metadata ({e})") from None
+
+
 class JsonMetadataReader(FileSystemReader):
     """DCP's file-system reader, with the metadata read from JSON."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / METADATA_FILE
         try:
-            return metadata_from_json(json.loads(path.read_text()))
+            text = path.read_bytes()
         except FileNotFoundError:
             raise CheckpointFormatError(f"{path}: missing: this is not a checkpointer training state") from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{path}: invalid training state metadata ({e})") from None
+        return parse_metadata_json(text, str(path))
 
 
 class WeightsOnlyLoadPlanner(DefaultLoadPlanner):

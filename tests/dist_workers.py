@@ -70,3 +70,12 @@ def load_expecting_errors(rank: int, world: int, cases: list[dict]) -> dict:
         except CheckpointError as e:
             messages[c["name"]] = f"{type(e).__name__}: {e}"
     return messages
+
+
+def save_dcp(rank: int, world: int, base: str, model_type: str, out: str) -> None:
+    """What torchtune's DistributedCheckpointer writes: ``dcp.save`` of the sharded state (pickled metadata)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = build_sharded_model(model_type, _config(base), default_mesh())
+    DistributedHFCheckpointer(base, f"{out}-unused", model_type).load_model(model)
+    dcp.save({"model": model.state_dict(), "epochs_run": 1}, checkpoint_id=out)

@@ -134,3 +134,65 @@ def test_missing_and_unexpected_keys_are_listed(tiny_models, tmp_path, layers, p
     with pytest.raises(CheckpointMismatchError, match=problem) as info:
         DistributedHFCheckpointer(base, tmp_path, "LLAMA3").load_model(model)
     assert "problem(s)" in str(info.value)
+
+
+# ---- helpers the command line builds on ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_model_type_is_recognised_from_the_keys_alone(name, tiny_models):
+    from checkpointer.folders import LocalFolder
+    from checkpointer.hf_files import read_checkpoint_files
+    from checkpointer.layouts import model_types_for_keys
+
+    base = tiny_models[name]
+    keys = read_checkpoint_files(LocalFolder(base)).tensors
+    config = json.loads((base / "config.json").read_text())
+    found = model_types_for_keys(keys, config.get("tie_word_embeddings"), config["model_type"])
+    model_type = VARIANTS[name][0]
+    assert model_type in found and model_type in model_types_for_keys(keys)
+    assert len(found) == 1 or set(found) == {"LLAMA2", "LLAMA3", "LLAMA3_2"}  # one key layout serves all Llamas
+    assert not model_types_for_keys(["model.layers.0.self_attn.q_proj.weight"])  # a subset is not a model
+    assert not model_types_for_keys([*keys, "model.layers.0.something_else.weight"])
+
+
+def test_lora_merge_helpers_follow_peft():
+    from checkpointer.errors import CheckpointError
+    from checkpointer.lora import lora_scale, merge_lora, peft_pairs
+
+    assert lora_scale({"r": 4, "lora_alpha": 8}, "x") == 2.0
+    assert lora_scale({"r": 4, "lora_alpha": 8, "use_rslora": True}, "x") == 4.0
+    for bad in ({"r": 4, "lora_alpha": 8, "use_dora": True}, {"peft_type": "IA3"}, {"r": "x"}):
+        with pytest.raises(CheckpointError):
+            lora_scale(bad, "x")
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert peft_pairs([f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"], "x") == {
+        "model.layers.0.self_attn.q_proj.weight": (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
+    }
+    with pytest.raises(CheckpointError, match="only one of"):
+        peft_pairs([f"{prefix}.lora_A.weight"], "x")
+    w, a, b = torch.randn(6, 5, dtype=torch.bfloat16), torch.randn(2, 5), torch.randn(6, 2)
+    merged = merge_lora(w, a, b, 0.5)
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, (w.float() + 0.5 * b @ a).to(torch.bfloat16))
+
+
+def test_manifest_records_sizes_and_sha256_also_of_older_manifests():
+    from checkpointer.manifest import FileRecord, recorded_files
+
+    assert recorded_files({"files": {"a": 3, "b": {"size": 4, "sha256": "ab"}, "c": {"size": 5, "sha256": None}}}) == {
+        "a": FileRecord(3),
+        "b": FileRecord(4, "ab"),
+        "c": FileRecord(5),
+    }
+
+
+def test_progress_bars_can_be_forced_off_and_on(monkeypatch):
+    from checkpointer.progress import progress_bars, show_progress
+
+    monkeypatch.setenv("CHECKPOINTER_PROGRESS", "1")
+    assert show_progress()
+    with progress_bars(False):
+        assert not show_progress()
+        with progress_bars(True):
+            assert show_progress()
+    assert show_progress()

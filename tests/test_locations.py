@@ -16,6 +16,7 @@ from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_locat
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
 from dist_workers import case, load_forward_save_reload, load_only
+from places import KINDS, place, unique_repo, upload_to_hub
 from variants import TOKENS, hf_logits
 
 TOLERANCE = 1e-5
@@ -24,20 +25,6 @@ TOLERANCE = 1e-5
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
-
-
-def _unique(prefix: str) -> str:
-    return f"tester/{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def _upload_to_hub(folder: Path, repo: str) -> str:
-    """Upload with plain huggingface_hub, as a user would; returns the commit sha."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="upload base model")
-    return api.repo_info(repo).sha
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -118,10 +105,10 @@ def test_hub_load_by_branch_and_sha_on_two_ranks_then_push_one_commit(hub_env, t
     from huggingface_hub import HfApi, snapshot_download
 
     base = tiny_models["llama3"]
-    repo = _unique("tiny-llama")
-    sha = _upload_to_hub(base, repo)
+    repo = unique_repo("tiny-llama")
+    sha = upload_to_hub(base, repo)
     HfApi().create_branch(repo, branch="exp/1")
-    outs = {"branch": _unique("out-branch"), "sha": _unique("out-sha")}
+    outs = {"branch": unique_repo("out-branch"), "sha": unique_repo("out-sha")}
     cases = [
         case("branch", "LLAMA3", f"hf://{repo}@exp%2F1", f"hf://{outs['branch']}", base),
         case("sha", "LLAMA3", f"hf://{repo}@{sha}", f"hf://{outs['sha']}", base),
@@ -154,8 +141,8 @@ def test_offline_loads_come_from_the_cache_pinned_to_the_sha(hub_env, tiny_model
     from huggingface_hub import constants
 
     base = tiny_models["gemma"]
-    repo = _unique("offline")
-    sha = _upload_to_hub(base, repo)
+    repo = unique_repo("offline")
+    sha = upload_to_hub(base, repo)
     first = DistributedHFCheckpointer(f"hf://{repo}", tmp_path, "GEMMA").load_checkpoint()["model"]
     hub_env.clear_requests()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -166,8 +153,8 @@ def test_offline_loads_come_from_the_cache_pinned_to_the_sha(hub_env, tiny_model
 
 def test_streaming_reads_each_ranks_share_with_ranged_requests(hub_env, tiny_models, tmp_path):
     base = tiny_models["mistral"]
-    repo = _unique("stream")
-    _upload_to_hub(base, repo)
+    repo = unique_repo("stream")
+    upload_to_hub(base, repo)
     hub_env.clear_requests()
     cases = [case("stream", "MISTRAL", f"hf://{repo}", tmp_path / "out", base, streaming=True)]
     results = run_on_ranks(load_only, 2, cases, TOKENS, timeout=300)
@@ -186,7 +173,7 @@ def test_streaming_reads_each_ranks_share_with_ranged_requests(hub_env, tiny_mod
 
 def test_hub_push_retries_a_transient_fault_and_a_hard_fault_changes_nothing(hub_env, tiny_models):
     base = tiny_models["llama2"]
-    out = _unique("faults")
+    out = unique_repo("faults")
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, f"hf://{out}", "LLAMA2")
     checkpointer.load_model(model)
@@ -213,16 +200,16 @@ def test_hub_push_retries_a_transient_fault_and_a_hard_fault_changes_nothing(hub
     [("hf://tester/no-such-repo", "not found"), ("hf://{repo}@no-such-branch", "revision 'no-such-branch' not found")],
 )
 def test_missing_repo_or_revision_is_a_clear_error(hub_env, tiny_models, tmp_path, source, message):
-    repo = _unique("exists")
-    _upload_to_hub(tiny_models["llama2"], repo)
+    repo = unique_repo("exists")
+    upload_to_hub(tiny_models["llama2"], repo)
     checkpointer = DistributedHFCheckpointer(source.format(repo=repo), tmp_path, "LLAMA2")
     with pytest.raises(CheckpointError, match=message):
         checkpointer.load_checkpoint()
 
 
 def test_a_bad_token_is_a_clear_error_without_the_token(hub_env, tiny_models, tmp_path, monkeypatch):
-    repo = _unique("auth")
-    _upload_to_hub(tiny_models["llama2"], repo)
+    repo = unique_repo("auth")
+    upload_to_hub(tiny_models["llama2"], repo)
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token_123")
     with pytest.raises(CheckpointError, match="not authorized") as info:
         DistributedHFCheckpointer(f"hf://{repo}", tmp_path, "LLAMA2").load_checkpoint()
@@ -264,7 +251,7 @@ def test_keep_last_n_prunes_hub_tags(hub_env, tiny_models):
     from huggingface_hub import HfApi
 
     base = tiny_models["llama2"]
-    out = _unique("prune")
+    out = unique_repo("prune")
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, f"hf://{out}", "LLAMA2", keep_last_n_checkpoints=2)
     checkpointer.load_model(model)
@@ -286,3 +273,64 @@ def test_keep_last_n_prunes_fsspec_folders(tiny_models):
     checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=4)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out.removeprefix("memory:/"), detail=False))
     assert names == ["notes.txt", "step_3", "step_4"]
+
+
+# ---- one process: listing, publishing at the location itself, fetching it whole -----------------
+
+
+def _small_folder(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "config.json").write_text("{}")
+    (root / "sub" / "a.bin").write_bytes(b"12345")
+    return root
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_list_files_and_fetch_folder_of_the_location_itself(kind, tmp_path, request):
+    from checkpointer.locations import make_location
+
+    if kind == "hub":
+        request.getfixturevalue("hub_env")
+    location = make_location(place(kind, _small_folder(tmp_path / "src")), "location")
+    files = location.list_files()
+    assert {k: v for k, v in files.items() if k != ".gitattributes"} == {"config.json": 2, "sub/a.bin": 5}
+    fetched = location.fetch_folder("")
+    assert (fetched / "sub" / "a.bin").read_bytes() == b"12345" and (fetched / "config.json").exists()
+    assert location.subfolder("sub").list_files() == {"a.bin": 5}
+
+
+@pytest.mark.parametrize("value", ["{tmp}/missing", "memory://no/such/folder", "hf://tester/no-such-repo-listing"])
+def test_list_files_of_nothing_is_a_clear_error(value, tmp_path, hub_env):
+    from checkpointer.locations import make_location
+
+    with pytest.raises(CheckpointError, match="no such folder|not found"):
+        make_location(value.format(tmp=tmp_path), "location").list_files()
+
+
+def test_replace_with_publishes_at_the_location_itself(tmp_path, hub_env):
+    from huggingface_hub import HfApi
+
+    from checkpointer.locations import make_location
+
+    local = make_location(tmp_path / "out" / "model", "to")
+    staging = local.staging_folder()
+    _small_folder(staging / "x")
+    assert local.replace_with(staging) == str(tmp_path / "out" / "model")
+    assert (tmp_path / "out" / "model" / "x" / "sub" / "a.bin").exists() and not staging.exists()
+
+    memory = make_location(f"memory://replace/{uuid.uuid4().hex[:8]}", "to")
+    folder = _small_folder(memory.staging_folder() / "f")
+    assert memory.replace_with(folder) == memory.describe()
+    assert memory.list_files() == {"config.json": 2, "sub/a.bin": 5} and folder.exists()  # the source is kept
+
+    repo = unique_repo("replace")
+    hub = make_location(f"hf://{repo}", "to", private=False)
+    url = hub.replace_with(folder, card=None, message="my upload", tag="v1")
+    commits = hub_env.commits(repo)
+    assert len(commits) == 2 and commits[0]["title"] == "my upload"
+    assert url.endswith(f"/{repo}/commit/{commits[0]['id']}")
+    assert set(commits[0]["files_changed"]) == {"config.json", "sub/a.bin"}  # no card asked for
+    assert "v1" in {t.name for t in HfApi().list_repo_refs(repo).tags} and not HfApi().repo_info(repo).private
+    (folder / "README.md").write_text("mine")
+    hub.replace_with(folder, card={"checkpoint": "x"})
+    assert hub_env.file_bytes(repo, "README.md") == b"mine"  # the user's README wins over a card

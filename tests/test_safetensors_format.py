@@ -115,3 +115,46 @@ def test_file_layout_follows_the_base_weight_map_or_splits_by_size():
     assert plan_file_layout(specs, weight_map).weight_map == {n: weight_map[n] for n in by_size.weight_map}
     single = plan_file_layout(specs, None)
     assert list(single.headers) == ["model.safetensors"] and not single.needs_index
+
+
+def test_one_tensor_at_a_time_read_and_pwritten_into_a_planned_layout(tmp_path):
+    import os
+
+    from checkpointer.storage_reader import read_tensor
+    from checkpointer.storage_writer import create_files, write_tensor
+
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "x.safetensors")
+    source = LocalFolder(tmp_path)
+    header = read_header(source, "x.safetensors")
+    read = {name: read_tensor(source, entry) for name, entry in header.tensors.items()}
+    assert all(torch.equal(read[n], t) and read[n].dtype == t.dtype for n, t in tensors.items())
+
+    specs = {n: TensorSpec(n, torch.float32 if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    layout = plan_file_layout(specs, {"a.weight": "1.safetensors", "b.bias": "1.safetensors", "c.scalar": "2.safetensors", "d.ids": "2.safetensors"})
+    for file in layout.headers:
+        one = layout.subset(file)
+        create_files(tmp_path / "out", one)
+        fd = os.open(tmp_path / "out" / file, os.O_WRONLY)
+        for name, entry in one.entries.items():
+            write_tensor(fd, entry, read[name])
+        os.close(fd)
+    loaded = {**load_file(tmp_path / "out" / "1.safetensors"), **load_file(tmp_path / "out" / "2.safetensors")}
+    assert all(torch.equal(loaded[n], t.to(specs[n].dtype)) for n, t in tensors.items())
+
+
+def test_scan_lists_every_problem_where_read_raises_the_first(tmp_path):
+    from checkpointer.hf_files import INDEX_FILE, read_checkpoint_files, scan_checkpoint_files
+
+    save_file({"a": torch.zeros(4), "b": torch.ones(2)}, tmp_path / "1.safetensors")
+    save_file({"c": torch.zeros(3)}, tmp_path / "2.safetensors")
+    (tmp_path / "2.safetensors").write_bytes((tmp_path / "2.safetensors").read_bytes()[:-4])  # truncated
+    index = {"weight_map": {"a": "1.safetensors", "x": "1.safetensors", "c": "2.safetensors", "d": "3.safetensors"}}
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    files, problems = scan_checkpoint_files(LocalFolder(tmp_path))
+    assert files.files == ("1.safetensors",) and set(files.tensors) == {"a", "b"}
+    assert len(problems) == 4, problems
+    for expected in ("3.safetensors: missing", "2.safetensors: truncated", "'x' is assigned to 1.safetensors", "'b' in 1.safetensors is not in the index"):
+        assert any(expected in p for p in problems), (expected, problems)
+    with pytest.raises(CheckpointFormatError, match=r"and 3 more problem"):
+        read_checkpoint_files(LocalFolder(tmp_path))
