@@ -393,9 +393,11 @@ def bad_token(folder: Path, ws: Workspace) -> Broken:
 F, M, E = CheckpointFormatError, CheckpointMismatchError, CheckpointError
 CORPUS: list[Bad] = [
     # safetensors files
+    Bad("truncated_shard", truncated_shard, F, r"<file>: tensor '<key>' .*truncated"),
     Bad("header_length_past_end", header_length_past_end, F, r"<file>: header length \d+ runs past the end of the file"),
     Bad("header_not_json", header_not_json, F, r"<file>: header is not valid JSON"),
     Bad("overlapping_offsets", overlapping_offsets, F, r"<file>: tensor '<key>' at data offset \d+ overlaps the previous tensor"),
+    Bad("offsets_out_of_range", offsets_out_of_range, F, r"<file>: tensor '<key>' .*past the end of the file"),
     Bad("unknown_dtype", unknown_dtype, F, r"<file>: tensor '<key>': unknown dtype 'Q4'"),
     Bad("byte_length_mismatch", byte_length_mismatch, F, r"<file>: tensor '<key>': holds \d+ bytes but shape \[.*\] x F32 needs \d+"),
     Bad("gap_between_tensors", gap_between_tensors, F, r"<file>: tensor '<key>' at data offset \d+ leaves a gap before it"),
