@@ -79,6 +79,8 @@ class Header:
 
 def header_length(prefix: bytes, file: str, file_size: int) -> int:
     """Decode and check the 8-byte length prefix of ``file``."""
+    if file_size == 0:
+        raise CheckpointFormatError(f"{file}: the file is empty (0 bytes): it was never written completely; {REFETCH}")
     if len(prefix) < 8 or file_size < 8:
         raise CheckpointFormatError(f"{file}: truncated: {file_size} bytes is too short for a safetensors file; {REFETCH}")
     (length,) = struct.unpack("<Q", prefix[:8])

@@ -401,6 +401,7 @@ CORPUS: list[Bad] = [
     Bad("unknown_dtype", unknown_dtype, F, r"<file>: tensor '<key>': unknown dtype 'Q4'"),
     Bad("byte_length_mismatch", byte_length_mismatch, F, r"<file>: tensor '<key>': holds \d+ bytes but shape \[.*\] x F32 needs \d+"),
     Bad("gap_between_tensors", gap_between_tensors, F, r"<file>: tensor '<key>' at data offset \d+ leaves a gap before it"),
+    Bad("empty_file", empty_file, F, r"<file>: .*empty"),
     Bad("huge_header_length", huge_header_length, F, r"<file>: header length \d+ exceeds the \d+-byte limit"),
     # the index and the files it names
     Bad("index_not_json", index_not_json, F, r"<index>: not valid JSON"),
