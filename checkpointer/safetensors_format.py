@@ -117,9 +117,20 @@ def parse_header(header_json: bytes, file: str, file_size: int, where: str | Non
 def _parse_metadata(raw: object, file: str) -> dict[str, str]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-        raise CheckpointFormatError(f"{file}: {METADATA_KEY} must map strings to strings")
+    if not isinstance(raw, dict):
+        raise CheckpointFormatError(f"{file}: {METADATA_KEY} is {_a(raw)}, not an object of strings")
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise CheckpointFormatError(
+                f"{file}: {METADATA_KEY}[{key!r}] is {_a(value)}, not a string (safetensors metadata maps strings to strings)"
+            )
     return dict(raw)
+
+
+def _a(value: object) -> str:
+    """``an int``, ``a list``: the JSON value's Python type for messages."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _parse_entry(name: str, info: object, file: str, data_start: int, location: str) -> TensorEntry:

@@ -401,6 +401,7 @@ CORPUS: list[Bad] = [
     Bad("unknown_dtype", unknown_dtype, F, r"<file>: tensor '<key>': unknown dtype 'Q4'"),
     Bad("byte_length_mismatch", byte_length_mismatch, F, r"<file>: tensor '<key>': holds \d+ bytes but shape \[.*\] x F32 needs \d+"),
     Bad("gap_between_tensors", gap_between_tensors, F, r"<file>: tensor '<key>' at data offset \d+ leaves a gap before it"),
+    Bad("metadata_not_strings", metadata_not_strings, F, r"<file>: __metadata__\['<key>'\] is an int, not a string"),
     Bad("empty_file", empty_file, F, r"<file>: .*empty"),
     Bad("huge_header_length", huge_header_length, F, r"<file>: header length \d+ exceeds the \d+-byte limit"),
     # the index and the files it names
