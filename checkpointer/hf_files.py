@@ -18,6 +18,8 @@ from checkpointer.safetensors_format import Header, TensorEntry, header_length, 
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Pickled PyTorch weights, which are never read (unpickling can run code).
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 CONFIG_FILE = "config.json"
 # Files that travel with the weights when present in the base checkpoint.
 SUPPORT_FILES = (
@@ -100,9 +102,18 @@ def _choose_files(folder: Folder, checkpoint_files: Sequence[str] | None) -> tup
         return files, weight_map, metadata
     if folder.exists(SINGLE_FILE):
         return [SINGLE_FILE], None, {}
-    raise CheckpointFormatError(
-        f"{folder.describe()}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files"
-    )
+    raise _no_weights(folder.describe(), [name for name in PICKLE_WEIGHTS if folder.exists(name)])
+
+
+def _no_weights(where: str, pickles: list[str]) -> CheckpointFormatError:
+    """No safetensors weights: say so, and what to do (convert pickled weights, or name the files)."""
+    if pickles:
+        return CheckpointFormatError(
+            f"{where}: no {INDEX_FILE} or {SINGLE_FILE}, only {' and '.join(pickles)}: weights are read only from "
+            "safetensors (unpickling can run code); convert them once, e.g. with transformers: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+        )
+    return CheckpointFormatError(f"{where}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files")
 
 
 def read_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None = None) -> CheckpointFiles:
@@ -150,7 +161,7 @@ def files_to_fetch(available: set[str], read_index: Callable[[], bytes], where: 
     elif SINGLE_FILE in available:
         weights = [SINGLE_FILE]
     else:
-        raise CheckpointFormatError(f"{where}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files")
+        raise _no_weights(where, [name for name in PICKLE_WEIGHTS if name in available])
     missing = [name for name in weights if name not in available]
     if missing:
         raise CheckpointFormatError(f"{where}/{missing[0]}: missing: the checkpoint names this file but it does not exist")

@@ -17,7 +17,7 @@ import shutil
 import struct
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -366,6 +366,22 @@ def manifest_not_json(folder: Path, ws: Workspace) -> Broken:
     return Broken(str(folder), {"manifest": str(folder / MANIFEST_FILE)})
 
 
+def _on_hub(build: Builder) -> Builder:
+    """``build``'s broken folder, uploaded to the local Hub and loaded from there (names become URLs)."""
+
+    def build_on_hub(folder: Path, ws: Workspace) -> Broken:
+        from huggingface_hub import HfApi
+
+        broken = build(folder, ws)
+        repo = f"{ws.hub_repo}-{folder.name}"
+        HfApi().create_repo(repo, exist_ok=True)
+        HfApi().upload_folder(folder_path=str(folder), repo_id=repo)
+        url = f"hf://{repo}"
+        return replace(broken, source=url, names={k: v.replace(str(folder), url) for k, v in broken.names.items()})
+
+    return build_on_hub
+
+
 def _save_with(entries: dict[str, Any]) -> Builder:
     """Save the (valid) model with ``entries`` replacing or adding state-dict values."""
 
@@ -421,6 +437,8 @@ CORPUS: list[Bad] = [
     Bad("missing_config", missing_config, E, r"<config>: missing"),
     Bad("config_not_json", config_not_json, F, r"<config>: not valid JSON"),
     Bad("config_missing_field", config_missing_field, F, r"<config>: required field 'hidden_size' is missing"),
+    Bad("only_pytorch_model_bin", only_pytorch_model_bin, F, r"<folder>: .*pytorch_model\.bin.* only from safetensors"),
+    Bad("hub_only_pytorch_model_bin", _on_hub(only_pytorch_model_bin), F, r"<folder>: .*pytorch_model\.bin.* only from safetensors"),
     # checkpoints written by checkpointer (with a manifest)
     Bad("truncated_after_manifest", truncated_after_manifest, F, r"<file>: .*truncated", start="saved"),
     Bad("replaced_after_manifest", replaced_after_manifest, F, r"<file>: \d+ bytes, but checkpointer\.json recorded \d+", start="saved"),
