@@ -312,7 +312,7 @@ def shape_mismatch(folder: Path, ws: Workspace) -> Broken:
 
 def wrong_model_type(folder: Path, ws: Workspace) -> Broken:
     hf_type = json.loads((folder / CONFIG_FILE).read_text())["model_type"]
-    return Broken(str(folder), {"config": str(folder / CONFIG_FILE), "hf_type": hf_type}, model_type="QWEN2")
+    return Broken(str(folder), {"config": str(folder / CONFIG_FILE), "hf_type": hf_type, "right": MODEL_TYPE}, model_type="QWEN2")
 
 
 def missing_config(folder: Path, ws: Workspace) -> Broken:
@@ -364,6 +364,11 @@ def bit_flip(folder: Path, ws: Workspace) -> Broken:
 def manifest_not_json(folder: Path, ws: Workspace) -> Broken:
     (folder / MANIFEST_FILE).write_text("{")
     return Broken(str(folder), {"manifest": str(folder / MANIFEST_FILE)})
+
+
+def save_wrong_model_type(folder: Path, ws: Workspace) -> Broken:
+    """Saving a Llama model as QWEN2 would write q/k without the RoPE permutation, silently."""
+    return replace(wrong_model_type(folder, ws), output=str(folder.parent / f"{folder.name}-out"), save={})
 
 
 def _on_hub(build: Builder) -> Builder:
@@ -433,6 +438,7 @@ CORPUS: list[Bad] = [
     Bad("unexpected_key", unexpected_key, M, r"unexpected key: <key> in <shard>"),
     Bad("missing_key", missing_key, M, r"missing key: <tune_key> \(stored as <key>\)"),
     Bad("shape_mismatch", shape_mismatch, M, r"shape mismatch: <tune_key> has shape <model_shape> in the model but <key> in <shard> has <file_shape>"),
+    Bad("wrong_model_type", wrong_model_type, M, r"<config> has model_type '<hf_type>', which is not a QWEN2 model: pass model_type=.*<right>"),
     # config.json
     Bad("missing_config", missing_config, E, r"<config>: missing"),
     Bad("config_not_json", config_not_json, F, r"<config>: not valid JSON"),
@@ -447,6 +453,7 @@ CORPUS: list[Bad] = [
     # saving: refused before anything is written
     Bad("save_non_tensor_value", _save_with({"norm.scale": [1.0, 2.0]}), E, r"\['<key>'\] is a list, not a tensor"),
     Bad("save_unknown_key", _save_with({"extra.weight": torch.zeros(2)}), M, r"no Hugging Face name is known for torchtune key '<key>'"),
+    Bad("save_wrong_model_type", save_wrong_model_type, M, r"config\.json has model_type '<hf_type>', which is not a QWEN2 model"),
     # locations
     Bad("url_missing_slash", _location("s3:/x"), E, r"checkpoint_dir='<source>': did you mean s3://"),
     Bad("url_unknown_scheme", _location(output_dir="nosuchproto://bucket/runs"), E, r"output_dir='<output>': fsspec knows no protocol 'nosuchproto'"),
