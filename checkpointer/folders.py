@@ -40,9 +40,11 @@ class Folder(Protocol):
 def check_relative_name(name: str, folder: str) -> str:
     """A file name from an index must stay inside its folder."""
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name:
-        raise CheckpointFormatError(f"{folder}: file name {name!r} is not a relative path inside the folder")
+        raise CheckpointFormatError(
+            f"{folder}: file name {name!r} is not a relative path inside the folder; a checkpoint may only name files inside it"
+        )
     if ".." in name.split("/") or posixpath.normpath(name).startswith(".."):
-        raise CheckpointFormatError(f"{folder}: file name {name!r} leaves the folder")
+        raise CheckpointFormatError(f"{folder}: file name {name!r} leaves the folder; a checkpoint may only name files inside it")
     return name
 
 
@@ -65,7 +67,10 @@ class LocalFolder:
         """The path of ``name``, refusing names or symlinks that lead outside the folder."""
         path = self.root / check_relative_name(name, str(self.root))
         if not path.resolve().is_relative_to(self._real_root):
-            raise CheckpointFormatError(f"{self.describe(name)}: a symlink leading outside {self.root}")
+            raise CheckpointFormatError(
+                f"{self.describe(name)}: a symlink leading outside {self.root} (to {path.resolve()}); "
+                "only files inside the checkpoint folder are read: copy the file in instead of linking to it"
+            )
         return path
 
     def exists(self, name: str) -> bool:

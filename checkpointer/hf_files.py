@@ -18,6 +18,7 @@ from checkpointer.safetensors_format import Header, TensorEntry, header_length, 
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_REFETCH_FILES = "the index and the weight files do not belong together: copy or download them again"
 # Pickled PyTorch weights, which are never read (unpickling can run code).
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 CONFIG_FILE = "config.json"
@@ -72,7 +73,10 @@ def _parse_index(text: bytes, where: str) -> tuple[dict[str, str], dict[str, Any
         raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointFormatError(f"{where}: no 'weight_map' object mapping tensor names to file names")
+        raise CheckpointFormatError(
+            f"{where}: no 'weight_map' object mapping tensor names to file names; "
+            "copy or download the index again, or delete it and name the weight files with checkpoint_files"
+        )
     for name in set(weight_map.values()):
         check_relative_name(name, where)
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
@@ -125,7 +129,8 @@ def read_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None
         for key, entry in header.tensors.items():
             if key in tensors:
                 raise CheckpointFormatError(
-                    f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}"
+                    f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}: "
+                    f"which copy to load is ambiguous; {_REFETCH_FILES}"
                 )
             tensors[key] = entry
     if weight_map is not None:
@@ -137,14 +142,17 @@ def _check_weight_map(folder: Folder, weight_map: dict[str, str], tensors: dict[
     where = folder.describe(INDEX_FILE)
     for key, name in weight_map.items():
         if key not in tensors:
-            raise CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it")
+            raise CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it; {_REFETCH_FILES}")
         if tensors[key].file != name:
-            raise CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}")
+            raise CheckpointFormatError(
+                f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}; {_REFETCH_FILES}"
+            )
     extra = sorted(set(tensors) - set(weight_map))
     if extra:
         raise CheckpointFormatError(
             f"{where}: tensor {extra[0]!r} in {tensors[extra[0]].file} is not in the index"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + f"; {_REFETCH_FILES}"
         )
 
 

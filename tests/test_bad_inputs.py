@@ -247,7 +247,7 @@ def shard_symlink_outside(folder: Path, ws: Workspace) -> Broken:
     shutil.copy(folder / shard, outside)  # a valid file: only where it lives is wrong
     (folder / shard).unlink()
     (folder / shard).symlink_to(outside)
-    return Broken(str(folder), {"file": str(folder / shard)})
+    return Broken(str(folder), {"file": str(folder / shard), "outside": str(outside)})
 
 
 def missing_shard(folder: Path, ws: Workspace) -> Broken:
@@ -427,13 +427,13 @@ CORPUS: list[Bad] = [
     Bad("huge_header_length", huge_header_length, F, r"<file>: header length \d+ exceeds the \d+-byte limit"),
     # the index and the files it names
     Bad("index_not_json", index_not_json, F, r"<index>: not valid JSON"),
-    Bad("index_without_weight_map", index_without_weight_map, F, r"<index>: no 'weight_map'"),
-    Bad("index_names_parent", _index_naming(lambda ws: "../x.safetensors"), F, r"<index>: file name '<name>' leaves the folder"),
-    Bad("index_names_absolute", _index_naming(lambda ws: str(ws.outside / "x.safetensors")), F, r"<index>: file name '<name>' is not a relative path"),
-    Bad("shard_symlink_outside", shard_symlink_outside, F, r"<file>: a symlink leading outside"),
+    Bad("index_without_weight_map", index_without_weight_map, F, r"<index>: no 'weight_map'.*copy or download the index again"),
+    Bad("index_names_parent", _index_naming(lambda ws: "../x.safetensors"), F, r"<index>: file name '<name>' leaves the folder; a checkpoint may only name files inside it"),
+    Bad("index_names_absolute", _index_naming(lambda ws: str(ws.outside / "x.safetensors")), F, r"<index>: file name '<name>' is not a relative path.*only name files inside it"),
+    Bad("shard_symlink_outside", shard_symlink_outside, F, r"<file>: a symlink leading outside .*<outside>.*copy the file in"),
     Bad("missing_shard", missing_shard, F, r"<file>: missing: model.safetensors.index.json names this shard"),
-    Bad("key_in_two_shards", key_in_two_shards, F, r"tensor '<key>' is in both <first> and <second>"),
-    Bad("index_key_missing_from_file", index_key_missing_from_file, F, r"<index>: tensor '<key>' is assigned to <shard> but that file lacks it"),
+    Bad("key_in_two_shards", key_in_two_shards, F, r"tensor '<key>' is in both <first> and <second>: .*copy or download them again"),
+    Bad("index_key_missing_from_file", index_key_missing_from_file, F, r"<index>: tensor '<key>' is assigned to <shard> but that file lacks it; .*copy or download them again"),
     # the checkpoint against the model
     Bad("unexpected_key", unexpected_key, M, r"unexpected key: <key> in <shard>"),
     Bad("missing_key", missing_key, M, r"missing key: <tune_key> \(stored as <key>\)"),
