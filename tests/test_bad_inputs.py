@@ -16,6 +16,7 @@ import resource
 import shutil
 import struct
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -459,7 +460,7 @@ CORPUS: list[Bad] = [
     Bad("url_unknown_scheme", _location(output_dir="nosuchproto://bucket/runs"), E, r"output_dir='<output>': fsspec knows no protocol 'nosuchproto'"),
     Bad("url_hub_without_namespace", _location("hf://repo"), E, r"checkpoint_dir='<source>': expected hf://"),
     Bad("hub_missing_repo", _location("hf://tester/no-such-repo"), E, r"<source>: repository tester/no-such-repo not found"),
-    Bad("hub_missing_revision", _location("hf://{repo}@no-such-revision"), E, r"revision 'no-such-revision' not found in <repo>"),
+    Bad("hub_missing_revision", _location("hf://{repo}@no-such-revision"), E, r"revision 'no-such-revision' not found in <repo>: name an existing branch, tag or commit"),
     Bad("hub_bad_token", bad_token, E, r"not authorized \(401\): set HF_TOKEN"),
 ]
 
@@ -579,7 +580,7 @@ def test_every_bad_input_is_refused_clearly_on_every_rank(
     from huggingface_hub import HfApi
 
     monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
-    repo = f"tester/bad-inputs-{tmp_path.name[-12:].strip('_')}"
+    repo = f"tester/bad-inputs-{uuid.uuid4().hex[:8]}"
     HfApi().create_repo(repo, exist_ok=True)
     HfApi().upload_folder(folder_path=str(tiny_llama3), repo_id=repo)
     (tmp_path / "outside").mkdir()
