@@ -55,7 +55,8 @@ class Broken:
     model_type: str = MODEL_TYPE
     kwargs: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
-    save: dict[str, Any] | None = None  # save the model with these state-dict entries replaced, instead of loading
+    method: str = "load_model"  # or "load_checkpoint", or "save_checkpoint" (which must write nothing)
+    state: dict[str, Any] = field(default_factory=dict)  # state-dict entries replaced before saving
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,7 @@ def manifest_not_json(folder: Path, ws: Workspace) -> Broken:
 
 def save_wrong_model_type(folder: Path, ws: Workspace) -> Broken:
     """Saving a Llama model as QWEN2 would write q/k without the RoPE permutation, silently."""
-    return replace(wrong_model_type(folder, ws), output=str(folder.parent / f"{folder.name}-out"), save={})
+    return replace(wrong_model_type(folder, ws), output=str(folder.parent / f"{folder.name}-out"), method="save_checkpoint")
 
 
 def _on_hub(build: Builder) -> Builder:
@@ -392,7 +393,8 @@ def _save_with(entries: dict[str, Any]) -> Builder:
     """Save the (valid) model with ``entries`` replacing or adding state-dict values."""
 
     def build(folder: Path, ws: Workspace) -> Broken:
-        return Broken(str(folder), {"key": next(iter(entries))}, output=str(folder.parent / f"{folder.name}-out"), save=entries)
+        output = str(folder.parent / f"{folder.name}-out")
+        return Broken(str(folder), {"key": next(iter(entries))}, output=output, method="save_checkpoint", state=entries)
 
     return build
 
@@ -478,7 +480,8 @@ def _case(bad: Bad, broken: Broken, config_dir: Path, default_output: Path) -> d
         "config": str(config_dir / CONFIG_FILE),
         "kwargs": broken.kwargs,
         "env": broken.env,
-        "save": broken.save,
+        "method": broken.method,
+        "state": broken.state,
     }
 
 
@@ -499,10 +502,12 @@ def _attempt(case: dict[str, Any], mesh: Any) -> None:
     config = ModelConfig.from_json(Path(case["config"]).read_text())
     model = build_sharded_model(case["model_type"], config, mesh)
     checkpointer = DistributedHFCheckpointer(case["source"], case["output"], case["model_type"], **case["kwargs"])
-    if case["save"] is None:
-        checkpointer.load_model(model)
-    else:
-        checkpointer.save_checkpoint({"model": model.state_dict() | case["save"]}, epoch=0)
+    calls = {
+        "load_model": lambda: checkpointer.load_model(model),
+        "load_checkpoint": checkpointer.load_checkpoint,
+        "save_checkpoint": lambda: checkpointer.save_checkpoint({"model": model.state_dict() | case["state"]}, epoch=0),
+    }
+    calls[case["method"]]()
 
 
 def _peak_rss_mb() -> float:
@@ -554,7 +559,7 @@ def _problems(bad: Bad, broken: Broken, outcomes: list[dict[str, Any]], secrets:
     problems += [f"took {o['seconds']:.1f} s" for o in outcomes if o["seconds"] > CASE_LIMIT_S]
     problems += [f"peak memory grew {o['rss_growth_mb']:.0f} MB" for o in outcomes if o["rss_growth_mb"] > RSS_LIMIT_MB]
     problems += [f"a token appears in {first['message']!r}" for s in secrets if s in first["message"]]
-    if broken.save is not None and _checkpoint_like(Path(broken.output)):
+    if broken.method == "save_checkpoint" and _checkpoint_like(Path(broken.output)):
         problems.append(f"a refused save wrote {_checkpoint_like(Path(broken.output))}")
     return problems
 
