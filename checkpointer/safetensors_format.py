@@ -138,7 +138,7 @@ def _parse_entry(name: str, info: object, file: str, data_start: int, location: 
     if not isinstance(info, dict):
         raise CheckpointFormatError(f"{where}: entry is not a JSON object")
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise CheckpointFormatError(f"{where}: unknown dtype {dtype_name!r} (safetensors dtypes: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CheckpointFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")

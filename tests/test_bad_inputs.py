@@ -184,6 +184,14 @@ def unknown_dtype(folder: Path, ws: Workspace) -> Broken:
     return Broken(str(folder), _edit_header(folder, edit))
 
 
+def dtype_not_a_string(folder: Path, ws: Workspace) -> Broken:
+    def edit(header: dict[str, Any], keys: list[str]) -> str:
+        header[keys[0]]["dtype"] = ["F32"]
+        return keys[0]
+
+    return Broken(str(folder), _edit_header(folder, edit))
+
+
 def byte_length_mismatch(folder: Path, ws: Workspace) -> Broken:
     def edit(header: dict[str, Any], keys: list[str]) -> str:
         header[keys[0]]["shape"][0] += 1
@@ -423,6 +431,7 @@ CORPUS: list[Bad] = [
     Bad("overlapping_offsets", overlapping_offsets, F, r"<file>: tensor '<key>' at data offset \d+ overlaps the previous tensor"),
     Bad("offsets_out_of_range", offsets_out_of_range, F, r"<file>: tensor '<key>' .*past the end of the file"),
     Bad("unknown_dtype", unknown_dtype, F, r"<file>: tensor '<key>': unknown dtype 'Q4'"),
+    Bad("dtype_not_a_string", dtype_not_a_string, F, r"<file>: tensor '<key>': unknown dtype \['F32'\]"),
     Bad("byte_length_mismatch", byte_length_mismatch, F, r"<file>: tensor '<key>': holds \d+ bytes but shape \[.*\] x F32 needs \d+"),
     Bad("gap_between_tensors", gap_between_tensors, F, r"<file>: tensor '<key>' at data offset \d+ leaves a gap before it"),
     Bad("metadata_not_strings", metadata_not_strings, F, r"<file>: __metadata__\['<key>'\] is an int, not a string"),
