@@ -66,9 +66,13 @@ class LocalFolder:
     def path(self, name: str) -> Path:
         """The path of ``name``, refusing names or symlinks that lead outside the folder."""
         path = self.root / check_relative_name(name, str(self.root))
-        if not path.resolve().is_relative_to(self._real_root):
+        try:
+            resolved = path.resolve()
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise CheckpointFormatError(f"{self.describe(name)}: cannot be resolved ({e}); replace it with the file") from None
+        if not resolved.is_relative_to(self._real_root):
             raise CheckpointFormatError(
-                f"{self.describe(name)}: a symlink leading outside {self.root} (to {path.resolve()}); "
+                f"{self.describe(name)}: a symlink leading outside {self.root} (to {resolved}); "
                 "only files inside the checkpoint folder are read: copy the file in instead of linking to it"
             )
         return path

@@ -260,6 +260,13 @@ def shard_symlink_outside(folder: Path, ws: Workspace) -> Broken:
     return Broken(str(folder), {"file": str(folder / shard), "outside": str(outside)})
 
 
+def shard_symlink_loop(folder: Path, ws: Workspace) -> Broken:
+    shard = _shards(folder)[1]
+    (folder / shard).unlink()
+    (folder / shard).symlink_to(shard)
+    return Broken(str(folder), {"file": str(folder / shard)})
+
+
 def missing_shard(folder: Path, ws: Workspace) -> Broken:
     shard = _shards(folder)[1]
     (folder / shard).unlink()
@@ -443,6 +450,7 @@ CORPUS: list[Bad] = [
     Bad("index_names_parent", _index_naming(lambda ws: "../x.safetensors"), F, r"<index>: file name '<name>' leaves the folder; a checkpoint may only name files inside it"),
     Bad("index_names_absolute", _index_naming(lambda ws: str(ws.outside / "x.safetensors")), F, r"<index>: file name '<name>' is not a relative path.*only name files inside it"),
     Bad("shard_symlink_outside", shard_symlink_outside, F, r"<file>: a symlink leading outside .*<outside>.*copy the file in"),
+    Bad("shard_symlink_loop", shard_symlink_loop, F, r"<file>: cannot be resolved \(.*loop.*\); replace it with the file"),
     Bad("missing_shard", missing_shard, F, r"<file>: missing: model.safetensors.index.json names this shard"),
     Bad("key_in_two_shards", key_in_two_shards, F, r"tensor '<key>' is in both <first> and <second>: .*copy or download them again"),
     Bad("index_key_missing_from_file", index_key_missing_from_file, F, r"<index>: tensor '<key>' is assigned to <shard> but that file lacks it; .*copy or download them again"),
