@@ -77,6 +77,8 @@ def _parse_index(text: bytes, where: str) -> tuple[dict[str, str], dict[str, Any
             f"{where}: no 'weight_map' object mapping tensor names to file names; "
             "copy or download the index again, or delete it and name the weight files with checkpoint_files"
         )
+    if not weight_map:
+        raise CheckpointFormatError(f"{where}: 'weight_map' is empty, so the checkpoint has no weights; copy or download the index again")
     for name in set(weight_map.values()):
         check_relative_name(name, where)
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}

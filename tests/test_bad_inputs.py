@@ -238,6 +238,12 @@ def index_without_weight_map(folder: Path, ws: Workspace) -> Broken:
     return Broken(str(folder), {"index": str(folder / INDEX_FILE)})
 
 
+def index_names_no_tensors(folder: Path, ws: Workspace) -> Broken:
+    """An empty weight map: load_checkpoint has no model to miss the keys, so only the index check can tell."""
+    _set_index(folder, {"metadata": {}, "weight_map": {}})
+    return Broken(str(folder), {"index": str(folder / INDEX_FILE)}, method="load_checkpoint")
+
+
 def _index_naming(name: Callable[[Workspace], str]) -> Builder:
     """The index assigns one tensor to ``name(ws)`` instead of its shard."""
 
@@ -447,6 +453,7 @@ CORPUS: list[Bad] = [
     # the index and the files it names
     Bad("index_not_json", index_not_json, F, r"<index>: not valid JSON"),
     Bad("index_without_weight_map", index_without_weight_map, F, r"<index>: no 'weight_map'.*copy or download the index again"),
+    Bad("index_names_no_tensors", index_names_no_tensors, F, r"<index>: 'weight_map' is empty"),
     Bad("index_names_parent", _index_naming(lambda ws: "../x.safetensors"), F, r"<index>: file name '<name>' leaves the folder; a checkpoint may only name files inside it"),
     Bad("index_names_absolute", _index_naming(lambda ws: str(ws.outside / "x.safetensors")), F, r"<index>: file name '<name>' is not a relative path.*only name files inside it"),
     Bad("shard_symlink_outside", shard_symlink_outside, F, r"<file>: a symlink leading outside .*<outside>.*copy the file in"),
