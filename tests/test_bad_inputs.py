@@ -355,6 +355,17 @@ def config_missing_field(folder: Path, ws: Workspace) -> Broken:
     return Broken(str(folder), {"config": str(folder / CONFIG_FILE)})
 
 
+def _config_with(**fields: Any) -> Builder:
+    """config.json with ``fields`` set (the model itself is built from the valid config)."""
+
+    def build(folder: Path, ws: Workspace) -> Broken:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        (folder / CONFIG_FILE).write_text(json.dumps(config | fields))
+        return Broken(str(folder), {"config": str(folder / CONFIG_FILE)})
+
+    return build
+
+
 def only_pytorch_model_bin(folder: Path, ws: Workspace) -> Broken:
     tensors = {k: v for shard in _shards(folder) for k, v in load_file(folder / shard).items()}
     torch.save(tensors, folder / "pytorch_model.bin")
@@ -470,6 +481,8 @@ CORPUS: list[Bad] = [
     Bad("missing_config", missing_config, E, r"<config>: missing"),
     Bad("config_not_json", config_not_json, F, r"<config>: not valid JSON"),
     Bad("config_missing_field", config_missing_field, F, r"<config>: required field 'hidden_size' is missing"),
+    Bad("config_zero_heads", _config_with(num_attention_heads=0), F, r"<config>: num_attention_heads is 0; it must be a positive integer"),
+    Bad("config_fractional_size", _config_with(hidden_size=64.5), F, r"<config>: hidden_size is 64.5; it must be a positive integer"),
     Bad("only_pytorch_model_bin", only_pytorch_model_bin, F, r"<folder>: .*pytorch_model\.bin.* only from safetensors"),
     Bad("hub_only_pytorch_model_bin", _on_hub(only_pytorch_model_bin), F, r"<folder>: .*pytorch_model\.bin.* only from safetensors"),
     # checkpoints written by checkpointer (with a manifest)
