@@ -223,8 +223,10 @@ def empty_file(folder: Path, ws: Workspace) -> Broken:
 
 
 def huge_header_length(folder: Path, ws: Workspace) -> Broken:
+    """A 1 GiB header in a (sparse) file that long: only the size limit stops a 1 GiB allocation."""
     path = folder / _shards(folder)[0]
-    path.write_bytes(struct.pack("<Q", 2**63) + path.read_bytes()[8:])
+    path.write_bytes(struct.pack("<Q", 2**30) + path.read_bytes()[8:])
+    os.truncate(path, 8 + 2**30 + 1)
     return Broken(str(folder), {"file": str(path)})
 
 
