@@ -61,10 +61,8 @@ def model_type_problems(layout: Layout, where: str = "") -> list[str]:
         return []
     config = f"{where}/{CONFIG_FILE}" if where else f"the base model's {CONFIG_FILE}"
     choices = [name for name, types in HF_MODEL_TYPES.items() if hf_type in types]
-    return [
-        f"{config} has model_type {hf_type!r}, which is not a {layout.name} model: "
-        f"pass model_type={', '.join(choices[:-1]) + ' or ' if len(choices) > 1 else ''}{choices[-1]}"
-    ]
+    listed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+    return [f"{config} has model_type {hf_type!r}, which is not a {layout.name} model: pass model_type={listed}"]
 
 
 def _part_offsets(parts: tuple[str, ...], rows: dict[str, int]) -> dict[str, int]:

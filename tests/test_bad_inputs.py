@@ -138,7 +138,7 @@ def _tune_key(folder: Path, hf_key: str) -> str:
 
 def truncated_shard(folder: Path, ws: Workspace) -> Broken:
     shard = _shard_with_most_tensors(folder)
-    header, data = _split(folder / shard)
+    header, _ = _split(folder / shard)
     (folder / shard).write_bytes((folder / shard).read_bytes()[:-16])
     return Broken(str(folder), {"file": str(folder / shard), "key": _tensors_by_offset(header)[-1]})
 
@@ -251,7 +251,7 @@ def _index_naming(name: Callable[[Workspace], str]) -> Builder:
 
     def build(folder: Path, ws: Workspace) -> Broken:
         index = _index(folder)
-        key = sorted(index["weight_map"])[0]
+        key = min(index["weight_map"])
         index["weight_map"][key] = name(ws)
         _set_index(folder, index)
         return Broken(str(folder), {"index": str(folder / INDEX_FILE), "name": name(ws)})
@@ -292,7 +292,7 @@ def key_in_two_shards(folder: Path, ws: Workspace) -> Broken:
 def _drop_tensor(folder: Path, shard: str) -> str:
     """Rewrite ``shard`` (validly) without its first tensor; returns that tensor's key."""
     tensors = load_file(folder / shard)
-    key = sorted(tensors)[0]
+    key = min(tensors)
     del tensors[key]
     save_file(tensors, folder / shard, metadata={"format": "pt"})
     return key
