@@ -61,12 +61,10 @@ class Broken:
 
 @dataclass(frozen=True)
 class Workspace:
-    """What builders may use besides their copy: the pristine checkpoints and a Hub repo."""
+    """What builders may use besides their copy."""
 
-    base: Path  # tiny valid checkpoint written by write_tiny_model (sharded, with an index)
-    saved: Path  # the same, saved by checkpointer (has checkpointer.json with sizes and sha256)
     outside: Path  # a folder outside every case's folder
-    hub_repo: str | None
+    hub_repo: str  # the valid checkpoint, uploaded to the local Hub
 
 
 Builder = Callable[[Path, Workspace], Broken]
@@ -74,7 +72,11 @@ Builder = Callable[[Path, Workspace], Broken]
 
 @dataclass(frozen=True)
 class Bad:
-    """One corpus entry: how to break a copy of ``start`` ("base" or "saved"), and the error it must raise."""
+    """One corpus entry: how to break a copy of ``start``, and the error it must raise.
+
+    ``start`` is "base" (tiny_llama3, written by write_tiny_model: 12 shards and an index) or
+    "saved" (the same saved by checkpointer, with checkpointer.json holding sizes and sha256).
+    """
 
     name: str
     build: Builder
@@ -439,7 +441,7 @@ def _location(checkpoint_dir: str = "{folder}", output_dir: str | None = None) -
     def build(folder: Path, ws: Workspace) -> Broken:
         source = checkpoint_dir.format(folder=folder, repo=ws.hub_repo)
         output = output_dir.format(folder=folder, repo=ws.hub_repo) if output_dir else None
-        return Broken(source, {"source": source, "output": output or "", "repo": ws.hub_repo or ""}, output=output)
+        return Broken(source, {"source": source, "output": output or "", "repo": ws.hub_repo}, output=output)
 
     return build
 
@@ -628,7 +630,7 @@ def test_every_bad_input_is_refused_clearly_on_every_rank(
     HfApi().create_repo(repo, exist_ok=True)
     HfApi().upload_folder(folder_path=str(tiny_llama3), repo_id=repo)
     (tmp_path / "outside").mkdir()
-    ws = Workspace(tiny_llama3, saved_llama3, tmp_path / "outside", repo)
+    ws = Workspace(tmp_path / "outside", repo)
     starts = {"base": tiny_llama3, "saved": saved_llama3}
     built: list[tuple[Bad, Broken]] = []
     for bad in CORPUS:
