@@ -409,8 +409,8 @@ def save_wrong_model_type(folder: Path, ws: Workspace) -> Broken:
     return replace(wrong_model_type(folder, ws), output=str(folder.parent / f"{folder.name}-out"), method="save_checkpoint")
 
 
-def _on_hub(build: Builder) -> Builder:
-    """``build``'s broken folder, uploaded to the local Hub and loaded from there (names become URLs)."""
+def _on_hub(build: Builder, **kwargs: Any) -> Builder:
+    """``build``'s broken folder, uploaded to the local Hub and loaded from there with ``kwargs`` (names become URLs)."""
 
     def build_on_hub(folder: Path, ws: Workspace) -> Broken:
         from huggingface_hub import HfApi
@@ -420,7 +420,8 @@ def _on_hub(build: Builder) -> Builder:
         HfApi().create_repo(repo, exist_ok=True)
         HfApi().upload_folder(folder_path=str(folder), repo_id=repo)
         url = f"hf://{repo}"
-        return replace(broken, source=url, names={k: v.replace(str(folder), url) for k, v in broken.names.items()})
+        names = {k: v.replace(str(folder), url) for k, v in broken.names.items()}
+        return replace(broken, source=url, names=names, kwargs=broken.kwargs | kwargs)
 
     return build_on_hub
 
@@ -454,6 +455,7 @@ F, M, E = CheckpointFormatError, CheckpointMismatchError, CheckpointError
 CORPUS: list[Bad] = [
     # safetensors files
     Bad("truncated_shard", truncated_shard, F, r"<file>: tensor '<key>' .*truncated"),
+    Bad("hub_streamed_truncated_shard", _on_hub(truncated_shard, streaming=True), F, r"<file>: tensor '<key>' .*truncated"),
     Bad("header_length_past_end", header_length_past_end, F, r"<file>: header length \d+ runs past the end of the file"),
     Bad("header_not_json", header_not_json, F, r"<file>: header is not valid JSON"),
     Bad("overlapping_offsets", overlapping_offsets, F, r"<file>: tensor '<key>' at data offset \d+ overlaps the previous tensor"),
