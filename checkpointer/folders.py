@@ -45,9 +45,11 @@ def local_files(root: Path) -> dict[str, int]:
 def check_relative_name(name: str, folder: str) -> str:
     """A file name from an index must stay inside its folder."""
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name:
-        raise CheckpointFormatError(f"{folder}: file name {name!r} is not a relative path inside the folder")
+        raise CheckpointFormatError(
+            f"{folder}: file name {name!r} is not a relative path inside the folder; a checkpoint may only name files inside it"
+        )
     if ".." in name.split("/") or posixpath.normpath(name).startswith(".."):
-        raise CheckpointFormatError(f"{folder}: file name {name!r} leaves the folder")
+        raise CheckpointFormatError(f"{folder}: file name {name!r} leaves the folder; a checkpoint may only name files inside it")
     return name
 
 
@@ -69,8 +71,15 @@ class LocalFolder:
     def path(self, name: str) -> Path:
         """The path of ``name``, refusing names or symlinks that lead outside the folder."""
         path = self.root / check_relative_name(name, str(self.root))
-        if not path.resolve().is_relative_to(self._real_root):
-            raise CheckpointFormatError(f"{self.describe(name)}: a symlink leading outside {self.root}")
+        try:
+            resolved = path.resolve()
+        except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+            raise CheckpointFormatError(f"{self.describe(name)}: cannot be resolved ({e}); replace it with the file") from None
+        if not resolved.is_relative_to(self._real_root):
+            raise CheckpointFormatError(
+                f"{self.describe(name)}: a symlink leading outside {self.root} (to {resolved}); "
+                "only files inside the checkpoint folder are read: copy the file in instead of linking to it"
+            )
         return path
 
     def exists(self, name: str) -> bool:

@@ -18,6 +18,9 @@ from checkpointer.safetensors_format import Header, TensorEntry, header_length, 
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_REFETCH_FILES = "the index and the weight files do not belong together: copy or download them again"
+# Pickled PyTorch weights, which are never read (unpickling can run code).
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 CONFIG_FILE = "config.json"
 # Files that travel with the weights when present in the base checkpoint.
 SUPPORT_FILES = (
@@ -70,7 +73,12 @@ def _parse_index(text: bytes, where: str) -> tuple[dict[str, str], dict[str, Any
         raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointFormatError(f"{where}: no 'weight_map' object mapping tensor names to file names")
+        raise CheckpointFormatError(
+            f"{where}: no 'weight_map' object mapping tensor names to file names; "
+            "copy or download the index again, or delete it and name the weight files with checkpoint_files"
+        )
+    if not weight_map:
+        raise CheckpointFormatError(f"{where}: 'weight_map' is empty, so the checkpoint has no weights; copy or download the index again")
     for name in set(weight_map.values()):
         check_relative_name(name, where)
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
@@ -94,9 +102,18 @@ def _choose_files(folder: Folder, checkpoint_files: Sequence[str] | None) -> tup
         return sorted(set(weight_map.values())), weight_map, metadata
     if folder.exists(SINGLE_FILE):
         return [SINGLE_FILE], None, {}
-    raise CheckpointFormatError(
-        f"{folder.describe()}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files"
-    )
+    raise _no_weights(folder.describe(), [name for name in PICKLE_WEIGHTS if folder.exists(name)])
+
+
+def _no_weights(where: str, pickles: list[str]) -> CheckpointFormatError:
+    """No safetensors weights: say so, and what to do (convert pickled weights, or name the files)."""
+    if pickles:
+        return CheckpointFormatError(
+            f"{where}: no {INDEX_FILE} or {SINGLE_FILE}, only {' and '.join(pickles)}: weights are read only from "
+            "safetensors (unpickling can run code); convert them once, e.g. with transformers: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+        )
+    return CheckpointFormatError(f"{where}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files")
 
 
 def scan_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None = None) -> tuple[CheckpointFiles, list[str]]:
@@ -111,7 +128,10 @@ def scan_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None
     headers: dict[str, Header] = {}
     for name in files:
         if weight_map is not None and not folder.exists(name):
-            problems.append(f"{folder.describe(name)}: missing: {INDEX_FILE} names this shard but it does not exist")
+            problems.append(
+                f"{folder.describe(name)}: missing: {INDEX_FILE} names this shard but it does not exist; "
+                "copy or download the whole checkpoint again"
+            )
             continue
         try:
             headers[name] = read_header(folder, name)
@@ -137,7 +157,10 @@ def _tensors_of(folder: Folder, headers: dict[str, Header], problems: list[str])
     for header in headers.values():
         for key, entry in header.tensors.items():
             if key in tensors:
-                problems.append(f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}")
+                problems.append(
+                    f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}: "
+                    f"which copy to load is ambiguous; {_REFETCH_FILES}"
+                )
                 continue
             tensors[key] = entry
     return tensors
@@ -149,11 +172,11 @@ def weight_map_problems(folder: Folder, weight_map: dict[str, str], tensors: dic
     problems = []
     for key, name in weight_map.items():
         if key not in tensors:
-            problems.append(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it")
+            problems.append(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it; {_REFETCH_FILES}")
         elif tensors[key].file != name:
-            problems.append(f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}")
+            problems.append(f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}; {_REFETCH_FILES}")
     for key in sorted(set(tensors) - set(weight_map)):
-        problems.append(f"{where}: tensor {key!r} in {tensors[key].file} is not in the index")
+        problems.append(f"{where}: tensor {key!r} in {tensors[key].file} is not in the index; {_REFETCH_FILES}")
     return problems
 
 
@@ -170,7 +193,7 @@ def files_to_fetch(available: set[str], read_index: Callable[[], bytes], where: 
     elif SINGLE_FILE in available:
         weights = [SINGLE_FILE]
     else:
-        raise CheckpointFormatError(f"{where}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files")
+        raise _no_weights(where, [name for name in PICKLE_WEIGHTS if name in available])
     missing = [name for name in weights if name not in available]
     if missing:
         raise CheckpointFormatError(f"{where}/{missing[0]}: missing: the checkpoint names this file but it does not exist")

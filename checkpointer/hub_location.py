@@ -48,7 +48,10 @@ def _hub_error(url: HubUrl, error: Exception) -> CheckpointError:
     if isinstance(error, GatedRepoError):
         return CheckpointError(f"{url}: {url.repo_id} is gated: accept its terms on the Hub and set HF_TOKEN")
     if isinstance(error, RevisionNotFoundError):
-        return CheckpointError(f"{url}: revision {url.revision!r} not found in {url.repo_id}")
+        return CheckpointError(
+            f"{url}: revision {url.revision!r} not found in {url.repo_id}: name an existing branch, tag or commit "
+            f"after '@' (a '/' in it written %2F)"
+        )
     if isinstance(error, RepositoryNotFoundError):
         return CheckpointError(
             f"{url}: repository {url.repo_id} not found (or it is private and HF_TOKEN does not grant access)"

@@ -12,10 +12,26 @@ from dataclasses import dataclass
 import torch
 
 from checkpointer.errors import CheckpointMismatchError
+from checkpointer.hf_files import CONFIG_FILE
 from checkpointer.layouts import Layout
 from checkpointer.safetensors_format import TensorEntry, TensorSpec
 
 _MAX_LISTED = 12
+# The config.json ``model_type`` values whose weights each torchtune model type converts
+# correctly (types sharing one layout share an entry). A model type missing here, or a
+# config whose model_type appears nowhere (a custom one), is not checked.
+_LLAMA_LIKE = ("llama", "mistral")
+HF_MODEL_TYPES: dict[str, tuple[str, ...]] = {
+    "LLAMA2": _LLAMA_LIKE,
+    "LLAMA3": _LLAMA_LIKE,
+    "LLAMA3_2": _LLAMA_LIKE,
+    "MISTRAL": _LLAMA_LIKE,
+    "QWEN2": ("qwen2",),
+    "QWEN3": ("qwen3",),
+    "GEMMA": ("gemma",),
+    "GEMMA2": ("gemma2",),
+    "PHI3_MINI": ("phi3",),
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,22 @@ def _fail(problems: list[str], what: str) -> None:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise CheckpointMismatchError(f"{what}: {len(problems)} problem(s):\n  {listed}{more}")
+
+
+def model_type_problems(layout: Layout, where: str = "") -> list[str]:
+    """A problem when config.json names an architecture that ``layout`` would convert wrongly.
+
+    Without this check a Llama checkpoint loads as QWEN2 with no error at all (same key
+    names, no RoPE permutation), giving a model that silently computes garbage.
+    """
+    hf_type = layout.config.model_type
+    known = {t for types in HF_MODEL_TYPES.values() for t in types}
+    if layout.name not in HF_MODEL_TYPES or hf_type not in known or hf_type in HF_MODEL_TYPES[layout.name]:
+        return []
+    config = f"{where}/{CONFIG_FILE}" if where else f"the base model's {CONFIG_FILE}"
+    choices = [name for name, types in HF_MODEL_TYPES.items() if hf_type in types]
+    listed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+    return [f"{config} has model_type {hf_type!r}, which is not a {layout.name} model: pass model_type={listed}"]
 
 
 def _part_offsets(parts: tuple[str, ...], rows: dict[str, int]) -> dict[str, int]:
@@ -49,7 +81,7 @@ def match_for_load(
     ``model_shapes`` holds global shapes of the model's tensors; ``tensors`` the
     checkpoint's; ``where`` names the checkpoint in messages.
     """
-    problems: list[str] = []
+    problems: list[str] = model_type_problems(layout, where)
     sources: dict[str, Source] = {}
     used: set[str] = set()
     for key, shape in model_shapes.items():
@@ -122,7 +154,7 @@ def plan_for_save(
     layout: Layout, model_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
 ) -> tuple[dict[str, TensorSpec], dict[str, Destination]]:
     """The HF tensors to write (dtype, global shape) and where each model tensor goes."""
-    problems: list[str] = []
+    problems: list[str] = model_type_problems(layout)
     specs: dict[str, TensorSpec] = {}
     destinations: dict[str, Destination] = {}
     for key in model_specs:
@@ -155,7 +187,7 @@ def model_specs_from_checkpoint(
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """The torchtune tensors (dtype, shape) a checkpoint holds, for loading without a model."""
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    problems: list[str] = []
+    problems: list[str] = model_type_problems(layout, where)
     for hf_key, entry in tensors.items():
         keys = layout.tune_keys(hf_key)
         if keys is None:

