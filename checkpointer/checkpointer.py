@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from checkpointer.distributed import is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.file_layout import plan_file_layout
 from checkpointer.folders import Folder, LocalFolder
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
@@ -400,7 +400,7 @@ class DistributedHFCheckpointer:
             size, seconds = sum(sizes.values()), time.perf_counter() - started
             log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_bytes(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
         if self.keep_last_n_checkpoints:
-            on_rank_zero(self._prune, self.process_group)
+            on_rank_zero(lambda: self._prune(keep=name), self.process_group)
         return published
 
     def _plan_weights(self, model_state: dict[str, Any]):
@@ -453,10 +453,13 @@ class DistributedHFCheckpointer:
             on_rank_zero(self._lock.acquire, self.process_group)
             self._lock_checked = True
 
-    def _prune(self) -> None:
-        """Remove the oldest checkpoints beyond ``keep_last_n_checkpoints`` (never the newest)."""
-        names = [m["name"] for m in self.published_checkpoints()]
-        for name in names[: max(0, len(names) - int(self.keep_last_n_checkpoints))]:
+    def _prune(self, keep: str) -> None:
+        """Remove the oldest checkpoints beyond ``keep_last_n_checkpoints``; never ``keep``, the one just saved.
+
+        ``keep`` counts as the newest whatever the other manifests' clocks say.
+        """
+        names = [m["name"] for m in self.published_checkpoints() if m["name"] != keep]
+        for name in names[: max(0, len(names) + 1 - int(self.keep_last_n_checkpoints))]:
             log.info("removing old checkpoint %s", self.destination.describe(name))
             self.destination.remove(name)
 
@@ -495,10 +498,16 @@ def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | Non
     raise CheckpointError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names")
 
 
+_MAX_CONFIG_BYTES = 16 * 2**20  # real configs are a few KB
+
+
 def _read_config(folder: Folder) -> ModelConfig:
     if not folder.exists(CONFIG_FILE):
-        raise CheckpointError(f"{folder.describe(CONFIG_FILE)}: missing; the model's dimensions come from it")
-    return ModelConfig.from_json(folder.read(CONFIG_FILE, 0, folder.size(CONFIG_FILE)), folder.describe(CONFIG_FILE))
+        raise CheckpointFormatError(f"{folder.describe(CONFIG_FILE)}: missing; the model's dimensions come from it")
+    size = folder.size(CONFIG_FILE)
+    if size > _MAX_CONFIG_BYTES:
+        raise CheckpointFormatError(f"{folder.describe(CONFIG_FILE)}: {size} bytes is too large for a config.json")
+    return ModelConfig.from_json(folder.read(CONFIG_FILE, 0, size), folder.describe(CONFIG_FILE))
 
 
 def _check_materialized(state_dict: dict[str, Any]) -> None:

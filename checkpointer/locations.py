@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, TypeVar
 import torch.distributed as dist
 
 from checkpointer.errors import CheckpointError
-from checkpointer.folders import Folder, LocalFolder, local_files
+from checkpointer.folders import Folder, LocalFolder, local_files, make_dirs
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_location
 from checkpointer.manifest import MANIFEST_FILE
@@ -68,7 +68,7 @@ def fresh_dir(path: Path) -> Path:
     """An empty folder at ``path`` (a leftover of an interrupted run is removed)."""
     if path.exists():
         shutil.rmtree(path)
-    path.mkdir(parents=True)
+    make_dirs(path)
     return path
 
 
@@ -147,7 +147,11 @@ class LocalLocation:
     def checkpoint_names(self) -> list[str]:
         if not self.path.is_dir():
             return []
-        names = [p.name for p in self.path.iterdir() if CHECKPOINT_NAME.match(p.name) and (p / MANIFEST_FILE).is_file()]
+        names = [
+            p.name
+            for p in self.path.iterdir()
+            if CHECKPOINT_NAME.match(p.name) and not p.is_symlink() and (p / MANIFEST_FILE).is_file()
+        ]
         return sorted(names)
 
     def read_file(self, path: str) -> bytes | None:

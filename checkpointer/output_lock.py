@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from checkpointer.errors import CheckpointError
+from checkpointer.folders import make_dirs
 
 LOCK_FILE = ".checkpointer.lock"
 
@@ -35,7 +36,7 @@ class OutputLock:
         """Take the lock (once per process), or raise naming the process that holds it."""
         if self.held:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

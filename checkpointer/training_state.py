@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +142,15 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, reading non-tensor values with ``weights_only=True``."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        loaded = torch.load(value, weights_only=True)
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: never repeat that
+            found = re.search(r"Unsupported global: GLOBAL \S+", str(e))
+            raise CheckpointFormatError(
+                f"{TRAINING_STATE_DIR}: entry {read_item.dest_index.fqn!r} is a pickle of something other than plain data "
+                f"({found.group(0) if found else 'refused by weights_only loading'}); checkpointer never writes such "
+                "entries, so this training state was altered: do not load it"
+            ) from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element
 

@@ -484,7 +484,7 @@ CORPUS: list[Bad] = [
     Bad("shape_mismatch", shape_mismatch, M, r"shape mismatch: <tune_key> has shape <model_shape> in the model but <key> in <shard> has <file_shape>"),
     Bad("wrong_model_type", wrong_model_type, M, r"<config> has model_type '<hf_type>', which is not a QWEN2 model: pass model_type=.*<right>"),
     # config.json
-    Bad("missing_config", missing_config, E, r"<config>: missing"),
+    Bad("missing_config", missing_config, F, r"<config>: missing"),
     Bad("config_not_json", config_not_json, F, r"<config>: not valid JSON"),
     Bad("config_missing_field", config_missing_field, F, r"<config>: required field 'hidden_size' is missing"),
     Bad("config_zero_heads", _config_with(num_attention_heads=0), F, r"<config>: num_attention_heads is 0; it must be a positive integer"),
