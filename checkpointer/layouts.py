@@ -120,6 +120,7 @@ class _KeySet:
     with_rule: frozenset[str]
     ignored: tuple[re.Pattern, ...]
     hf_model_types: frozenset[str]  # config.json "model_type" values of the models it serves
+    rules: tuple[Rule, ...]
 
     def known(self, key: str, pattern: str, tied: bool | None) -> bool:
         if pattern in self.required or any(p.fullmatch(key) for p in self.ignored):
@@ -142,7 +143,21 @@ def register_layout(
     LAYOUTS[name] = lambda config: Layout(name, rules, config, ignored_hf, tied)
     with_rule = frozenset(r.hf for r in rules)
     ignored = tuple(re.compile(p) for p in ignored_hf)
-    _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types))
+    _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types), rules)
+
+
+def hf_model_types_for(name: str) -> frozenset[str]:
+    """config.json ``model_type`` values whose checkpoints layout ``name`` converts correctly.
+
+    Layouts with the same rules (LLAMA2/3/3_2 and MISTRAL) accept each other's models.
+    """
+    own = _KEY_SETS[name]
+    return frozenset(t for key_set in _KEY_SETS.values() if key_set.rules == own.rules for t in key_set.hf_model_types)
+
+
+def layouts_for_hf_model_type(hf_model_type: str) -> list[str]:
+    """The registered layouts that convert a config.json ``model_type`` correctly."""
+    return sorted(name for name in _KEY_SETS if hf_model_type in hf_model_types_for(name))
 
 
 def model_types_for_keys(hf_keys: Iterable[str], tied: bool | None = None, hf_model_type: str | None = None) -> list[str]:

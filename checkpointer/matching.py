@@ -13,25 +13,10 @@ import torch
 
 from checkpointer.errors import CheckpointMismatchError
 from checkpointer.hf_files import CONFIG_FILE
-from checkpointer.layouts import Layout
+from checkpointer.layouts import LAYOUTS, Layout, hf_model_types_for, layouts_for_hf_model_type
 from checkpointer.safetensors_format import TensorEntry, TensorSpec
 
 _MAX_LISTED = 12
-# The config.json ``model_type`` values whose weights each torchtune model type converts
-# correctly (types sharing one layout share an entry). A model type missing here, or a
-# config whose model_type appears nowhere (a custom one), is not checked.
-_LLAMA_LIKE = ("llama", "mistral")
-HF_MODEL_TYPES: dict[str, tuple[str, ...]] = {
-    "LLAMA2": _LLAMA_LIKE,
-    "LLAMA3": _LLAMA_LIKE,
-    "LLAMA3_2": _LLAMA_LIKE,
-    "MISTRAL": _LLAMA_LIKE,
-    "QWEN2": ("qwen2",),
-    "QWEN3": ("qwen3",),
-    "GEMMA": ("gemma",),
-    "GEMMA2": ("gemma2",),
-    "PHI3_MINI": ("phi3",),
-}
 
 
 @dataclass(frozen=True)
@@ -56,11 +41,10 @@ def model_type_problems(layout: Layout, where: str = "") -> list[str]:
     names, no RoPE permutation), giving a model that silently computes garbage.
     """
     hf_type = layout.config.model_type
-    known = {t for types in HF_MODEL_TYPES.values() for t in types}
-    if layout.name not in HF_MODEL_TYPES or hf_type not in known or hf_type in HF_MODEL_TYPES[layout.name]:
-        return []
+    choices = layouts_for_hf_model_type(hf_type)
+    if not choices or layout.name not in LAYOUTS or hf_type in hf_model_types_for(layout.name):
+        return []  # a custom model_type, or one this layout serves
     config = f"{where}/{CONFIG_FILE}" if where else f"the base model's {CONFIG_FILE}"
-    choices = [name for name, types in HF_MODEL_TYPES.items() if hf_type in types]
     listed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
     return [f"{config} has model_type {hf_type!r}, which is not a {layout.name} model: pass model_type={listed}"]
 
