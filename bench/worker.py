@@ -1,0 +1,104 @@
+"""What each rank of one spawned process group runs: every method, every repetition.
+
+Repetitions are the outer loop, so that drift (page cache, heap state) spreads over all
+methods alike. Each operation is checked after it is timed: a load by a checksum of
+everything the ranks loaded (a sum, so the same for torchtune and HF row orders), a
+save by the tensor bytes found in the files it wrote.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import logging
+import pstats
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bench.measure import measure
+from bench.methods import METHODS, Context, Method, _local, read_entries
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the ranks are told to do (plain values: it is pickled to spawned processes)."""
+
+    base: str
+    out: str
+    methods: tuple[str, ...]
+    reps: int
+    threads: int
+    profile: str | None = None  # a method key to run once more under cProfile on rank 0
+    profile_to: str | None = None
+
+
+def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]:
+    """Measure every method ``settings.reps`` times; one record per operation on this rank."""
+    torch.set_num_threads(settings.threads)
+    logging.getLogger("torchtune").setLevel(logging.WARNING)  # one INFO line per file saved
+    ctx = Context(rank, world, Path(settings.base), Path(settings.out))
+    methods = [METHODS[key] for key in settings.methods]
+    if any(m.op == "save" for m in methods):
+        ctx.loaded_model, ctx.loaded_hf_shards  # noqa: B018 - the save sources exist before any timing
+    records = [_run_once(ctx, m, rep) for rep in range(settings.reps) for m in methods]
+    if settings.profile:
+        _profile(ctx, METHODS[settings.profile], Path(settings.profile_to or settings.out))
+    return records
+
+
+def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
+    operation = method.prepare(ctx, rep)
+    sample, result = measure(operation)
+    check = _checksum(result) if method.op == "load" else _saved_bytes(ctx, result)
+    del operation, result
+    _clean(ctx, ctx.out_dir(method.key, rep))
+    return {"key": method.key, "rep": rep, "rank": ctx.rank, "share": ctx.share, "check": check, **asdict(sample)}
+
+
+def _checksum(state_dict: dict[str, Any]) -> float:
+    """The sum of every element on every rank (in float64)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for value in state_dict.values():
+        total += _local(value).sum(dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total)
+
+
+def _saved_bytes(ctx: Context, folder: Path) -> int:
+    """Tensor bytes in the safetensors files of ``folder`` (counted on rank 0, 0 elsewhere)."""
+    if ctx.rank != 0:
+        return 0
+    return sum(e.nbytes for file in folder.glob("*.safetensors") for e in read_entries(file).values())
+
+
+def _clean(ctx: Context, folder: Path) -> None:
+    """Remove what an operation wrote, once every rank is done with it."""
+    dist.barrier()
+    if ctx.rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+
+
+def _profile(ctx: Context, method: Method, where: Path) -> None:
+    """Run ``method`` once more, under cProfile on rank 0; write the top functions."""
+    operation = method.prepare(ctx, rep=-1)
+    profiler = cProfile.Profile() if ctx.rank == 0 else None
+    dist.barrier()
+    if profiler:
+        profiler.enable()
+    operation()
+    if profiler:
+        profiler.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
+        stats.print_stats(45)
+        stats.sort_stats("tottime").print_stats(25)
+        where.mkdir(parents=True, exist_ok=True)
+        (where / f"profile-{method.key.replace('/', '-')}-w{ctx.world}.txt").write_text(text.getvalue())
+    _clean(ctx, ctx.out_dir(method.key, -1))
