@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,30 +45,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=HERE / "work", help="base models and outputs (default: bench/work)")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="'-' to write none")
     parser.add_argument("--profile", choices=list(METHODS), help="run this method once more under cProfile on rank 0")
+    parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
     return parser.parse_args(argv)
 
 
-def run_size(size: str, args: argparse.Namespace) -> list[Result]:
-    """Every world size for one model size."""
+def run_size(
+    size: str,
+    worlds: list[int],
+    reps: int,
+    methods: list[str],
+    work: Path,
+    profile: str | None = None,
+    raw: bool = False,
+) -> list[Result]:
+    """Every method at every world size for one model size (the base model is made or reused)."""
     from checkpointer.testing.multiprocess import run_on_ranks
 
-    base = ensure_base_model(SIZES[size], args.work)
+    base = ensure_base_model(SIZES[size], work)
     results = []
-    for world in args.worlds:
+    for world in worlds:
         settings = Settings(
             base=str(base),
-            out=str(args.work / f"out-{size}-w{world}"),
-            methods=tuple(args.methods),
-            reps=args.reps,
+            out=str(work / f"out-{size}-w{world}"),
+            methods=tuple(methods),
+            reps=reps,
             threads=max(1, (os.cpu_count() or 1) // world),
-            profile=args.profile,
-            profile_to=str(args.work),
+            profile=profile,
+            profile_to=str(work),
         )
         started = time.perf_counter()
         ranks = run_on_ranks(run_world, world, settings, timeout=3600.0, pg_timeout=1800.0)
+        shutil.rmtree(settings.out, ignore_errors=True)
         print(f"  {size} W={world}: {time.perf_counter() - started:.0f} s", flush=True)
+        if raw:
+            print_raw(ranks)
         results += summarize(size, model_bytes(base), world, ranks).values()
     return results
+
+
+def print_raw(ranks: list[list[dict]]) -> None:
+    """One line per operation per rank, in the order they ran."""
+    for records in zip(*ranks):
+        print(f"    {records[0]['key']:<16} rep {records[0]['rep']}: " + "  ".join(
+            f"r{r['rank']} {r['seconds']:.3f} s {r['growth'] / 2**20:.0f} MB" for r in records
+        ))
 
 
 def machine() -> str:
@@ -144,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.update(MALLOC_ENV)  # inherited by the spawned ranks
     started = time.perf_counter()
-    results = [r for size in args.size for r in run_size(size, args)]
+    results = [
+        r
+        for size in args.size
+        for r in run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw)
+    ]
     lines = report(results, args, argv, (time.perf_counter() - started) / 60)
     print("\n".join(lines))
     if str(args.results) != "-":

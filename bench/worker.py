@@ -11,6 +11,7 @@ from __future__ import annotations
 import cProfile
 import io
 import logging
+import os
 import pstats
 import shutil
 from dataclasses import asdict, dataclass
@@ -78,10 +79,15 @@ def _saved_bytes(ctx: Context, folder: Path) -> int:
 
 
 def _clean(ctx: Context, folder: Path) -> None:
-    """Remove what an operation wrote, once every rank is done with it."""
+    """Remove what an operation wrote, once every rank is done with it, and flush dirty pages.
+
+    Every operation then starts with nothing left to write back, whether the one before it
+    fsynced its files or left them dirty in the page cache.
+    """
     dist.barrier()
     if ctx.rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
+        os.sync()
     dist.barrier()
 
 
