@@ -10,7 +10,8 @@ loaded (a state dict) or where it saved (a folder), for checking.
 - ``load/torch``, ``save/torch``: DCP's ``HuggingFaceStorageReader`` / consolidating
   ``HuggingFaceStorageWriter`` with a state dict of DTensors keyed by HF names.
 - ``load/floor``, ``save/floor``: plain ``os.preadv`` of this rank's rows into its shards;
-  ``safetensors.torch.save_file`` of this rank's shards into a file of its own.
+  ``safetensors.torch.save_file`` of this rank's shards into a file of its own
+  (``save/floor_fsync``: the same, then fsync, as durable as ours).
 """
 
 from __future__ import annotations
@@ -309,13 +310,29 @@ def save_torch(ctx: Context, rep: int) -> Operation:
 
 @method("save", "floor", "safetensors.torch.save_file of this rank's shards into its own file")
 def save_floor(ctx: Context, rep: int) -> Operation:
+    return _own_file(ctx, ctx.out_dir("save/floor", rep), fsync=False)
+
+
+@method("save", "floor_fsync", "the same, then fsync of that file (the durability ours and torch's writer give)")
+def save_floor_fsync(ctx: Context, rep: int) -> Operation:
+    return _own_file(ctx, ctx.out_dir("save/floor_fsync", rep), fsync=True)
+
+
+def _own_file(ctx: Context, out: Path, fsync: bool) -> Operation:
+    """Each rank writes its HF-keyed shards with ``save_file`` into a file of its own."""
     from safetensors.torch import save_file
 
-    shards, out = ctx.loaded_hf_shards, ctx.out_dir("save/floor", rep)
+    shards, path = ctx.loaded_hf_shards, out / f"rank-{ctx.rank:05d}.safetensors"
     out.mkdir(parents=True, exist_ok=True)
 
     def operation() -> Path:
-        save_file({name: value.to_local() for name, value in shards.items()}, str(out / f"rank-{ctx.rank:05d}.safetensors"))
+        save_file({name: value.to_local() for name, value in shards.items()}, str(path))
+        if fsync:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return out
 
     return operation

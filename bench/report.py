@@ -108,6 +108,7 @@ RATIOS: list[tuple[str, str, str]] = [
     ("load ours/floor", "load/ours", "load/floor"),
     ("load torchtune/ours", "load/torchtune", "load/ours"),
     ("save ours/floor", "save/ours", "save/floor"),
+    ("save ours/floor+fsync", "save/ours", "save/floor_fsync"),
     ("save torchtune/ours", "save/torchtune", "save/ours"),
     ("save torch/ours", "save/torch", "save/ours"),
 ]
