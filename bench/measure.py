@@ -1,4 +1,4 @@
-"""Wall time (barrier to barrier) and peak RSS growth of one operation on this rank.
+"""Wall time (barrier to barrier) and peak RSS growth of one operation on this rank; CPU use of a run.
 
 The kernel's peak RSS (``VmHWM``) is reset by writing ``5`` to ``/proc/self/clear_refs``
 right before the operation; growth is ``VmHWM`` after minus ``VmRSS`` before. RSS counts
@@ -9,6 +9,7 @@ page cache of files read or written with ``pread``/``pwrite``.
 from __future__ import annotations
 
 import gc
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -56,3 +57,29 @@ def measure(operation: Callable[[], Any]) -> tuple[Sample, Any]:
     _barrier()
     seconds = time.perf_counter() - started
     return Sample(seconds, memory_status()["VmHWM"] - before), result
+
+
+class CpuUse:
+    """CPU seconds used by this process and its (reaped) children vs by every other process, over a block."""
+
+    def __enter__(self) -> CpuUse:
+        self._start = (time.perf_counter(), _busy_seconds(), _own_seconds())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        now = (time.perf_counter(), _busy_seconds(), _own_seconds())
+        self.wall, busy, self.ours = (b - a for a, b in zip(self._start, now))
+        self.others = max(0.0, busy - self.ours)
+        self.available = self.wall * (os.cpu_count() or 1)
+
+
+def _busy_seconds() -> float:
+    """CPU seconds every process has used since boot (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system

@@ -76,6 +76,24 @@ def _check(key: str, records: list[dict[str, Any]], model_bytes: int, reference:
     return "ok" if written == {model_bytes} else f"wrote {sorted(written)} of {model_bytes} bytes"
 
 
+@dataclass(frozen=True)
+class GroupRun:
+    """One spawned process group: its wall time and who used the CPU meanwhile."""
+
+    size: str
+    world: int
+    wall: float
+    ours: float  # CPU seconds of the benchmark's processes
+    others: float  # CPU seconds of every other process on the machine
+    available: float  # wall x cores
+
+
+def groups_table(groups: list[GroupRun]) -> list[str]:
+    header = ["size", "W", "wall s", "CPU s, this benchmark", "CPU s, other processes", "CPU s available"]
+    rows = [[g.size, str(g.world), f"{g.wall:.0f}", f"{g.ours:.0f}", f"{g.others:.0f}", f"{g.available:.0f}"] for g in groups]
+    return _table(header, rows)
+
+
 # ---- tables --------------------------------------------------------------------------------
 
 

@@ -20,11 +20,13 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.methods import METHODS
 from bench.models import SIZES, ensure_base_model, model_bytes
-from bench.report import Result, methods_list, ratios_table, results_table, summarize, verdicts
+from bench.measure import CpuUse
+from bench.report import GroupRun, Result, groups_table, methods_list, ratios_table, results_table, summarize, verdicts
 from bench.worker import Settings, run_world
 
 HERE = Path(__file__).resolve().parent
@@ -49,6 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Measured:
+    """Everything one run measured."""
+
+    results: list[Result] = field(default_factory=list)
+    groups: list[GroupRun] = field(default_factory=list)
+
+
 def run_size(
     size: str,
     worlds: list[int],
@@ -57,12 +67,12 @@ def run_size(
     work: Path,
     profile: str | None = None,
     raw: bool = False,
-) -> list[Result]:
+) -> Measured:
     """Every method at every world size for one model size (the base model is made or reused)."""
     from checkpointer.testing.multiprocess import run_on_ranks
 
     base = ensure_base_model(SIZES[size], work)
-    results = []
+    measured = Measured()
     for world in worlds:
         settings = Settings(
             base=str(base),
@@ -73,22 +83,22 @@ def run_size(
             profile=profile,
             profile_to=str(work),
         )
-        started = time.perf_counter()
-        ranks = run_on_ranks(run_world, world, settings, timeout=3600.0, pg_timeout=1800.0)
+        with CpuUse() as cpu:
+            ranks = run_on_ranks(run_world, world, settings, timeout=3600.0, pg_timeout=1800.0)
         shutil.rmtree(settings.out, ignore_errors=True)
-        print(f"  {size} W={world}: {time.perf_counter() - started:.0f} s", flush=True)
+        measured.groups.append(GroupRun(size, world, cpu.wall, cpu.ours, cpu.others, cpu.available))
+        print(f"  {size} W={world}: {cpu.wall:.0f} s; CPU s: ours {cpu.ours:.0f}, other processes {cpu.others:.0f}", flush=True)
         if raw:
             print_raw(ranks)
-        results += summarize(size, model_bytes(base), world, ranks).values()
-    return results
+        measured.results += summarize(size, model_bytes(base), world, ranks).values()
+    return measured
 
 
 def print_raw(ranks: list[list[dict]]) -> None:
     """One line per operation per rank, in the order they ran."""
     for records in zip(*ranks):
-        print(f"    {records[0]['key']:<16} rep {records[0]['rep']}: " + "  ".join(
-            f"r{r['rank']} {r['seconds']:.3f} s {r['growth'] / 2**20:.0f} MB" for r in records
-        ))
+        samples = "  ".join(f"r{r['rank']} {r['seconds']:.3f} s {r['growth'] / 2**20:.0f} MB" for r in records)
+        print(f"    {records[0]['key']:<20} rep {records[0]['rep']}: {samples}")
 
 
 def machine() -> str:
@@ -110,8 +120,9 @@ def command(argv: list[str]) -> str:
     return " ".join(["python -m bench.run", *map(shlex.quote, argv)])
 
 
-def report(results: list[Result], args: argparse.Namespace, argv: list[str], minutes: float) -> list[str]:
+def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
     """The whole report, as Markdown lines (also printed)."""
+    results = measured.results
     reps = sorted({r.reps for r in results})
     lines = [
         "# Benchmark: loading and saving a sharded Hugging Face checkpoint",
@@ -151,6 +162,12 @@ def report(results: list[Result], args: argparse.Namespace, argv: list[str], min
         "",
         *ratios_table(results),
         "",
+        "## Process groups: wall time and CPU use",
+        "",
+        "Other processes shared these 2 cores during the run; their CPU seconds show how much.",
+        "",
+        *groups_table(measured.groups),
+        "",
         "## Targets",
         "",
         "```",
@@ -165,12 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.update(MALLOC_ENV)  # inherited by the spawned ranks
     started = time.perf_counter()
-    results = [
-        r
-        for size in args.size
-        for r in run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw)
-    ]
-    lines = report(results, args, argv, (time.perf_counter() - started) / 60)
+    measured = Measured()
+    for size in args.size:
+        one = run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw)
+        measured.results += one.results
+        measured.groups += one.groups
+    lines = report(measured, argv, (time.perf_counter() - started) / 60)
     print("\n".join(lines))
     if str(args.results) != "-":
         notes = ["", NOTES.read_text().rstrip()] if NOTES.exists() else []
