@@ -6,7 +6,7 @@ Prints a table of medians, ratios and targets, and writes them to ``bench/RESULT
 
 Examples::
 
-    python -m bench.run                         # 300M, W = 1, 2, 4, 3 repetitions (make bench)
+    python -m bench.run                         # 300M, W = 1, 2, 4, 5 repetitions (make bench)
     python -m bench.run --size 300m 1b          # both sizes, so time per GB can be compared
     python -m bench.run --size 20m --worlds 2 --methods load/ours load/torch --profile load/ours
 """
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--size", nargs="+", default=["300m"], choices=list(SIZES), help="model sizes (default: 300m)")
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], help="world sizes (default: 1 2 4)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each operation (default: 3)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each operation (default: 5)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="default: all")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="base models and outputs (default: bench/work)")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="'-' to write none")
