@@ -116,6 +116,22 @@ def machine() -> str:
     )
 
 
+def source() -> str:
+    """Where ``checkpointer`` was imported from, and at which commit."""
+    import subprocess
+
+    import checkpointer
+
+    root = Path(checkpointer.__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"`checkpointer` from {root}"
+    return f"`checkpointer` from {root} at commit {commit}{' with uncommitted changes' if dirty else ''}"
+
+
 def command(argv: list[str]) -> str:
     return " ".join(["python -m bench.run", *map(shlex.quote, argv)])
 
@@ -130,6 +146,8 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         f"Command (repository root): `{command(argv)}` — {minutes:.1f} minutes in all.",
         "",
         f"Machine: {machine()}.",
+        "",
+        f"Code: {source()}.",
         "",
         "How it is measured:",
         "",
