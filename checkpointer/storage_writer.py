@@ -143,16 +143,19 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 102
 
 def _pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
     """Write ``pieces`` back to back from ``offset``; returns the bytes written."""
-    pending = [p.cast("B") for p in pieces]
+    pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
     done, first = 0, 0
     while first < len(pending):
-        written = os.pwritev(fd, pending[first : first + _IOV_MAX], offset + done)
+        batch = pending[first : first + _IOV_MAX]
+        written = os.pwritev(fd, batch, offset + done)
         done += written
-        while first < len(pending) and written >= len(pending[first]):
+        if written == sum(map(len, batch)):  # the usual case: everything went
+            first += len(batch)
+            continue
+        while written >= len(pending[first]):
             written -= len(pending[first])
             first += 1
-        if written:
-            pending[first] = pending[first][written:]
+        pending[first] = pending[first][written:]
     return done
 
 
