@@ -23,9 +23,10 @@ _FIELD = re.compile(r"^(VmRSS|VmHWM):\s+(\d+) kB", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Sample:
-    """One operation on one rank: seconds between the barriers, peak RSS growth in bytes."""
+    """One operation on one rank: seconds between the barriers, CPU seconds, peak RSS growth in bytes."""
 
     seconds: float
+    cpu: float  # user + system time of this process (all threads) between the barriers
     growth: int
 
 
@@ -52,11 +53,11 @@ def measure(operation: Callable[[], Any]) -> tuple[Sample, Any]:
     reset_peak()
     before = memory_status()["VmRSS"]
     _barrier()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = operation()
     _barrier()
-    seconds = time.perf_counter() - started
-    return Sample(seconds, memory_status()["VmHWM"] - before), result
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return Sample(seconds, cpu, memory_status()["VmHWM"] - before), result
 
 
 class CpuUse:

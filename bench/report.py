@@ -27,6 +27,7 @@ class Result:
     key: str
     seconds: float  # median over repetitions of the slowest rank
     best: float  # the fastest repetition (of the slowest rank): what is left when others' load is least
+    cpu: float  # median over repetitions of the largest per-rank CPU seconds
     growth: int  # median over repetitions of the largest per-rank peak RSS growth
     growth_share: float  # median over repetitions of max over ranks of growth / that rank's share
     share: int  # the largest per-rank share of the model, in bytes
@@ -54,6 +55,7 @@ def summarize(size: str, model_bytes: int, world: int, ranks: list[list[dict[str
             key=key,
             seconds=statistics.median(max(r["seconds"] for r in rep) for rep in by_rep),
             best=min(max(r["seconds"] for r in rep) for rep in by_rep),
+            cpu=statistics.median(max(r["cpu"] for r in rep) for rep in by_rep),
             growth=int(statistics.median(max(r["growth"] for r in rep) for rep in by_rep)),
             growth_share=statistics.median(max(r["growth"] / r["share"] for r in rep) for rep in by_rep),
             share=max(r["share"] for r in mine),
@@ -106,7 +108,7 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
 
 def results_table(results: list[Result]) -> list[str]:
     """Every method at every world size: time, throughput, memory, check."""
-    header = ["size", "W", "method", "time s", "best s", "GB/s", "peak growth MB (worst rank)", "growth / rank share", "check"]
+    header = ["size", "W", "method", "time s", "best s", "GB/s", "CPU s (worst rank)", "peak growth MB (worst rank)", "growth / rank share", "check"]
     rows = [
         [
             r.size,
@@ -115,6 +117,7 @@ def results_table(results: list[Result]) -> list[str]:
             f"{r.seconds:.3f}",
             f"{r.best:.3f}",
             f"{r.model_bytes / 1e9 / r.seconds:.2f}",
+            f"{r.cpu:.3f}",
             f"{r.growth / MB:.0f}",
             f"{r.growth_share:.2f}",
             r.check,

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="default: all")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="base models and outputs (default: bench/work)")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="'-' to write none")
-    parser.add_argument("--profile", choices=list(METHODS), help="run this method once more under cProfile on rank 0")
+    parser.add_argument("--profile", choices=list(METHODS), help="run this method twice more under cProfile on rank 0 (wall clock, CPU time)")
     parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
     return parser.parse_args(argv)
 
@@ -97,7 +97,7 @@ def run_size(
 def print_raw(ranks: list[list[dict]]) -> None:
     """One line per operation per rank, in the order they ran."""
     for records in zip(*ranks):
-        samples = "  ".join(f"r{r['rank']} {r['seconds']:.3f} s {r['growth'] / 2**20:.0f} MB" for r in records)
+        samples = "  ".join(f"r{r['rank']} {r['seconds']:.3f} s (CPU {r['cpu']:.3f}) {r['growth'] / 2**20:.0f} MB" for r in records)
         print(f"    {records[0]['key']:<20} rep {records[0]['rep']}: {samples}")
 
 

@@ -14,9 +14,10 @@ import logging
 import os
 import pstats
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ class Settings:
     methods: tuple[str, ...]
     reps: int
     threads: int
-    profile: str | None = None  # a method key to run once more under cProfile on rank 0
+    profile: str | None = None  # a method key to run twice more under cProfile on rank 0 (wall, CPU)
     profile_to: str | None = None
 
 
@@ -92,19 +93,28 @@ def _clean(ctx: Context, folder: Path) -> None:
 
 
 def _profile(ctx: Context, method: Method, where: Path) -> None:
-    """Run ``method`` once more, under cProfile on rank 0; write the top functions."""
+    """Run ``method`` twice more under cProfile on rank 0, timing wall clock then CPU; write the top functions."""
+    sections = [_profiled(ctx, method, clock, label) for clock, label in ((time.perf_counter, "wall"), (time.process_time, "CPU"))]
+    if ctx.rank == 0:
+        where.mkdir(parents=True, exist_ok=True)
+        (where / f"profile-{method.key.replace('/', '-')}-w{ctx.world}.txt").write_text("\n".join(sections))
+
+
+def _profiled(ctx: Context, method: Method, clock: Callable[[], float], label: str) -> str:
     operation = method.prepare(ctx, rep=-1)
-    profiler = cProfile.Profile() if ctx.rank == 0 else None
+    profiler = cProfile.Profile(clock) if ctx.rank == 0 else None
     dist.barrier()
     if profiler:
         profiler.enable()
     operation()
     if profiler:
         profiler.disable()
-        text = io.StringIO()
-        stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
-        stats.print_stats(45)
-        stats.sort_stats("tottime").print_stats(25)
-        where.mkdir(parents=True, exist_ok=True)
-        (where / f"profile-{method.key.replace('/', '-')}-w{ctx.world}.txt").write_text(text.getvalue())
     _clean(ctx, ctx.out_dir(method.key, -1))
+    if not profiler:
+        return ""
+    text = io.StringIO()
+    text.write(f"===== {method.key}, W={ctx.world}, rank 0, {label} time =====\n")
+    stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
+    stats.print_stats(45)
+    stats.sort_stats("tottime").print_stats(25)
+    return text.getvalue()
