@@ -3,7 +3,7 @@
 A method is a small function ``prepare(ctx, rep) -> operation``: ``prepare`` sets up what
 the operation needs (a fresh model with untouched shards, an output folder) and is not
 timed; the returned zero-argument ``operation`` is what is timed, and returns what it
-loaded (a state dict) or where it saved (a folder), for checking.
+loaded into (a model or a state dict) or where it saved (a folder), for checking.
 
 - ``load/ours``, ``save/ours``: :class:`DistributedHFCheckpointer` with an FSDP2 model.
 - ``load/torchtune``, ``save/torchtune``: torchtune 0.6.1 as its distributed recipes use it.
@@ -202,9 +202,9 @@ def method(op: str, name: str, description: str) -> Callable[[Prepare], Prepare]
 def load_ours(ctx: Context, rep: int) -> Operation:
     model = ctx.fresh_model()
 
-    def operation() -> dict[str, Any]:
+    def operation() -> nn.Module:
         DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE).load_model(model)
-        return model.state_dict()
+        return model
 
     return operation
 
@@ -216,11 +216,11 @@ def load_torchtune(ctx: Context, rep: int) -> Operation:
     model = ctx.fresh_model()
     out = ctx.out_dir("load/torchtune", rep)
 
-    def operation() -> dict[str, Any]:
+    def operation() -> nn.Module:
         checkpointer = FullModelHFCheckpointer(str(ctx.base), ctx.files, MODEL_TYPE, str(out))
         full = checkpointer.load_checkpoint()["model"]
         load_from_full_model_state_dict(model, full, torch.device("cpu"), strict=True)
-        return model.state_dict()
+        return model
 
     return operation
 

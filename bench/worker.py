@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from bench.measure import measure
 from bench.methods import METHODS, Context, Method, _local, read_entries
@@ -62,8 +63,9 @@ def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
     return {"key": method.key, "rep": rep, "rank": ctx.rank, "share": ctx.share, "check": check, **asdict(sample)}
 
 
-def _checksum(state_dict: dict[str, Any]) -> float:
-    """The sum of every element on every rank (in float64)."""
+def _checksum(loaded: nn.Module | dict[str, Any]) -> float:
+    """The sum of every element of a model's or state dict's shards on every rank (in float64)."""
+    state_dict = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     total = torch.zeros((), dtype=torch.float64)
     for value in state_dict.values():
         total += _local(value).sum(dtype=torch.float64)
