@@ -163,6 +163,8 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "- Page cache: the base files were in the page cache for every load (they are written or read just before, "
         "and 24 GB of RAM holds them), so loads measure memory-to-memory copies, not the disk. Saves write into the "
         "page cache; ours and torch's writer fsync their files, torchtune and the `save_file` floor do not.",
+        f"- The benchmark ran at niceness {os.nice(0)} (negative: ahead of other jobs on the machine; see the CPU table "
+        "below for how much they still took).",
         "- torch threads per rank: cores / W. W = 4 on 2 cores oversubscribes the CPU (4 processes on 2 cores): "
         "expected; its times are CPU-bound and show contention, not scaling.",
         f"- `{' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}` in every rank, so that freed memory is returned "
