@@ -77,10 +77,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def local_bytes(state_dict: dict[str, Any]) -> int:
     """Bytes of this rank's shards of ``state_dict``."""
-    return sum(_local(v).numel() * _local(v).element_size() for v in state_dict.values())
+    return sum(local_tensor(v).numel() * local_tensor(v).element_size() for v in state_dict.values())
 
 
-def _local(value: torch.Tensor) -> torch.Tensor:
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; a plain tensor itself."""
     return value.to_local() if isinstance(value, DTensor) else value
 
 

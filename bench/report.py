@@ -48,21 +48,27 @@ def summarize(size: str, model_bytes: int, world: int, ranks: list[list[dict[str
         mine = [r for r in records if r["key"] == key]
         reps = sorted({r["rep"] for r in mine})
         by_rep = [[r for r in mine if r["rep"] == rep] for rep in reps]
+        seconds = _worst_per_rep(by_rep, lambda r: r["seconds"])
         results[key] = Result(
             size=size,
             model_bytes=model_bytes,
             world=world,
             key=key,
-            seconds=statistics.median(max(r["seconds"] for r in rep) for rep in by_rep),
-            best=min(max(r["seconds"] for r in rep) for rep in by_rep),
-            cpu=statistics.median(max(r["cpu"] for r in rep) for rep in by_rep),
-            growth=int(statistics.median(max(r["growth"] for r in rep) for rep in by_rep)),
-            growth_share=statistics.median(max(r["growth"] / r["share"] for r in rep) for rep in by_rep),
+            seconds=statistics.median(seconds),
+            best=min(seconds),
+            cpu=statistics.median(_worst_per_rep(by_rep, lambda r: r["cpu"])),
+            growth=int(statistics.median(_worst_per_rep(by_rep, lambda r: r["growth"]))),
+            growth_share=statistics.median(_worst_per_rep(by_rep, lambda r: r["growth"] / r["share"])),
             share=max(r["share"] for r in mine),
             reps=len(reps),
             check=_check(key, mine, model_bytes, reference),
         )
     return results
+
+
+def _worst_per_rep(by_rep: list[list[dict[str, Any]]], value: Callable[[dict[str, Any]], float]) -> list[float]:
+    """For each repetition, the largest ``value`` over the ranks."""
+    return [max(value(r) for r in rep) for rep in by_rep]
 
 
 def _reference_checksum(records: list[dict[str, Any]]) -> float | None:

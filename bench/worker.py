@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bench.measure import measure
-from bench.methods import METHODS, Context, Method, _local, read_entries
+from bench.methods import METHODS, Context, Method, local_tensor, read_entries
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _checksum(loaded: nn.Module | dict[str, Any]) -> float:
     state_dict = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     total = torch.zeros((), dtype=torch.float64)
     for value in state_dict.values():
-        total += _local(value).sum(dtype=torch.float64)
+        total += local_tensor(value).sum(dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(total)
     return float(total)
