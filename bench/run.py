@@ -96,7 +96,7 @@ def run_size(
 
 def print_raw(ranks: list[list[dict]]) -> None:
     """One line per operation per rank, in the order they ran."""
-    for records in zip(*ranks):
+    for records in zip(*ranks):  # the ranks ran the same operations in the same order
         samples = "  ".join(f"r{r['rank']} {r['seconds']:.3f} s (CPU {r['cpu']:.3f}) {r['growth'] / 2**20:.0f} MB" for r in records)
         print(f"    {records[0]['key']:<20} rep {records[0]['rep']}: {samples}")
 
@@ -154,7 +154,8 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "- Base model: a random Llama-architecture model (`LLAMA3`: untied embeddings, GQA, RoPE), bf16, in three "
         "safetensors shards plus an index, written once into `bench/work/` and reused.",
         "- Each world size is one spawned gloo process group on CPU running every method; repetitions are the outer "
-        "loop. Time: barrier to barrier, the slowest rank. Memory: per rank, peak RSS growth (`VmHWM` after, reset "
+        "loop, each with the methods in its own shuffled order; after each operation its output is deleted and "
+        "`os.sync()` flushes dirty pages, untimed. Time: barrier to barrier, the slowest rank. Memory: per rank, peak RSS growth (`VmHWM` after, reset "
         "via `/proc/self/clear_refs`, minus `VmRSS` before), the worst rank; `share` is that rank's bytes of the model. "
         "Every load starts from a fresh model whose shards are allocated but untouched, so filling them counts "
         "(a load cannot grow less than 1.0x its share); saves start from a loaded model.",
@@ -162,7 +163,8 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "(the same for every method), saves by the tensor bytes in the files written.",
         "- Page cache: the base files were in the page cache for every load (they are written or read just before, "
         "and 24 GB of RAM holds them), so loads measure memory-to-memory copies, not the disk. Saves write into the "
-        "page cache; ours and torch's writer fsync their files, torchtune and the `save_file` floor do not.",
+        "page cache; ours and torch's writer fsync their files, torchtune and the `save_file` floor do not "
+        "(`save/floor_fsync` does).",
         f"- The benchmark ran at niceness {os.nice(0)} (negative: ahead of other jobs on the machine; see the CPU table "
         "below for how much they still took).",
         "- torch threads per rank: cores / W. W = 4 on 2 cores oversubscribes the CPU (4 processes on 2 cores): "

@@ -1,7 +1,9 @@
 """What each rank of one spawned process group runs: every method, every repetition.
 
-Repetitions are the outer loop, so that drift (page cache, heap state) spreads over all
-methods alike. Each operation is checked after it is timed: a load by a checksum of
+Repetitions are the outer loop, and each repetition runs the methods in its own
+shuffled order (the same on every rank), so that drift and what one method leaves behind
+for the next (on this VM, memory freed seconds ago is several times faster to touch again
+than memory the host has taken back) spread over all methods alike. Each operation is checked after it is timed: a load by a checksum of
 everything the ranks loaded (a sum, so the same for torchtune and HF row orders), a
 save by the tensor bytes found in the files it wrote.
 """
@@ -13,6 +15,7 @@ import io
 import logging
 import os
 import pstats
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -48,10 +51,17 @@ def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]
     methods = [METHODS[key] for key in settings.methods]
     if any(m.op == "save" for m in methods):
         ctx.loaded_model, ctx.loaded_hf_shards  # noqa: B018 - the save sources exist before any timing
-    records = [_run_once(ctx, m, rep) for rep in range(settings.reps) for m in methods]
+    records = [_run_once(ctx, m, rep) for rep in range(settings.reps) for m in _shuffled(methods, rep)]
     if settings.profile:
         _profile(ctx, METHODS[settings.profile], Path(settings.profile_to or settings.out))
     return records
+
+
+def _shuffled(methods: list[Method], rep: int) -> list[Method]:
+    """``methods`` in an order that depends only on ``rep``."""
+    order = list(methods)
+    random.Random(rep).shuffle(order)
+    return order
 
 
 def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
