@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="'-' to write none")
     parser.add_argument("--profile", choices=list(METHODS), help="run this method twice more under cProfile on rank 0 (wall clock, CPU time)")
     parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
+    parser.add_argument(
+        "--notes-only", action="store_true", help="measure nothing: put the current bench/NOTES.md into --results"
+    )
     return parser.parse_args(argv)
 
 
@@ -203,9 +206,27 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
     return lines
 
 
+NOTES_MARK = "<!-- bench/NOTES.md, copied by python -m bench.run -->"
+
+
+def write_results(path: Path, measured_lines: list[str]) -> None:
+    """``path`` = the measured report, then the hand-written notes (if any)."""
+    notes = [NOTES_MARK, "", NOTES.read_text().rstrip()] if NOTES.exists() else []
+    path.write_text("\n".join([*measured_lines, "", *notes]).rstrip() + "\n")
+
+
+def refresh_notes(path: Path) -> None:
+    """Replace the notes part of an existing report with the current ``NOTES.md``."""
+    measured = path.read_text().split(NOTES_MARK)[0].rstrip().splitlines()
+    write_results(path, measured)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.notes_only:
+        refresh_notes(args.results)
+        return
     os.environ.update(MALLOC_ENV)  # inherited by the spawned ranks
     started = time.perf_counter()
     measured = Measured()
@@ -216,8 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = report(measured, argv, (time.perf_counter() - started) / 60)
     print("\n".join(lines))
     if str(args.results) != "-":
-        notes = ["", NOTES.read_text().rstrip()] if NOTES.exists() else []
-        args.results.write_text("\n".join(lines + notes) + "\n")
+        write_results(args.results, lines)
         print(f"\nwrote {args.results}")
 
 
