@@ -3,10 +3,13 @@
 It reads exactly the byte ranges that the load plan names. When the destination is a
 contiguous tensor of the file's dtype the bytes go straight into it; otherwise they go
 through a buffer of one block and ``copy_`` converts dtype and scatters into the view.
+One buffer serves every block of a load (it grows to the largest), so its pages are
+faulted in once rather than once per block.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -36,6 +39,21 @@ def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
     folder.read_into(entry.file, entry.start, tensor_bytes(tensor))
     return tensor
+
+
+class _Scratch:
+    """A reusable buffer for blocks that cannot be read in place; it grows to the largest asked for."""
+
+    def __init__(self) -> None:
+        self._bytes = torch.empty(0, dtype=torch.uint8)
+
+    def block(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized tensor of ``shape`` and ``dtype`` in the buffer (valid until the next call)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._bytes.numel() < nbytes:
+            self._bytes = torch.empty(0, dtype=torch.uint8)  # free the old one before the bigger one
+            self._bytes = torch.empty(nbytes, dtype=torch.uint8)
+        return self._bytes[:nbytes].view(dtype).view(shape)
 
 
 class SafetensorsReader(StorageReader):
@@ -72,10 +90,11 @@ class SafetensorsReader(StorageReader):
         failpoint("load:read")
         tensors = self.files.tensors
         ordered = sorted(plan.items, key=lambda i: (tensors[i.storage_index.fqn].file, tensors[i.storage_index.fqn].start, i.storage_offsets))
+        scratch = _Scratch()
         try:
             for item in ordered:
                 target = planner.resolve_tensor(item)
-                self._read_item(tensors[item.storage_index.fqn], item, target)
+                self._read_item(tensors[item.storage_index.fqn], item, target, scratch)
                 planner.commit_tensor(item, target)
         finally:
             self.files.folder.close()
@@ -83,7 +102,7 @@ class SafetensorsReader(StorageReader):
         done.set_result(None)
         return done
 
-    def _read_item(self, entry: TensorEntry, item: ReadItem, target: torch.Tensor) -> None:
+    def _read_item(self, entry: TensorEntry, item: ReadItem, target: torch.Tensor, scratch: _Scratch) -> None:
         """Copy the box ``item`` names from ``entry`` into ``target``."""
         rows = item.lengths[0] if item.lengths else 1
         first_row = item.storage_offsets[0] if item.storage_offsets else 0
@@ -93,7 +112,7 @@ class SafetensorsReader(StorageReader):
             self.files.folder.read_into(entry.file, offset, tensor_bytes(target))
             self.bytes_read += target.numel() * target.element_size()
             return
-        block = torch.empty((rows, *entry.shape[1:]) if entry.shape else (), dtype=entry.dtype)
+        block = scratch.block((rows, *entry.shape[1:]) if entry.shape else (), entry.dtype)
         self.files.folder.read_into(entry.file, offset, tensor_bytes(block))
         self.bytes_read += block.numel() * block.element_size()
         for dim, (start, length) in enumerate(zip(item.storage_offsets[1:], item.lengths[1:]), start=1):

@@ -1,0 +1,339 @@
+"""The registry of benchmarked methods: each loads or saves the base model on every rank.
+
+A method is a small function ``prepare(ctx, rep) -> operation``: ``prepare`` sets up what
+the operation needs (a fresh model with untouched shards, an output folder) and is not
+timed; the returned zero-argument ``operation`` is what is timed, and returns what it
+loaded into (a model or a state dict) or where it saved (a folder), for checking.
+
+- ``load/ours``, ``save/ours``: :class:`DistributedHFCheckpointer` with an FSDP2 model.
+- ``load/torchtune``, ``save/torchtune``: torchtune 0.6.1 as its distributed recipes use it.
+- ``load/torch``, ``save/torch``: DCP's ``HuggingFaceStorageReader`` / consolidating
+  ``HuggingFaceStorageWriter`` with a state dict of DTensors keyed by HF names.
+- ``load/floor``, ``save/floor``: plain ``os.preadv`` of this rank's rows into its shards;
+  ``safetensors.torch.save_file`` of this rank's shards into a file of its own
+  (``save/floor_fsync``: the same, then fsync, as durable as ours).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from bench.models import INDEX_FILE, MODEL_TYPE
+from checkpointer import DistributedHFCheckpointer, ModelConfig
+from checkpointer.fsdp import build_sharded_model, default_mesh
+
+DTYPE = torch.bfloat16
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+Operation = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor's bytes are in a safetensors file."""
+
+    file: str
+    start: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+
+def read_entries(path: Path) -> dict[str, Entry]:
+    """Tensor name -> entry, from the JSON header of one safetensors file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return {
+        name: Entry(path.name, 8 + length + info["data_offsets"][0], tuple(info["shape"]), _ST_DTYPES[info["dtype"]])
+        for name, info in header.items()
+    }
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def local_bytes(state_dict: dict[str, Any]) -> int:
+    """Bytes of this rank's shards of ``state_dict``."""
+    return sum(local_tensor(v).numel() * local_tensor(v).element_size() for v in state_dict.values())
+
+
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; a plain tensor itself."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+class Context:
+    """What every method needs on one rank: the base model, the mesh, output folders."""
+
+    def __init__(self, rank: int, world: int, base: Path, out: Path):
+        self.rank, self.world, self.base, self.out = rank, world, base, out
+        self.mesh = default_mesh()
+        self.config = ModelConfig.from_json((base / "config.json").read_text())
+        self.weight_map: dict[str, str] = json.loads((base / INDEX_FILE).read_text())["weight_map"]
+        self.files = sorted(set(self.weight_map.values()))
+        self.entries = {name: e for file in self.files for name, e in read_entries(base / file).items()}
+
+    def fresh_model(self) -> nn.Module:
+        """An FSDP2-sharded torchtune model whose local shards are allocated, never touched."""
+        return build_sharded_model(MODEL_TYPE, self.config, self.mesh, dtype=DTYPE)
+
+    def fresh_hf_shards(self) -> dict[str, DTensor]:
+        """DTensors keyed by HF names, sharded on dim 0 like FSDP2, with untouched local shards."""
+        return {name: self._dtensor(entry.shape) for name, entry in self.entries.items()}
+
+    def _dtensor(self, shape: tuple[int, ...]) -> DTensor:
+        local_shape, _ = compute_local_shape_and_global_offset(shape, self.mesh, [Shard(0)])
+        local = torch.empty(local_shape, dtype=DTYPE)
+        return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=_strides(shape))
+
+    @cached_property
+    def loaded_model(self) -> nn.Module:
+        """The model that save methods with torchtune keys save (loaded once, by us)."""
+        model = self.fresh_model()
+        DistributedHFCheckpointer(self.base, self.out, MODEL_TYPE).load_model(model)
+        return model
+
+    @cached_property
+    def loaded_hf_shards(self) -> dict[str, DTensor]:
+        """The HF-keyed DTensors that save methods with HF keys save (loaded once, by pread)."""
+        shards = self.fresh_hf_shards()
+        pread_shards(self.base, self.entries, shards)
+        return shards
+
+    @cached_property
+    def share(self) -> int:
+        """Bytes of this rank's shards of the model."""
+        return local_bytes(self.fresh_hf_shards())
+
+    def out_dir(self, key: str, rep: int) -> Path:
+        return self.out / key.replace("/", "-") / f"rep{rep}"
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _row_offset(value: DTensor) -> int:
+    _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    return offsets[0] if offsets else 0
+
+
+def pread_shards(base: Path, entries: dict[str, Entry], shards: dict[str, DTensor]) -> None:
+    """Read each shard's rows with plain ``os.preadv`` into its local tensor."""
+    fds = {file: os.open(base / file, os.O_RDONLY) for file in {e.file for e in entries.values()}}
+    try:
+        for name, value in shards.items():
+            entry, local = entries[name], value.to_local()
+            if local.numel():
+                _preadv_all(fds[entry.file], tensor_bytes(local), entry.start + _row_offset(value) * entry.row_bytes)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _preadv_all(fd: int, out: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"file ends at {offset + done}")
+        done += n
+
+
+# ---- the registry -----------------------------------------------------------------------
+
+Prepare = Callable[[Context, int], Operation]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to load or save: ``op`` is "load" or "save"; ``name`` is who does it."""
+
+    op: str
+    name: str
+    description: str
+    prepare: Prepare
+
+    @property
+    def key(self) -> str:
+        return f"{self.op}/{self.name}"
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(op: str, name: str, description: str) -> Callable[[Prepare], Prepare]:
+    """Register ``prepare`` as the method ``op/name``."""
+
+    def register(prepare: Prepare) -> Prepare:
+        METHODS[f"{op}/{name}"] = Method(op, name, description, prepare)
+        return prepare
+
+    return register
+
+
+@method("load", "ours", "DistributedHFCheckpointer.load_model into the FSDP2 model")
+def load_ours(ctx: Context, rep: int) -> Operation:
+    model = ctx.fresh_model()
+
+    def operation() -> nn.Module:
+        DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE).load_model(model)
+        return model
+
+    return operation
+
+
+@method("load", "torchtune", "every rank FullModelHFCheckpointer.load_checkpoint + load_from_full_model_state_dict")
+def load_torchtune(ctx: Context, rep: int) -> Operation:
+    from torchtune.training import FullModelHFCheckpointer, load_from_full_model_state_dict
+
+    model = ctx.fresh_model()
+    out = ctx.out_dir("load/torchtune", rep)
+
+    def operation() -> nn.Module:
+        checkpointer = FullModelHFCheckpointer(str(ctx.base), ctx.files, MODEL_TYPE, str(out))
+        full = checkpointer.load_checkpoint()["model"]
+        load_from_full_model_state_dict(model, full, torch.device("cpu"), strict=True)
+        return model
+
+    return operation
+
+
+@method("load", "torch", "dcp.load of HF-keyed DTensors with HuggingFaceStorageReader")
+def load_torch(ctx: Context, rep: int) -> Operation:
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    shards = ctx.fresh_hf_shards()
+
+    def operation() -> dict[str, Any]:
+        dcp.load(shards, storage_reader=HuggingFaceStorageReader(str(ctx.base)))
+        return shards
+
+    return operation
+
+
+@method("load", "floor", "os.preadv of this rank's rows into its shards")
+def load_floor(ctx: Context, rep: int) -> Operation:
+    shards = ctx.fresh_hf_shards()
+
+    def operation() -> dict[str, Any]:
+        pread_shards(ctx.base, ctx.entries, shards)
+        return shards
+
+    return operation
+
+
+@method("save", "ours", "DistributedHFCheckpointer.save_checkpoint of the FSDP2 model")
+def save_ours(ctx: Context, rep: int) -> Operation:
+    model, out = ctx.loaded_model, ctx.out_dir("save/ours", rep)
+
+    def operation() -> Path:
+        checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE)
+        return Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0))
+
+    return operation
+
+
+@method("save", "torchtune", "gather_cpu_state_dict + rank 0 FullModelHFCheckpointer.save_checkpoint")
+def save_torchtune(ctx: Context, rep: int) -> Operation:
+    from torchtune.training import gather_cpu_state_dict
+
+    model, out = ctx.loaded_model, ctx.out_dir("save/torchtune", rep)
+    checkpointer = torchtune_checkpointer(ctx, out) if ctx.rank == 0 else None
+
+    def operation() -> Path:
+        state_dict = gather_cpu_state_dict(model, ctx.rank == 0)
+        if checkpointer is not None:
+            checkpointer.save_checkpoint({"model": state_dict}, epoch=0)
+        return out / "epoch_0"
+
+    return operation
+
+
+def torchtune_checkpointer(ctx: Context, out: Path) -> Any:
+    """A FullModelHFCheckpointer as a recipe holds it at save time: its weight map known.
+
+    ``load_checkpoint`` records which file (``"0001"``...) each HF key came from; the same
+    map is set here from the index, without loading the whole model once more.
+    """
+    from torchtune.training import FullModelHFCheckpointer
+
+    checkpointer = FullModelHFCheckpointer(str(ctx.base), ctx.files, MODEL_TYPE, str(out))
+    numbers = {file: f"{i:04}" for i, file in enumerate(ctx.files, start=1)}
+    checkpointer._weight_map = {name: numbers[file] for name, file in ctx.weight_map.items()}
+    return checkpointer
+
+
+@method("save", "torch", "dcp.save with HuggingFaceStorageWriter(save_distributed, enable_consolidation)")
+def save_torch(ctx: Context, rep: int) -> Operation:
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    shards, out = ctx.loaded_hf_shards, ctx.out_dir("save/torch", rep)
+    numbers = {file: i for i, file in enumerate(ctx.files, start=1)}
+    fqn_to_index = {name: numbers[file] for name, file in ctx.weight_map.items()}
+
+    def operation() -> Path:
+        writer = HuggingFaceStorageWriter(
+            str(out), fqn_to_index_mapping=fqn_to_index, save_distributed=True, enable_consolidation=True
+        )
+        dcp.save(shards, storage_writer=writer)
+        return out
+
+    return operation
+
+
+@method("save", "floor", "safetensors.torch.save_file of this rank's shards into its own file")
+def save_floor(ctx: Context, rep: int) -> Operation:
+    return _own_file(ctx, ctx.out_dir("save/floor", rep), fsync=False)
+
+
+@method("save", "floor_fsync", "the same, then fsync of that file (the durability ours and torch's writer give)")
+def save_floor_fsync(ctx: Context, rep: int) -> Operation:
+    return _own_file(ctx, ctx.out_dir("save/floor_fsync", rep), fsync=True)
+
+
+def _own_file(ctx: Context, out: Path, fsync: bool) -> Operation:
+    """Each rank writes its HF-keyed shards with ``save_file`` into a file of its own."""
+    from safetensors.torch import save_file
+
+    shards, path = ctx.loaded_hf_shards, out / f"rank-{ctx.rank:05d}.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def operation() -> Path:
+        save_file({name: value.to_local() for name, value in shards.items()}, str(path))
+        if fsync:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return out
+
+    return operation

@@ -1,0 +1,132 @@
+"""What each rank of one spawned process group runs: every method, every repetition.
+
+Repetitions are the outer loop, and each repetition runs the methods in its own
+shuffled order (the same on every rank), so that drift and what one method leaves behind
+for the next (on this VM, memory freed seconds ago is several times faster to touch again
+than memory the host has taken back) spread over all methods alike. Each operation is checked after it is timed: a load by a checksum of
+everything the ranks loaded (a sum, so the same for torchtune and HF row orders), a
+save by the tensor bytes found in the files it wrote.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import logging
+import os
+import pstats
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bench.measure import measure
+from bench.methods import METHODS, Context, Method, local_tensor, read_entries
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the ranks are told to do (plain values: it is pickled to spawned processes)."""
+
+    base: str
+    out: str
+    methods: tuple[str, ...]
+    reps: int
+    threads: int
+    profile: str | None = None  # a method key to run twice more under cProfile on rank 0 (wall, CPU)
+    profile_to: str | None = None
+
+
+def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]:
+    """Measure every method ``settings.reps`` times; one record per operation on this rank."""
+    torch.set_num_threads(settings.threads)
+    logging.getLogger("torchtune").setLevel(logging.WARNING)  # one INFO line per file saved
+    ctx = Context(rank, world, Path(settings.base), Path(settings.out))
+    methods = [METHODS[key] for key in settings.methods]
+    if any(m.op == "save" for m in methods):
+        ctx.loaded_model, ctx.loaded_hf_shards  # noqa: B018 - the save sources exist before any timing
+    records = [_run_once(ctx, m, rep) for rep in range(settings.reps) for m in _shuffled(methods, rep)]
+    if settings.profile:
+        _profile(ctx, METHODS[settings.profile], Path(settings.profile_to or settings.out))
+    return records
+
+
+def _shuffled(methods: list[Method], rep: int) -> list[Method]:
+    """``methods`` in an order that depends only on ``rep``."""
+    order = list(methods)
+    random.Random(rep).shuffle(order)
+    return order
+
+
+def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
+    operation = method.prepare(ctx, rep)
+    sample, result = measure(operation)
+    check = _checksum(result) if method.op == "load" else _saved_bytes(ctx, result)
+    del operation, result
+    _clean(ctx, ctx.out_dir(method.key, rep))
+    return {"key": method.key, "rep": rep, "rank": ctx.rank, "share": ctx.share, "check": check, **asdict(sample)}
+
+
+def _checksum(loaded: nn.Module | dict[str, Any]) -> float:
+    """The sum of every element of a model's or state dict's shards on every rank (in float64)."""
+    state_dict = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
+    total = torch.zeros((), dtype=torch.float64)
+    for value in state_dict.values():
+        total += local_tensor(value).sum(dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total)
+
+
+def _saved_bytes(ctx: Context, folder: Path) -> int:
+    """Tensor bytes in the safetensors files of ``folder`` (counted on rank 0, 0 elsewhere)."""
+    if ctx.rank != 0:
+        return 0
+    return sum(e.nbytes for file in folder.glob("*.safetensors") for e in read_entries(file).values())
+
+
+def _clean(ctx: Context, folder: Path) -> None:
+    """Remove what an operation wrote, once every rank is done with it, and flush dirty pages.
+
+    Every operation then starts with nothing left to write back, whether the one before it
+    fsynced its files or left them dirty in the page cache.
+    """
+    dist.barrier()
+    if ctx.rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.sync()
+    dist.barrier()
+
+
+def _profile(ctx: Context, method: Method, where: Path) -> None:
+    """Run ``method`` twice more under cProfile on rank 0, timing wall clock then CPU; write the top functions."""
+    sections = [_profiled(ctx, method, clock, label) for clock, label in ((time.perf_counter, "wall"), (time.process_time, "CPU"))]
+    if ctx.rank == 0:
+        where.mkdir(parents=True, exist_ok=True)
+        (where / f"profile-{method.key.replace('/', '-')}-w{ctx.world}.txt").write_text("\n".join(sections))
+
+
+def _profiled(ctx: Context, method: Method, clock: Callable[[], float], label: str) -> str:
+    operation = method.prepare(ctx, rep=-1)
+    profiler = cProfile.Profile(clock) if ctx.rank == 0 else None
+    dist.barrier()
+    if profiler:
+        profiler.enable()
+    operation()
+    if profiler:
+        profiler.disable()
+    _clean(ctx, ctx.out_dir(method.key, -1))
+    if not profiler:
+        return ""
+    text = io.StringIO()
+    text.write(f"===== {method.key}, W={ctx.world}, rank 0, {label} time =====\n")
+    stats = pstats.Stats(profiler, stream=text).sort_stats("cumulative")
+    stats.print_stats(45)
+    stats.sort_stats("tottime").print_stats(25)
+    return text.getvalue()
