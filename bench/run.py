@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench.methods import METHODS
 from bench.models import SIZES, ensure_base_model, model_bytes
+from bench.remote import run_remote
 from bench.measure import CpuUse
 from bench.report import GroupRun, Result, groups_table, methods_list, ratios_table, results_table, summarize, verdicts
 from bench.worker import Settings, run_world
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="'-' to write none")
     parser.add_argument("--profile", choices=list(METHODS), help="run this method twice more under cProfile on rank 0 (wall clock, CPU time)")
     parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
+    parser.add_argument("--no-remote", action="store_true", help="skip the remote I/O part (local Hub and S3 server)")
     parser.add_argument(
         "--notes-only", action="store_true", help="measure nothing: put the current bench/NOTES.md into --results"
     )
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         one = run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw)
         measured.results += one.results
         measured.groups += one.groups
-    lines = report(measured, argv, (time.perf_counter() - started) / 60)
+    remote = [] if args.no_remote else run_remote(ensure_base_model(SIZES[args.size[0]], args.work), args.work, min(args.reps, 3))
+    lines = report(measured, argv, (time.perf_counter() - started) / 60) + remote
     print("\n".join(lines))
     if str(args.results) != "-":
         write_results(args.results, lines)

@@ -9,6 +9,7 @@ exactly one commit per checkpoint with ``create_commit`` against the branch head
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import shutil
 import uuid
@@ -21,8 +22,8 @@ from huggingface_hub import (
     CommitOperationDelete,
     HfApi,
     constants,
+    hf_hub_download,
     hf_hub_url,
-    snapshot_download,
     try_to_load_from_cache,
 )
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -41,6 +42,7 @@ from checkpointer.model_card import CARD_MARKER, model_card
 from checkpointer.retry import with_retries
 
 README = "README.md"
+_DOWNLOAD_THREADS = 8
 
 
 def _hub_error(url: HubUrl, error: Exception) -> CheckpointError:
@@ -177,20 +179,29 @@ class HubLocation:
         return on_all_ranks(lambda: self._open_cached(sha), group)
 
     def _download(self, sha: str, paths: list[str], files: dict[str, RemoteFile]) -> None:
-        """Fetch ``paths`` at ``sha`` into the Hugging Face cache and check them against the Hub's digests."""
-        try:
+        """Fetch ``paths`` at ``sha`` into the Hugging Face cache, checking each against the Hub's digests.
+
+        Files download in parallel and each is hashed as soon as it is complete, so the check
+        overlaps the other downloads instead of following them.
+        """
+        marker = cache_root() / "verified" / url_key(f"{self.url.repo_type}/{self.url.repo_id}@{sha}:{sorted(paths)}")
+        verified = marker.exists()
+
+        def fetch(path: str) -> None:
             with_retries(
-                lambda: snapshot_download(self.url.repo_id, repo_type=self.url.repo_type, revision=sha, allow_patterns=paths),
-                f"downloading {self.url}",
+                lambda: hf_hub_download(self.url.repo_id, path, repo_type=self.url.repo_type, revision=sha),
+                f"downloading {self.url}/{path}",
             )
+            if not verified:
+                self._verify_cached(sha, path, files[path])
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
+                list(pool.map(fetch, sorted(paths, key=lambda p: -files[p].size)))
         except (HfHubHTTPError, RepositoryNotFoundError) as e:
             raise _hub_error(self.url, e) from None
-        marker = cache_root() / "verified" / url_key(f"{self.url.repo_type}/{self.url.repo_id}@{sha}:{sorted(paths)}")
-        if not marker.exists():
-            for path in paths:
-                self._verify_cached(sha, path, files[path])
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
     def _verify_cached(self, sha: str, path: str, expected: RemoteFile) -> None:
         """A downloaded file must hash to what the Hub reported (sha256 for LFS, git blob sha1 otherwise)."""
