@@ -111,3 +111,41 @@ def test_a_download_corrupted_in_transit_is_caught_and_dropped_from_the_cache(hu
     with pytest.raises(CheckpointError, match=r"model.safetensors: downloaded bytes hash to .* but the Hub reports") as e:
         DistributedHFCheckpointer(f"hf://{repo}", "/tmp/unused", "LLAMA2").load_checkpoint()
     assert "the cached copy was removed" in str(e.value)
+
+
+def _s3_checkpoint(s3, base: Path) -> str:
+    fs = s3.filesystem()
+    bucket = f"faults-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    fs.put(str(base), f"{bucket}/base", recursive=True)
+    return bucket
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("fault", [{"status": 503}, {"reset": True}, {"delay": 1.5}])
+def test_loads_survive_transient_s3_faults(s3_env, tiny_models, streaming, fault):
+    base = tiny_models["qwen2_tied"]
+    bucket = _s3_checkpoint(s3_env, base)
+    reference = DistributedHFCheckpointer(base, "/tmp/unused", "QWEN2").load_checkpoint()["model"]
+    s3_env.inject_fault("GET", rf"^/{bucket}/base/.*safetensors", times=2, **fault)
+    options = {"storage_options": s3_env.storage_options}
+    loaded = DistributedHFCheckpointer(f"s3://{bucket}/base", "/tmp/unused", "QWEN2", streaming=streaming, **options).load_checkpoint()["model"]
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_s3_pushes_retry_transient_faults_and_a_hard_failure_is_never_visible(s3_env, tiny_models):
+    base = tiny_models["qwen2_tied"]
+    bucket = _s3_checkpoint(s3_env, base)
+    model = build_model_from_dir("QWEN2", base)
+    checkpointer = DistributedHFCheckpointer(base, f"s3://{bucket}/runs", "QWEN2", storage_options=s3_env.storage_options)
+    checkpointer.load_model(model)
+    s3_env.inject_fault("PUT", rf"^/{bucket}/runs/epoch_0/", status=503, times=2)
+    s3_env.inject_fault("PUT", rf"^/{bucket}/runs/epoch_0/", reset=True, times=1)
+    assert checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0) == f"s3://{bucket}/runs/epoch_0"
+    s3_env.inject_fault("PUT", rf"^/{bucket}/runs/epoch_1/", status=500, times=1000)
+    with pytest.raises(CheckpointError, match="the complete checkpoint is kept at"):
+        checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=1)
+    s3_env.clear_faults()
+    assert [m["name"] for m in checkpointer.published_checkpoints()] == ["epoch_0"]  # epoch_1 never looks complete
+    fs = s3_env.filesystem()
+    assert not fs.exists(f"{bucket}/runs/epoch_1/checkpointer.json")

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
+from checkpointer.testing.faults import FaultQueue
+
 __all__ = ["HubError", "HubStore", "LocalHub", "RequestRecord", "main"]
 
 REPO_TYPES = ("model", "dataset", "space")
@@ -694,19 +696,6 @@ _OPERATIONS: dict[str, Callable[[HubStore, dict[str, str], dict], None]] = {
 # --------------------------------------------------------------------------------------------- faults, transport
 
 
-@dataclass
-class Fault:
-    """A queued fault: fires on requests whose method and raw path match, ``times`` times."""
-
-    method: str
-    pattern: re.Pattern
-    status: int | None = None
-    reset: bool = False
-    delay: float = 0.0
-    truncate: bool = False
-    times: int = 1
-
-
 class RequestRecord(NamedTuple):
     """One logged request: raw path (with query), ``Range`` header, status (0 = reset) and body bytes sent."""
 
@@ -734,7 +723,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         hub = self.server.hub
-        fault = hub._take_fault(self.command, self.path)
+        fault = hub.faults.take(self.command, self.path)
         if fault and fault.delay:
             time.sleep(fault.delay)
         if fault and fault.reset:
@@ -848,8 +837,7 @@ class LocalHub:
         self.store = HubStore(root)
         self.requests: list[RequestRecord] = []
         self.requests_lock = threading.Lock()
-        self._faults: list[Fault] = []
-        self._faults_lock = threading.Lock()
+        self.faults = FaultQueue()
         self._api = HubApi(self)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -906,32 +894,12 @@ class LocalHub:
         self.stop()
 
     # faults and request log
-    def inject_fault(self, method: str, path_regex: str, *, status: int | None = None, reset: bool = False,
-                     delay: float = 0.0, truncate: bool = False, times: int = 1) -> None:
-        """Queue a fault for the next ``times`` requests of ``method`` (or "*") whose raw path matches.
-
-        ``status`` answers that HTTP status; ``reset`` closes the connection without an answer; ``delay``
-        sleeps that many seconds first; ``truncate`` sends the headers and only half of the body.
-        """
-        if status is None and not (reset or delay or truncate):
-            raise ValueError("A fault needs status, reset, delay or truncate")
-        fault = Fault(method.upper(), re.compile(path_regex), status, reset, delay, truncate, times)
-        with self._faults_lock:
-            self._faults.append(fault)
+    def inject_fault(self, method: str, path_regex: str, **fault: Any) -> None:
+        """Queue a fault (see :meth:`FaultQueue.inject`): ``status``, ``reset``, ``delay``, ``truncate``, ``times``."""
+        self.faults.inject(method, path_regex, **fault)
 
     def clear_faults(self) -> None:
-        with self._faults_lock:
-            self._faults.clear()
-
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        with self._faults_lock:
-            for fault in self._faults:
-                if fault.method in (method, "*") and fault.pattern.search(path):
-                    fault.times -= 1
-                    if fault.times <= 0:
-                        self._faults.remove(fault)
-                    return fault
-        return None
+        self.faults.clear()
 
     def bytes_served(self, path_substring: str | None = None) -> int:
         """Body bytes sent, over all requests or those whose raw path contains ``path_substring``."""

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import pytest
 
+from checkpointer.testing.fault_proxy import FaultProxy
 from checkpointer.testing.hub_client import configure_hub_client
 from checkpointer.testing.hub_server import LocalHub
 
@@ -39,7 +40,10 @@ def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 class S3Server:
-    """moto's S3 server on a free loopback port; ``storage_options`` point s3fs at it."""
+    """moto's S3 server on a free loopback port, behind a proxy that can inject faults.
+
+    ``storage_options`` point s3fs at the proxy; ``inject_fault`` queues a fault there.
+    """
 
     def __init__(self) -> None:
         import logging
@@ -50,8 +54,11 @@ class S3Server:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
+        self.proxy = FaultProxy(f"http://{host}:{port}").start()
+        self.endpoint = self.proxy.endpoint
         self.credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.inject_fault = self.proxy.inject_fault
+        self.clear_faults = self.proxy.faults.clear
 
     @property
     def storage_options(self) -> dict:
@@ -63,6 +70,7 @@ class S3Server:
         return s3fs.S3FileSystem(**self.storage_options)
 
     def stop(self) -> None:
+        self.proxy.stop()
         self._server.stop()
 
 
@@ -79,4 +87,6 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3S
     """``s3_server`` with dummy credentials in the environment (inherited by spawned ranks)."""
     for name, value in s3_server.credentials.items():
         monkeypatch.setenv(name, value)
+    s3_server.clear_faults()
     yield s3_server
+    s3_server.clear_faults()
