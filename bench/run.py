@@ -14,14 +14,16 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.methods import METHODS
 from bench.models import SIZES, ensure_base_model, model_bytes
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="'-' to write none")
     parser.add_argument("--profile", choices=list(METHODS), help="run this method twice more under cProfile on rank 0 (wall clock, CPU time)")
     parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: write the report of a run saved in this file")
     parser.add_argument(
         "--notes-only", action="store_true", help="measure nothing: put the current bench/NOTES.md into --results"
     )
@@ -56,10 +59,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Measured:
-    """Everything one run measured."""
+    """Everything one run measured: every rank's records of every process group, and its CPU use."""
 
-    results: list[Result] = field(default_factory=list)
     groups: list[GroupRun] = field(default_factory=list)
+    raw: list[dict[str, Any]] = field(default_factory=list)  # {"size", "model_bytes", "world", "ranks"}
+
+    @property
+    def results(self) -> list[Result]:
+        return [r for g in self.raw for r in summarize(g["size"], g["model_bytes"], g["world"], g["ranks"]).values()]
+
+    def extend(self, other: Measured) -> None:
+        self.groups += other.groups
+        self.raw += other.raw
+
+    def save(self, path: Path, argv: list[str], minutes: float) -> None:
+        """Everything needed to write the report again (``--from-json``)."""
+        groups = [asdict(g) for g in self.groups]
+        path.write_text(json.dumps({"argv": argv, "minutes": minutes, "groups": groups, "raw": self.raw}))
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[Measured, list[str], float]:
+        data = json.loads(path.read_text())
+        return cls([GroupRun(**g) for g in data["groups"]], data["raw"]), data["argv"], data["minutes"]
 
 
 def run_size(
@@ -93,7 +114,7 @@ def run_size(
         print(f"  {size} W={world}: {cpu.wall:.0f} s; CPU s: ours {cpu.ours:.0f}, other processes {cpu.others:.0f}", flush=True)
         if raw:
             print_raw(ranks)
-        measured.results += summarize(size, model_bytes(base), world, ranks).values()
+        measured.raw.append({"size": size, "model_bytes": model_bytes(base), "world": world, "ranks": ranks})
     return measured
 
 
@@ -227,18 +248,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.notes_only:
         refresh_notes(args.results)
         return
-    os.environ.update(MALLOC_ENV)  # inherited by the spawned ranks
-    started = time.perf_counter()
-    measured = Measured()
-    for size in args.size:
-        one = run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw)
-        measured.results += one.results
-        measured.groups += one.groups
-    lines = report(measured, argv, (time.perf_counter() - started) / 60)
+    if args.from_json:
+        measured, argv, minutes = Measured.load(args.from_json)
+    else:
+        measured, minutes = measure_all(args)
+        measured.save(args.work / LAST_RUN, argv, minutes)
+    lines = report(measured, argv, minutes)
     print("\n".join(lines))
     if str(args.results) != "-":
         write_results(args.results, lines)
         print(f"\nwrote {args.results}")
+
+
+LAST_RUN = "last-run.json"  # in --work: every record of the latest run
+
+
+def measure_all(args: argparse.Namespace) -> tuple[Measured, float]:
+    """Every size of the command line; and how many minutes it took."""
+    os.environ.update(MALLOC_ENV)  # inherited by the spawned ranks
+    started = time.perf_counter()
+    measured = Measured()
+    for size in args.size:
+        measured.extend(run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw))
+    return measured, (time.perf_counter() - started) / 60
 
 
 if __name__ == "__main__":
