@@ -63,6 +63,7 @@ class Measured:
 
     groups: list[GroupRun] = field(default_factory=list)
     raw: list[dict[str, Any]] = field(default_factory=list)  # {"size", "model_bytes", "world", "ranks"}
+    where: dict[str, Any] = field(default_factory=dict)  # machine, code and niceness, taken when measuring
 
     @property
     def results(self) -> list[Result]:
@@ -71,16 +72,19 @@ class Measured:
     def extend(self, other: Measured) -> None:
         self.groups += other.groups
         self.raw += other.raw
+        self.where = self.where or other.where
 
     def save(self, path: Path, argv: list[str], minutes: float) -> None:
         """Everything needed to write the report again (``--from-json``)."""
         groups = [asdict(g) for g in self.groups]
-        path.write_text(json.dumps({"argv": argv, "minutes": minutes, "groups": groups, "raw": self.raw}))
+        data = {"argv": argv, "minutes": minutes, "groups": groups, "raw": self.raw, "where": self.where}
+        path.write_text(json.dumps(data))
 
     @classmethod
     def load(cls, path: Path) -> tuple[Measured, list[str], float]:
         data = json.loads(path.read_text())
-        return cls([GroupRun(**g) for g in data["groups"]], data["raw"]), data["argv"], data["minutes"]
+        measured = cls([GroupRun(**g) for g in data["groups"]], data["raw"], data.get("where", {}))
+        return measured, data["argv"], data["minutes"]
 
 
 def run_size(
@@ -96,7 +100,7 @@ def run_size(
     from checkpointer.testing.multiprocess import run_on_ranks
 
     base = ensure_base_model(SIZES[size], work)
-    measured = Measured()
+    measured = Measured(where={"machine": machine(), "code": source(), "niceness": os.nice(0)})
     for world in worlds:
         settings = Settings(
             base=str(base),
@@ -169,9 +173,9 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "",
         f"Command (repository root): `{command(argv)}` — {minutes:.1f} minutes in all.",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {measured.where.get('machine', 'not recorded')}.",
         "",
-        f"Code: {source()}.",
+        f"Code: {measured.where.get('code', 'not recorded')}.",
         "",
         "How it is measured:",
         "",
@@ -189,7 +193,7 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "and 24 GB of RAM holds them), so loads measure memory-to-memory copies, not the disk. Saves write into the "
         "page cache; ours and torch's writer fsync their files, torchtune and the `save_file` floor do not "
         "(`save/floor_fsync` does).",
-        f"- The benchmark ran at niceness {os.nice(0)} (negative: ahead of other jobs on the machine; see the CPU table "
+        f"- The benchmark ran at niceness {measured.where.get('niceness', '(not recorded)')} (negative: ahead of other jobs on the machine; see the CPU table "
         "below for how much they still took).",
         "- torch threads per rank: cores / W. W = 4 on 2 cores oversubscribes the CPU (4 processes on 2 cores): "
         "expected; its times are CPU-bound and show contention, not scaling.",
