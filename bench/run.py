@@ -14,14 +14,16 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench.methods import METHODS
 from bench.models import SIZES, ensure_base_model, model_bytes
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=list(METHODS), help="run this method twice more under cProfile on rank 0 (wall clock, CPU time)")
     parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
     parser.add_argument("--no-remote", action="store_true", help="skip the remote I/O part (local Hub and S3 server)")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: write the report of a run saved in this file")
     parser.add_argument(
         "--notes-only", action="store_true", help="measure nothing: put the current bench/NOTES.md into --results"
     )
@@ -58,10 +61,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Measured:
-    """Everything one run measured."""
+    """Everything one run measured: every rank's records of every process group, and its CPU use."""
 
-    results: list[Result] = field(default_factory=list)
     groups: list[GroupRun] = field(default_factory=list)
+    raw: list[dict[str, Any]] = field(default_factory=list)  # {"size", "model_bytes", "world", "ranks"}
+    where: dict[str, Any] = field(default_factory=dict)  # machine, code and niceness, taken when measuring
+
+    @property
+    def results(self) -> list[Result]:
+        return [r for g in self.raw for r in summarize(g["size"], g["model_bytes"], g["world"], g["ranks"]).values()]
+
+    def extend(self, other: Measured) -> None:
+        self.groups += other.groups
+        self.raw += other.raw
+        self.where = self.where or other.where
+
+    def save(self, path: Path, argv: list[str], minutes: float) -> None:
+        """Everything needed to write the report again (``--from-json``)."""
+        groups = [asdict(g) for g in self.groups]
+        data = {"argv": argv, "minutes": minutes, "groups": groups, "raw": self.raw, "where": self.where}
+        path.write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[Measured, list[str], float]:
+        data = json.loads(path.read_text())
+        measured = cls([GroupRun(**g) for g in data["groups"]], data["raw"], data.get("where", {}))
+        return measured, data["argv"], data["minutes"]
 
 
 def run_size(
@@ -77,7 +102,7 @@ def run_size(
     from checkpointer.testing.multiprocess import run_on_ranks
 
     base = ensure_base_model(SIZES[size], work)
-    measured = Measured()
+    measured = Measured(where={"machine": machine(), "code": source(), "niceness": os.nice(0)})
     for world in worlds:
         settings = Settings(
             base=str(base),
@@ -95,7 +120,7 @@ def run_size(
         print(f"  {size} W={world}: {cpu.wall:.0f} s; CPU s: ours {cpu.ours:.0f}, other processes {cpu.others:.0f}", flush=True)
         if raw:
             print_raw(ranks)
-        measured.results += summarize(size, model_bytes(base), world, ranks).values()
+        measured.raw.append({"size": size, "model_bytes": model_bytes(base), "world": world, "ranks": ranks})
     return measured
 
 
@@ -150,9 +175,9 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "",
         f"Command (repository root): `{command(argv)}` — {minutes:.1f} minutes in all.",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {measured.where.get('machine', 'not recorded')}.",
         "",
-        f"Code: {source()}.",
+        f"Code: {measured.where.get('code', 'not recorded')}.",
         "",
         "How it is measured:",
         "",
@@ -170,7 +195,7 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "and 24 GB of RAM holds them), so loads measure memory-to-memory copies, not the disk. Saves write into the "
         "page cache; ours and torch's writer fsync their files, torchtune and the `save_file` floor do not "
         "(`save/floor_fsync` does).",
-        f"- The benchmark ran at niceness {os.nice(0)} (negative: ahead of other jobs on the machine; see the CPU table "
+        f"- The benchmark ran at niceness {measured.where.get('niceness', '(not recorded)')} (negative: ahead of other jobs on the machine; see the CPU table "
         "below for how much they still took).",
         "- torch threads per rank: cores / W. W = 4 on 2 cores oversubscribes the CPU (4 processes on 2 cores): "
         "expected; its times are CPU-bound and show contention, not scaling.",
@@ -229,19 +254,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.notes_only:
         refresh_notes(args.results)
         return
-    os.environ.update(MALLOC_ENV)  # inherited by the spawned ranks
-    started = time.perf_counter()
-    measured = Measured()
-    for size in args.size:
-        one = run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw)
-        measured.results += one.results
-        measured.groups += one.groups
-    remote = [] if args.no_remote else run_remote(ensure_base_model(SIZES[args.size[0]], args.work), args.work, min(args.reps, 3))
-    lines = report(measured, argv, (time.perf_counter() - started) / 60) + remote
+    if args.from_json:
+        measured, argv, minutes = Measured.load(args.from_json)
+        remote: list[str] = []  # a saved run holds the local measurements only
+    else:
+        measured, minutes = measure_all(args)
+        measured.save(args.work / LAST_RUN, argv, minutes)
+        remote = [] if args.no_remote else run_remote(ensure_base_model(SIZES[args.size[0]], args.work), args.work, min(args.reps, 3))
+    lines = report(measured, argv, minutes) + remote
     print("\n".join(lines))
     if str(args.results) != "-":
         write_results(args.results, lines)
         print(f"\nwrote {args.results}")
+
+
+LAST_RUN = "last-run.json"  # in --work: every record of the latest run
+
+
+def measure_all(args: argparse.Namespace) -> tuple[Measured, float]:
+    """Every size of the command line; and how many minutes it took."""
+    os.environ.update(MALLOC_ENV)  # inherited by the spawned ranks
+    started = time.perf_counter()
+    measured = Measured()
+    for size in args.size:
+        measured.extend(run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw))
+    return measured, (time.perf_counter() - started) / 60
 
 
 if __name__ == "__main__":
