@@ -197,12 +197,15 @@ class DistributedHFCheckpointer:
 
     def _files(self, folder: Folder, checkpoint_files: Sequence[str] | None) -> CheckpointFiles:
         """Read and check a checkpoint's files (and, with a manifest, their sizes or hashes) on every rank."""
-        files = on_all_ranks(lambda: read_checkpoint_files(folder, checkpoint_files), self.process_group)
-        manifest = on_all_ranks(lambda: read_manifest(folder), self.process_group)
-        if manifest is not None:
-            on_all_ranks(lambda: check_against_manifest(folder, manifest, list(files.files)), self.process_group)
-            if self.verify_checksums:
-                verify_hashes(folder, manifest, list(files.files), self.process_group)
+        def read() -> tuple[CheckpointFiles, dict[str, Any] | None]:
+            files, manifest = read_checkpoint_files(folder, checkpoint_files), read_manifest(folder)
+            if manifest is not None:
+                check_against_manifest(folder, manifest, list(files.files))
+            return files, manifest
+
+        files, manifest = on_all_ranks(read, self.process_group)  # one collective for all the checks
+        if manifest is not None and self.verify_checksums:
+            verify_hashes(folder, manifest, list(files.files), self.process_group)
         return files
 
     def base_files(self) -> CheckpointFiles:
@@ -408,7 +411,7 @@ class DistributedHFCheckpointer:
         if self.save_dtype is not None:
             model_specs = {k: (self.save_dtype if dt.is_floating_point else dt, s) for k, (dt, s) in model_specs.items()}
         specs, destinations = plan_for_save(self.layout, model_specs)
-        return specs, destinations, plan_file_layout(specs, self._base_weight_map(), self.max_shard_size)
+        return specs, destinations, plan_file_layout(specs, self._base_weight_map, self.max_shard_size)
 
     def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> IOStats:
         specs, destinations, file_layout = plan
@@ -478,7 +481,9 @@ class DistributedHFCheckpointer:
             "training": dict(self.training_info),
         }
 
+    @cached_property
     def _base_weight_map(self) -> dict[str, str] | None:
+        """The base's tensor -> file map (read once), which saves follow; None if it cannot be read."""
         try:
             files = read_checkpoint_files(self.source_folder, self.checkpoint_files)
         except CheckpointError:
