@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
@@ -22,8 +23,6 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def _upload(folder: Path) -> str:
-    from huggingface_hub import HfApi
-
     repo = f"tester/faults-{uuid.uuid4().hex[:8]}"
     HfApi().create_repo(repo)
     HfApi().upload_folder(folder_path=str(folder), repo_id=repo)
@@ -105,6 +104,8 @@ def test_a_download_corrupted_in_transit_is_caught_and_dropped_from_the_cache(hu
     """The Hub reports each file's digest; a download that does not match it never loads."""
     repo = _upload(tiny_models["llama2"])
     data = hub_env.file_bytes(repo, "model.safetensors")
+    reported = {s.rfilename: s.blob_id for s in HfApi().repo_info(repo, files_metadata=True).siblings}
+    assert reported["model.safetensors"] == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # the Hub has settled on the good digest
     corrupt = bytearray(data)
     corrupt[-1] ^= 0x01  # one bit of the last weight, behind the Hub's back (its reported digest stays)
     hub_env.store._blobs[hashlib.sha256(data).hexdigest()] = bytes(corrupt)
