@@ -76,9 +76,10 @@ class RemoteFile:
 def _digest(path: Path, expected: RemoteFile) -> str:
     """The digest of ``path`` of the kind ``expected`` has (sha256, else git's blob sha1)."""
     digest = hashlib.sha256() if expected.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(16 * 2**20), b""):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(4 * 2**20))
+    with open(path, "rb") as f:  # one reused buffer: no allocation or copy per chunk
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
     return digest.hexdigest()
 
 
