@@ -5,7 +5,9 @@ the operation needs (a fresh model with untouched shards, an output folder) and 
 timed; the returned zero-argument ``operation`` is what is timed, and returns what it
 loaded into (a model or a state dict) or where it saved (a folder), for checking.
 
-- ``load/ours``, ``save/ours``: :class:`DistributedHFCheckpointer` with an FSDP2 model.
+- ``load/ours``, ``save/ours``: :class:`DistributedHFCheckpointer` with an FSDP2 model;
+  ``save/ours_async``: the time an asynchronous save blocks the loop (its second save,
+  once the staging buffers exist); the write and publish finish untimed before the check.
 - ``load/torchtune``, ``save/torchtune``: torchtune 0.6.1 as its distributed recipes use it.
 - ``load/torch``, ``save/torch``: DCP's ``HuggingFaceStorageReader`` / consolidating
   ``HuggingFaceStorageWriter`` with a state dict of DTensors keyed by HF names.
@@ -257,6 +259,32 @@ def save_ours(ctx: Context, rep: int) -> Operation:
     def operation() -> Path:
         checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE)
         return Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0))
+
+    return operation
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """What an operation returns when work it started goes on after it returns; ``finish`` (untimed) ends it."""
+
+    finish: Callable[[], Any]
+
+
+@method("save", "ours_async", "save_checkpoint(async_save=True): only the time the loop is blocked (copy into the staging buffers)")
+def save_ours_async(ctx: Context, rep: int) -> Operation:
+    model, out = ctx.loaded_model, ctx.out_dir("save/ours_async", rep)
+    checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE, async_save=True)
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)  # a training loop's first save allocates the buffers
+    checkpointer.wait()
+
+    def operation() -> Unfinished:
+        published = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=1)
+
+        def finish() -> Path:
+            checkpointer.wait()
+            return Path(published)
+
+        return Unfinished(finish)
 
     return operation
 

@@ -146,6 +146,7 @@ RATIOS: list[tuple[str, str, str]] = [
     ("save torchtune/floor+fsync", "save/torchtune", "save/floor_fsync"),
     ("save torch/ours", "save/torch", "save/ours"),
     ("save torch/floor+fsync", "save/torch", "save/floor_fsync"),
+    ("save async blocked/ours", "save/ours_async", "save/ours"),
 ]
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bench.measure import measure
-from bench.methods import METHODS, Context, Method, local_tensor, read_entries
+from bench.methods import METHODS, Context, Method, Unfinished, local_tensor, read_entries
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ def _shuffled(methods: list[Method], rep: int) -> list[Method]:
 def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
     operation = method.prepare(ctx, rep)
     sample, result = measure(operation)
+    if isinstance(result, Unfinished):
+        result = result.finish()
     check = _checksum(result) if method.op == "load" else _saved_bytes(ctx, result)
     del operation, result
     _clean(ctx, ctx.out_dir(method.key, rep))
