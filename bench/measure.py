@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch.distributed as dist
+from checkpointer.distributed import barrier
 
 _STATUS = "/proc/self/status"
 _FIELD = re.compile(r"^(VmRSS|VmHWM):\s+(\d+) kB", re.MULTILINE)
@@ -42,20 +42,15 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def measure(operation: Callable[[], Any]) -> tuple[Sample, Any]:
     """Run ``operation`` on every rank between two barriers; its sample and its result."""
     gc.collect()
     reset_peak()
     before = memory_status()["VmRSS"]
-    _barrier()
+    barrier()
     started, cpu = time.perf_counter(), time.process_time()
     result = operation()
-    _barrier()
+    barrier()
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     return Sample(seconds, cpu, memory_status()["VmHWM"] - before), result
 

@@ -18,9 +18,7 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,49 +30,18 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from bench.models import INDEX_FILE, MODEL_TYPE
+from bench.models import MODEL_TYPE
 from checkpointer import DistributedHFCheckpointer, ModelConfig
+from checkpointer.folders import LocalFolder
 from checkpointer.fsdp import build_sharded_model, default_mesh
+from checkpointer.hf_files import read_checkpoint_files
+from checkpointer.safetensors_format import TensorEntry
+from checkpointer.shards import local_shard
+from checkpointer.storage_reader import tensor_bytes
 
 DTYPE = torch.bfloat16
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 Operation = Callable[[], Any]
-
-
-@dataclass(frozen=True)
-class Entry:
-    """Where one tensor's bytes are in a safetensors file."""
-
-    file: str
-    start: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
-
-
-def read_entries(path: Path) -> dict[str, Entry]:
-    """Tensor name -> entry, from the JSON header of one safetensors file."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return {
-        name: Entry(path.name, 8 + length + info["data_offsets"][0], tuple(info["shape"]), _ST_DTYPES[info["dtype"]])
-        for name, info in header.items()
-    }
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def local_bytes(state_dict: dict[str, Any]) -> int:
@@ -94,9 +61,10 @@ class Context:
         self.rank, self.world, self.base, self.out = rank, world, base, out
         self.mesh = default_mesh()
         self.config = ModelConfig.from_json((base / "config.json").read_text())
-        self.weight_map: dict[str, str] = json.loads((base / INDEX_FILE).read_text())["weight_map"]
-        self.files = sorted(set(self.weight_map.values()))
-        self.entries = {name: e for file in self.files for name, e in read_entries(base / file).items()}
+        checkpoint = read_checkpoint_files(LocalFolder(base))
+        self.weight_map: dict[str, str] = checkpoint.weight_map or {}
+        self.files = sorted(checkpoint.files)
+        self.entries: dict[str, TensorEntry] = checkpoint.tensors
 
     def fresh_model(self) -> nn.Module:
         """An FSDP2-sharded torchtune model whose local shards are allocated, never touched."""
@@ -126,6 +94,12 @@ class Context:
         return shards
 
     @cached_property
+    def file_numbers(self) -> dict[str, int]:
+        """Tensor name -> the 1-based number of its file, as torchtune and torch's writer name files."""
+        numbers = {file: i for i, file in enumerate(self.files, start=1)}
+        return {name: numbers[file] for name, file in self.weight_map.items()}
+
+    @cached_property
     def share(self) -> int:
         """Bytes of this rank's shards of the model."""
         return local_bytes(self.fresh_hf_shards())
@@ -142,19 +116,14 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _row_offset(value: DTensor) -> int:
-    _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
-    return offsets[0] if offsets else 0
-
-
-def pread_shards(base: Path, entries: dict[str, Entry], shards: dict[str, DTensor]) -> None:
+def pread_shards(base: Path, entries: dict[str, TensorEntry], shards: dict[str, DTensor]) -> None:
     """Read each shard's rows with plain ``os.preadv`` into its local tensor."""
     fds = {file: os.open(base / file, os.O_RDONLY) for file in {e.file for e in entries.values()}}
     try:
         for name, value in shards.items():
             entry, local = entries[name], value.to_local()
             if local.numel():
-                _preadv_all(fds[entry.file], tensor_bytes(local), entry.start + _row_offset(value) * entry.row_bytes)
+                _preadv_all(fds[entry.file], tensor_bytes(local), entry.start + local_shard(name, value).first_row * entry.row_bytes)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -314,8 +283,7 @@ def torchtune_checkpointer(ctx: Context, out: Path) -> Any:
     from torchtune.training import FullModelHFCheckpointer
 
     checkpointer = FullModelHFCheckpointer(str(ctx.base), ctx.files, MODEL_TYPE, str(out))
-    numbers = {file: f"{i:04}" for i, file in enumerate(ctx.files, start=1)}
-    checkpointer._weight_map = {name: numbers[file] for name, file in ctx.weight_map.items()}
+    checkpointer._weight_map = {name: f"{number:04}" for name, number in ctx.file_numbers.items()}
     return checkpointer
 
 
@@ -324,12 +292,10 @@ def save_torch(ctx: Context, rep: int) -> Operation:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     shards, out = ctx.loaded_hf_shards, ctx.out_dir("save/torch", rep)
-    numbers = {file: i for i, file in enumerate(ctx.files, start=1)}
-    fqn_to_index = {name: numbers[file] for name, file in ctx.weight_map.items()}
 
     def operation() -> Path:
         writer = HuggingFaceStorageWriter(
-            str(out), fqn_to_index_mapping=fqn_to_index, save_distributed=True, enable_consolidation=True
+            str(out), fqn_to_index_mapping=ctx.file_numbers, save_distributed=True, enable_consolidation=True
         )
         dcp.save(shards, storage_writer=writer)
         return out

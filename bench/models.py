@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
+from checkpointer.file_layout import natural_key
+from checkpointer.hf_files import INDEX_FILE
+
 MODEL_TYPE = "LLAMA3"  # untied embeddings, plain RoPE (q/k rows are permuted for torchtune)
 SHARD_FILES = 3  # the base is split into this many files, in name order, like save_pretrained
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,9 @@ def hf_shapes(size: ModelSize) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _natural_key(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
-
-
 def _split(shapes: dict[str, tuple[int, ...]], files: int) -> list[list[str]]:
     """Names in natural order, cut greedily into ``files`` groups of about equal bytes."""
-    names = sorted(shapes, key=_natural_key)
+    names = sorted(shapes, key=natural_key)
     limit = sum(math.prod(s) for s in shapes.values()) / files
     groups: list[list[str]] = [[]]
     filled = 0

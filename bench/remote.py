@@ -29,16 +29,12 @@ def _timed(operation: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def _median(samples: list[float]) -> float:
-    return statistics.median(samples)
-
-
 def _fresh(*folders: Path) -> None:
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _hub_rows(base: Path, work: Path, reps: int) -> list[tuple[str, float, float]]:
+def _hub_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
     """(operation, plain seconds, ours seconds) against a local Hub."""
     from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
 
@@ -60,7 +56,7 @@ def _hub_rows(base: Path, work: Path, reps: int) -> list[tuple[str, float, float
         ours_down.append(_timed(lambda: HubLocation(parse_location(f"hf://{plain_repo}")).open(None, streaming=False)))
         for repo in (plain_repo, ours_repo):
             api.delete_repo(repo)
-    return [("Hub upload", _median(plain_up), _median(ours_up)), ("Hub download", _median(plain_down), _median(ours_down))]
+    return [("Hub upload", statistics.median(plain_up), statistics.median(ours_up)), ("Hub download", statistics.median(plain_down), statistics.median(ours_down))]
 
 
 def _s3_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
@@ -87,7 +83,7 @@ def _s3_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
             fs.rm(bucket, recursive=True)
     finally:
         server.stop()
-    return [("S3 upload", _median(plain_up), _median(ours_up)), ("S3 download", _median(plain_down), _median(ours_down))]
+    return [("S3 upload", statistics.median(plain_up), statistics.median(ours_up)), ("S3 download", statistics.median(plain_down), statistics.median(ours_down))]
 
 
 def stream_load(rank: int, world: int, url: str, config_dir: str, model_type: str) -> int:
@@ -125,7 +121,7 @@ def run_remote(base: Path, work: Path, reps: int = 3, world: int = 2) -> list[st
     os.environ["CHECKPOINTER_CACHE"] = str(work / "remote-cache")
     with LocalHub() as hub:
         configure_hub_client(hub.endpoint, hub.token, work / "remote-hf-home")
-        rows = _hub_rows(base, work, reps) + _s3_rows(base, reps)
+        rows = _hub_rows(base, reps) + _s3_rows(base, reps)
         streaming = _streaming_rows(base, world)
     lines = [
         "## Remote I/O (loopback servers: a local Hub and moto's S3)",

@@ -103,6 +103,7 @@ def run_size(
 
     base = ensure_base_model(SIZES[size], work)
     measured = Measured(where={"machine": machine(), "code": source(), "niceness": os.nice(0)})
+    total_bytes = model_bytes(base)
     for world in worlds:
         settings = Settings(
             base=str(base),
@@ -120,7 +121,7 @@ def run_size(
         print(f"  {size} W={world}: {cpu.wall:.0f} s; CPU s: ours {cpu.ours:.0f}, other processes {cpu.others:.0f}", flush=True)
         if raw:
             print_raw(ranks)
-        measured.raw.append({"size": size, "model_bytes": model_bytes(base), "world": world, "ranks": ranks})
+        measured.raw.append({"size": size, "model_bytes": total_bytes, "world": world, "ranks": ranks})
     return measured
 
 

@@ -27,7 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from bench.measure import measure
-from bench.methods import METHODS, Context, Method, Unfinished, local_tensor, read_entries
+from bench.methods import METHODS, Context, Method, Unfinished, local_tensor
+from checkpointer.folders import LocalFolder
+from checkpointer.hf_files import read_header
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ def _saved_bytes(ctx: Context, folder: Path) -> int:
     """Tensor bytes in the safetensors files of ``folder`` (counted on rank 0, 0 elsewhere)."""
     if ctx.rank != 0:
         return 0
-    return sum(e.nbytes for file in folder.glob("*.safetensors") for e in read_entries(file).values())
+    saved = LocalFolder(folder)
+    return sum(e.nbytes for file in folder.glob("*.safetensors") for e in read_header(saved, file.name).tensors.values())
 
 
 def _clean(ctx: Context, folder: Path) -> None:
