@@ -48,6 +48,7 @@ class GlobalBatches:
             raise ValueError(f"the dataset has {dataset_size} examples, fewer than one global batch of {global_batch_size}")
         self.dataset_size, self.global_batch_size, self.batch_size = dataset_size, global_batch_size, batch_size
         self.rank, self.world, self.seed = rank, world, seed
+        self._cached_order: tuple[int | None, torch.Tensor] = (None, torch.empty(0, dtype=torch.long))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -55,10 +56,18 @@ class GlobalBatches:
 
     def step_indices(self, epoch: int, step: int) -> list[int]:
         """This rank's share of global batch ``step`` of ``epoch``."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.dataset_size, generator=generator)
-        batch = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
-        return torch.tensor_split(batch, self.world)[self.rank].tolist()
+        return self._share(epoch, step).tolist()
+
+    def _share(self, epoch: int, step: int) -> torch.Tensor:
+        batch = self._order(epoch)[step * self.global_batch_size : (step + 1) * self.global_batch_size]
+        return torch.tensor_split(batch, self.world)[self.rank]
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        """The seeded permutation of ``epoch``, drawn once per epoch rather than at every step."""
+        if self._cached_order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached_order = (epoch, torch.randperm(self.dataset_size, generator=generator))
+        return self._cached_order[1]
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -68,7 +77,7 @@ class GlobalBatches:
 
     def micro_batches(self, epoch: int, step: int) -> list[list[int]]:
         """This rank's share in ``micro_batches_per_step`` lists (an empty one means: run a no-loss batch)."""
-        mine = torch.tensor(self.step_indices(epoch, step), dtype=torch.long)
+        mine = self._share(epoch, step)
         return [chunk.tolist() for chunk in torch.tensor_split(mine, self.micro_batches_per_step)]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[int, list[list[int]]]]:
