@@ -39,9 +39,14 @@ from checkpointer.training_state import METADATA_FILE, JsonMetadataReader, Weigh
 if TYPE_CHECKING:
     from checkpointer.commands.export import ExportOptions
 
-PICKLED_METADATA = ".metadata"
+PICKLED_METADATA = ".metadata"  # DCP's default metadata file: a pickle
 DCP_METADATA_FILES = (METADATA_FILE, PICKLED_METADATA)
 MODEL_PREFIX = "model."  # torchtune's (and most trainers') state dicts nest the weights under "model"
+
+
+def has_dcp(checkpoint: Checkpoint) -> bool:
+    """Whether ``checkpoint`` holds DCP metadata (checkpointer's JSON or DCP's pickled default) at its top level."""
+    return any(name in checkpoint.files for name in DCP_METADATA_FILES)
 
 
 def dcp_reader(folder: Path, where: str, trust_pickle: bool) -> FileSystemReader:

@@ -47,15 +47,16 @@ def diff(a: str, b: str, atol: float, as_json: bool, storage_options: dict[str, 
 def compare(a: CheckpointFiles, b: CheckpointFiles, atol: float) -> tuple[list[Difference], int]:
     """The differences, by tensor name, and how many pairs were compared value by value."""
     names = sorted(set(a.tensors) | set(b.tensors), key=natural_key)
-    pairs = [n for n in names if n in a.tensors and n in b.tensors and a.tensors[n].shape == b.tensors[n].shape]
+    both = [n for n in names if n in a.tensors and n in b.tensors and a.tensors[n].shape == b.tensors[n].shape]
+    pair_bytes = {n: a.tensors[n].nbytes + b.tensors[n].nbytes for n in both}  # compared value by value
     differences = []
-    with byte_bar(sum(a.tensors[n].nbytes + b.tensors[n].nbytes for n in pairs), "diff") as bar:
+    with byte_bar(sum(pair_bytes.values()), "diff") as bar:
         for name in names:
             ea, eb = a.tensors.get(name), b.tensors.get(name)
-            found = _compare(name, ea, eb, a, b, atol) if ea and eb and ea.shape == eb.shape else _structural(name, ea, eb)
+            found = _compare(name, ea, eb, a, b, atol) if name in pair_bytes else _structural(name, ea, eb)
             differences += [found] if found else []
-            bar.update(ea.nbytes + eb.nbytes if name in pairs else 0)
-    return differences, len(pairs)
+            bar.update(pair_bytes.get(name, 0))
+    return differences, len(pair_bytes)
 
 
 def _describe(entry: TensorEntry | None) -> str | None:

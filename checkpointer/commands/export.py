@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, card_info, dtypes_name, hub_repo_id, model_types, publish_built
-from checkpointer.commands.dcp_export import DCP_METADATA_FILES, export_dcp
+from checkpointer.commands.dcp_export import DCP_METADATA_FILES, export_dcp, has_dcp
 from checkpointer.commands.rewrite import plan_rewrite, rewrite
 from checkpointer.errors import CheckpointError
 from checkpointer.hf_files import CheckpointFiles, read_checkpoint_files
@@ -50,7 +50,7 @@ def export(checkpoint: str, options: ExportOptions) -> Outcome:
         )
     if ADAPTER_FILE in source.files:
         return export_adapter(source, options)
-    if any(name in source.files for name in DCP_METADATA_FILES):
+    if has_dcp(source):
         return export_dcp(source, options)
     raise CheckpointError(
         f"{source.describe()}: nothing to export: expected {ADAPTER_FILE} (a LoRA checkpoint) or DCP metadata "

@@ -9,13 +9,13 @@ from typing import Any
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from checkpointer.commands.common import Checkpoint, Outcome, Timer, human_size, model_types
+from checkpointer.commands.dcp_export import PICKLED_METADATA
 from checkpointer.file_layout import natural_key
 from checkpointer.hf_files import CheckpointFiles, read_checkpoint_files
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE
 from checkpointer.safetensors_format import DTYPE_NAMES
 from checkpointer.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
 
-PICKLED_METADATA = ".metadata"  # DCP's default metadata file: a pickle
 _CONFIG_FIELDS = ("model_type", "architectures", "dtype", "torch_dtype", "tie_word_embeddings", "num_hidden_layers", "hidden_size", "vocab_size")
 
 

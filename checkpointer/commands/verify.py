@@ -9,6 +9,7 @@ from typing import Any
 from tqdm import tqdm
 
 from checkpointer.commands.common import Checkpoint, Outcome, Timer, human_size
+from checkpointer.commands.dcp_export import PICKLED_METADATA, has_dcp
 from checkpointer.errors import CheckpointError
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, scan_checkpoint_files
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE, lora_scale
@@ -18,8 +19,6 @@ from checkpointer.storage_reader import read_tensor
 from checkpointer.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
 
 log = logging.getLogger(__name__)
-
-_PICKLED_METADATA = ".metadata"
 
 
 @dataclass
@@ -66,7 +65,7 @@ def check(checkpoint: Checkpoint, full: bool = False) -> Findings:
     if manifest is not None:
         _check_contents(checkpoint, manifest, findings)
         _check_sizes(checkpoint, manifest, findings, full)
-    if not weight_sets and manifest is None and not _has_dcp(checkpoint):
+    if not weight_sets and manifest is None and not has_dcp(checkpoint):
         findings.problems.append(f"{checkpoint.describe()}: no weights, adapter, manifest or DCP metadata here: check the path")
     if full:
         _read_everything(checkpoint, weight_sets, manifest or {}, findings)
@@ -118,15 +117,11 @@ def _check_adapter_config(adapter: Checkpoint, findings: Findings) -> None:
         findings.problems.append(str(e))
 
 
-def _has_dcp(checkpoint: Checkpoint) -> bool:
-    return METADATA_FILE in checkpoint.files or _PICKLED_METADATA in checkpoint.files
-
-
 def _check_dcp(checkpoint: Checkpoint, prefix: str, findings: Findings) -> None:
     """A DCP folder: every data file its JSON metadata names exists and is long enough."""
     path = f"{prefix}{METADATA_FILE}"
-    if f"{prefix}{_PICKLED_METADATA}" in checkpoint.files and path not in checkpoint.files:
-        findings.notes.append(f"{checkpoint.describe(prefix + _PICKLED_METADATA)}: a pickle, not read (unpickling runs code); its data files are not checked")
+    if f"{prefix}{PICKLED_METADATA}" in checkpoint.files and path not in checkpoint.files:
+        findings.notes.append(f"{checkpoint.describe(prefix + PICKLED_METADATA)}: a pickle, not read (unpickling runs code); its data files are not checked")
     if path not in checkpoint.files:
         return
     try:
