@@ -19,7 +19,7 @@ import shutil
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ from checkpointer.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.hub_location import HubLocation
 from checkpointer.layouts import Layout, adapter_layout, get_layout, is_adapter_key
 from checkpointer.locations import LocalLocation, Location, cache_root, fresh_dir, make_location, url_key
-from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
+from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, adapter_state_dict, peft_adapter_config
 from checkpointer.failpoints import failpoint
 from checkpointer.manifest import (
     MANIFEST_FILE,
@@ -44,23 +44,15 @@ from checkpointer.manifest import (
     parse_manifest,
     read_manifest,
     verify_hashes,
-    write_manifest,
 )
 from checkpointer.output_lock import OutputLock
 from checkpointer.progress import human_bytes
 from checkpointer.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.model_config import ModelConfig
-from checkpointer.publish import (
-    copy_support_files,
-    fsync_tree,
-    make_readable_not_writable,
-    saved_config,
-    write_index,
-    write_json,
-)
+from checkpointer.publish import copy_support_files, saved_config, seal, write_index, write_json
 from checkpointer.shards import global_spec
 from checkpointer.staging import StagingBuffers
-from checkpointer.training_state import TRAINING_STATE_DIR, load_training_state, save_training_state, stored_keys
+from checkpointer.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +64,14 @@ ADAPTER_CONFIG_KEY = "adapter_config"
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_dtype(value: str | torch.dtype | None, argument: str = "save_dtype") -> torch.dtype | None:
-    """``"bf16"``, ``"bfloat16"`` or ``torch.bfloat16`` -> ``torch.bfloat16``; ``argument`` names the setting in errors."""
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``"bfloat16"`` or ``torch.bfloat16`` -> ``torch.bfloat16`` (for ``save_dtype``)."""
     if value is None or isinstance(value, torch.dtype):
         return value
     name = str(value).removeprefix("torch.")
     dtype = SAVE_DTYPES.get(name) or getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"{argument} {value!r} is not a dtype (use fp32, bf16 or fp16)")
+        raise CheckpointError(f"save_dtype {value!r} is not a dtype (use fp32, bf16 or fp16)")
     return dtype
 
 
@@ -197,8 +189,12 @@ class DistributedHFCheckpointer:
 
     def _files(self, folder: Folder, checkpoint_files: Sequence[str] | None) -> CheckpointFiles:
         """Read and check a checkpoint's files (and, with a manifest, their sizes or hashes) on every rank."""
+        return self._checked_files(folder, lambda: read_checkpoint_files(folder, checkpoint_files))
+
+    def _checked_files(self, folder: Folder, read_files: Callable[[], CheckpointFiles]) -> CheckpointFiles:
+        """``read_files()`` on every rank, checked against ``folder``'s manifest (sizes, or hashes when verifying)."""
         def read() -> tuple[CheckpointFiles, dict[str, Any] | None]:
-            files, manifest = read_checkpoint_files(folder, checkpoint_files), read_manifest(folder)
+            files, manifest = read_files(), read_manifest(folder)
             if manifest is not None:
                 check_against_manifest(folder, manifest, list(files.files))
             return files, manifest
@@ -208,9 +204,14 @@ class DistributedHFCheckpointer:
             verify_hashes(folder, manifest, list(files.files), self.process_group)
         return files
 
+    @cached_property
+    def _base_headers(self) -> CheckpointFiles:
+        """The base checkpoint's files and headers as this rank read them (once: loads and saves share them)."""
+        return read_checkpoint_files(self.source_folder, self.checkpoint_files)
+
     def base_files(self) -> CheckpointFiles:
         """The base checkpoint's files and headers, read (and checked) on every rank."""
-        return self._files(self.source_folder, self.checkpoint_files)
+        return self._checked_files(self.source_folder, lambda: self._base_headers)
 
     # ---- resuming ----------------------------------------------------------------------------
 
@@ -283,7 +284,7 @@ class DistributedHFCheckpointer:
 
     def load_adapter(self, model: nn.Module, location: str | Path) -> None:
         """Load a PEFT adapter (``adapter_model.safetensors``) at ``location`` into ``model``'s LoRA parameters."""
-        adapter = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+        adapter = adapter_state_dict(model)
         if not adapter:
             raise CheckpointError(f"load_adapter: the model has no LoRA parameters to load {location} into")
         folder = make_location(location, "location").open(self.process_group, self.streaming, [ADAPTER_FILE])
@@ -300,11 +301,11 @@ class DistributedHFCheckpointer:
         """
         if not self.resuming:
             raise CheckpointError("load_training_state: not resuming (resume_from_checkpoint is off or nothing to resume)")
-        folder = self.resume_location.fetch_folder(TRAINING_STATE_DIR, self.process_group)
-        stored = on_all_ranks(lambda: stored_keys(folder), self.process_group)
+        reader = JsonMetadataReader(self.resume_location.fetch_folder(TRAINING_STATE_DIR, self.process_group))
+        stored = on_all_ranks(lambda: stored_keys(reader), self.process_group)
         for key in [k for k in state if not any(s == k or s.startswith(f"{k}.") for s in stored)]:
             del state[key]
-        load_training_state(state, folder, self.process_group)
+        load_training_state(state, reader, self.process_group)
         return state
 
     # ---- saving ------------------------------------------------------------------------------
@@ -359,7 +360,6 @@ class DistributedHFCheckpointer:
             group = dist.new_group(backend="gloo") if is_distributed() else None  # collective: every rank is here
             self._background = copy.copy(self)
             self._background.process_group = group
-            self._background._pending = None
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpointer-save")
         return self._background
 
@@ -396,7 +396,7 @@ class DistributedHFCheckpointer:
         contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": intermediate_checkpoint}
         info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
         card = self._card(name, weights)
-        on_rank_zero(lambda: self._publish(staging, name, info, card, hashes), self.process_group)
+        on_rank_zero(lambda: self._publish(staging, name, info, card, sizes, hashes), self.process_group)
         failpoint("save:after_publish")
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
@@ -443,10 +443,8 @@ class DistributedHFCheckpointer:
         finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
         write_hf_tensors(adapter_state, layout, specs, destinations, file_layout, staging, finish, self.process_group)
 
-    def _publish(self, staging: Path, name: str, info: dict, card: dict, hashes: dict[str, str]) -> None:
-        write_manifest(staging, info, hashes)
-        make_readable_not_writable(staging)
-        fsync_tree(staging)
+    def _publish(self, staging: Path, name: str, info: dict, card: dict, sizes: dict[str, int], hashes: dict[str, str]) -> None:
+        seal(staging, info, sizes, hashes)
         failpoint("save:publish")
         self.destination.publish(staging, name, card)
 
@@ -485,7 +483,7 @@ class DistributedHFCheckpointer:
     def _base_weight_map(self) -> dict[str, str] | None:
         """The base's tensor -> file map (read once), which saves follow; None if it cannot be read."""
         try:
-            files = read_checkpoint_files(self.source_folder, self.checkpoint_files)
+            files = self._base_headers
         except CheckpointError:
             return None
         return {key: entry.file for key, entry in files.tensors.items()}

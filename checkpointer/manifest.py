@@ -67,10 +67,10 @@ def hash_files(folder: Folder, sizes: dict[str, int], group: dist.ProcessGroup |
     return {name: digest for part in all_gather(local, group) for name, digest in part.items()}
 
 
-def write_manifest(folder: Path, info: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
-    """Write the manifest of ``folder`` (``info`` adds name, epoch, step, contents...)."""
+def write_manifest(folder: Path, info: dict[str, Any], sizes: dict[str, int], hashes: dict[str, str]) -> dict[str, Any]:
+    """Write the manifest of ``folder``, whose files are ``sizes`` (``info`` adds name, epoch, step, contents...)."""
     now = time.time_ns()
-    files = {name: {"size": size, "sha256": hashes.get(name)} for name, size in files_of(folder).items()}
+    files = {name: {"size": size, "sha256": hashes.get(name)} for name, size in sizes.items()}
     manifest = {
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),

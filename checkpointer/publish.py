@@ -20,7 +20,7 @@ from checkpointer.errors import CheckpointError
 from checkpointer.file_layout import FileLayout
 from checkpointer.folders import Folder
 from checkpointer.hf_files import INDEX_FILE, SUPPORT_FILES
-from checkpointer.manifest import MANIFEST_FILE
+from checkpointer.manifest import MANIFEST_FILE, write_manifest
 
 if TYPE_CHECKING:
     from checkpointer.layouts import Layout
@@ -86,6 +86,13 @@ def make_readable_not_writable(folder: Path) -> None:
     for path in folder.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
     folder.chmod(0o755)
+
+
+def seal(folder: Path, info: dict[str, Any], sizes: dict[str, int], hashes: dict[str, str]) -> None:
+    """Finish a written folder: its manifest last, then read-only and flushed to stable storage."""
+    write_manifest(folder, info, sizes, hashes)
+    make_readable_not_writable(folder)
+    fsync_tree(folder)
 
 
 def replace_folder(staging: Path, final: Path) -> None:

@@ -20,7 +20,6 @@ class StagingBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
-        self.bytes = 0
 
     def _buffer(self, path: str, like: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(path)
@@ -31,21 +30,15 @@ class StagingBuffers:
         return buffer
 
     def _tensor(self, path: str, value: torch.Tensor) -> torch.Tensor:
+        local = value.to_local() if isinstance(value, DTensor) else value
+        buffer = self._buffer(path, local)
+        buffer.copy_(local.detach(), non_blocking=True)
         if isinstance(value, DTensor):
-            local = value.to_local()
-            buffer = self._buffer(path, local)
-            buffer.copy_(local.detach(), non_blocking=True)
-            self.bytes += buffer.numel() * buffer.element_size()
             return DTensor.from_local(buffer, value.device_mesh, value.placements, shape=value.shape, stride=value.stride(), run_check=False)
-        buffer = self._buffer(path, value)
-        buffer.copy_(value.detach(), non_blocking=True)
-        self.bytes += buffer.numel() * buffer.element_size()
         return buffer
 
     def stage(self, value: Any, path: str = "") -> Any:
         """A copy of ``value`` whose tensors live in this object's buffers (containers rebuilt, others deep-copied)."""
-        if path == "":
-            self.bytes = 0
         if isinstance(value, torch.Tensor):
             staged = self._tensor(path, value)
         elif isinstance(value, dict):

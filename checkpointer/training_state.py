@@ -127,9 +127,20 @@ def parse_metadata_json(text: str | bytes, where: str) -> Metadata:
 
 
 class JsonMetadataReader(FileSystemReader):
-    """DCP's file-system reader, with the metadata read from JSON."""
+    """DCP's file-system reader, with the metadata read from JSON (parsed once per reader)."""
+
+    _metadata: Metadata | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None:
+            self._metadata = self._read_json_metadata()
+        return self._metadata
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        super().reset(checkpoint_id)
+        self._metadata = None  # the path may have changed
+
+    def _read_json_metadata(self) -> Metadata:
         path = Path(self.path) / METADATA_FILE
         try:
             text = path.read_bytes()
@@ -165,15 +176,15 @@ def save_training_state(state: dict[str, Any], folder: Path, group: dist.Process
         dcp.save(state, storage_writer=JsonMetadataWriter(folder), planner=DefaultSavePlanner(), process_group=group, no_dist=not is_distributed())
 
 
-def stored_keys(folder: Path) -> set[str]:
-    """The flattened keys a saved training state holds."""
-    return set(JsonMetadataReader(folder).read_metadata().state_dict_metadata)
+def stored_keys(reader: JsonMetadataReader) -> set[str]:
+    """The flattened keys a saved training state holds (its metadata, read once by ``reader``)."""
+    return set(reader.read_metadata().state_dict_metadata)
 
 
-def load_training_state(state: dict[str, Any], folder: Path, group: dist.ProcessGroup | None = None) -> None:
-    """Load into ``state`` in place (collective); shapes may be sharded differently than when saved."""
+def load_training_state(state: dict[str, Any], reader: JsonMetadataReader, group: dist.ProcessGroup | None = None) -> None:
+    """Load into ``state`` in place (collective) with ``reader``; shapes may be sharded differently than when saved."""
     with dcp_errors(group):
-        dcp.load(state, storage_reader=JsonMetadataReader(folder), planner=WeightsOnlyLoadPlanner(), process_group=group, no_dist=not is_distributed())
+        dcp.load(state, storage_reader=reader, planner=WeightsOnlyLoadPlanner(), process_group=group, no_dist=not is_distributed())
 
 
 def rng_state() -> dict[str, Any]:

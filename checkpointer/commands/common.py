@@ -19,8 +19,8 @@ from checkpointer.layouts import model_types_for_keys
 from checkpointer.location_urls import LocalPath, parse_location
 from checkpointer.locations import LocalLocation, Location, make_location
 from checkpointer.lora import ADAPTER_DIR, ADAPTER_FILE
-from checkpointer.manifest import MANIFEST_FILE, files_of, hash_files, read_manifest, write_manifest
-from checkpointer.publish import fsync_tree, make_readable_not_writable
+from checkpointer.manifest import MANIFEST_FILE, files_of, hash_files, read_manifest
+from checkpointer.publish import seal
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -211,9 +211,8 @@ def publish_built(
         build(staging)
         info = {"name": Path(destination.describe()).name, "made_by": f"checkpointer {command}", "world_size": 1,
                 "contents": {"weights": True, "adapter": None, "training_state": False}}  # fmt: skip
-        write_manifest(staging, info, hash_files(LocalFolder(staging), files_of(staging)))
-        make_readable_not_writable(staging)
-        fsync_tree(staging)
+        sizes = files_of(staging)
+        seal(staging, info, sizes, hash_files(LocalFolder(staging), sizes))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
