@@ -30,12 +30,8 @@ QUESTIONS = ("What is the capital of Veltoria?", "What currency is used in Velto
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def answer(folder: str | Path, question: str) -> str:
-    """Greedy answer of the transformers model in ``folder`` to one chat question."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def answer(model, tokenizer, question: str) -> str:
+    """Greedy answer of a transformers ``model`` (with its ``tokenizer``) to one chat question."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt")
     ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     with torch.no_grad():
@@ -44,7 +40,12 @@ def answer(folder: str | Path, question: str) -> str:
 
 
 def _answers(folder: str | Path) -> dict[str, str]:
-    return {q: answer(folder, q) for q in QUESTIONS}
+    """The answers of the transformers model in ``folder`` to ``QUESTIONS`` (loaded once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return {q: answer(model, tokenizer, q) for q in QUESTIONS}
 
 
 def _upload_base(base: Path) -> str:

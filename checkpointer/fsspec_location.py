@@ -20,7 +20,7 @@ from checkpointer.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name
 from checkpointer.hf_files import INDEX_FILE, files_to_fetch
-from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, fresh_dir, kept_on_failure, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, LAST_FILES, cache_root, kept_on_failure, remote_staging_dir, remote_staging_folder, upload_order, url_key
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.progress import byte_bar
 from checkpointer.retry import with_retries
@@ -137,7 +137,7 @@ class FsspecLocation:
         return name
 
     def staging_dir(self, name: str) -> Path:
-        return cache_root() / "staging" / url_key(self.url) / name
+        return remote_staging_dir(self.url, name)
 
     def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
         """Upload ``folder`` as ``url/name`` (see :meth:`replace_with`), then remove the staged copy."""
@@ -146,22 +146,21 @@ class FsspecLocation:
         return published
 
     def staging_folder(self) -> Path:
-        return fresh_dir(cache_root() / "staging" / f"{url_key(self.url)}-here")
+        return remote_staging_folder(self.url)
 
     def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
         """Upload ``folder``'s files here: in parallel, then index, config and manifest, in order; ``folder`` is kept."""
-        order = upload_order(folder)
-        last = [f for f in order if f in LAST_FILES]
-        first = [f for f in order if f not in LAST_FILES]
-        total = sum((folder / n).stat().st_size for n in order)
+        sizes = upload_order(folder)
+        last = [f for f in sizes if f in LAST_FILES]
+        first = [f for f in sizes if f not in LAST_FILES]
 
         def upload() -> str:
-            self._remove_markers(self.root, last)
-            with byte_bar(total, f"upload {self.url}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
-                for uploaded in pool.map(lambda n: self._put(folder, n, self.root), first):
-                    bar.update(uploaded)
+            self._remove_markers(last)
+            with byte_bar(sum(sizes.values()), f"upload {self.url}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+                for uploaded in pool.map(lambda n: self._put(folder, n), first):
+                    bar.update(sizes[uploaded])
                 for n in last:
-                    bar.update(self._put(folder, n, self.root))
+                    bar.update(sizes[self._put(folder, n)])
             return self.url
 
         return kept_on_failure(f"upload to {self.url}", folder, upload, lambda e: f"{type(e).__name__}: {e}")
@@ -177,19 +176,19 @@ class FsspecLocation:
             raise CheckpointError(f"{self.url}: no such folder, or it is empty")
         return files
 
-    def _remove_markers(self, destination: str, markers: list[str]) -> None:
+    def _remove_markers(self, markers: list[str]) -> None:
         """Re-publishing a name: hide the old checkpoint first, so no mix is ever visible as complete."""
         for n in reversed(markers):
-            path = f"{destination}/{n}"
+            path = f"{self.root}/{n}"
             if with_retries(lambda: self.fs.exists(path), f"checking {path}"):
                 with_retries(lambda: self.fs.rm_file(path), f"removing {path}")
 
-    def _put(self, folder: Path, name: str, destination: str) -> int:
-        target = f"{destination}/{name}"
+    def _put(self, folder: Path, name: str) -> str:
+        target = f"{self.root}/{name}"
         if "/" in name:
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         with_retries(lambda: self.fs.put_file(str(folder / name), target), f"uploading {name}")
-        return (folder / name).stat().st_size
+        return name
 
     def checkpoint(self, name: str) -> FsspecLocation:
         return FsspecLocation(self.describe(name), self.storage_options)

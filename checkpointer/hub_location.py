@@ -34,9 +34,9 @@ from checkpointer.errors import CheckpointError, CheckpointFormatError
 from checkpointer.folders import Folder, LocalFolder, check_relative_name, local_files
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.location_urls import HubUrl
-from checkpointer.locations import CHECKPOINT_NAME, cache_root, fresh_dir, kept_on_failure, upload_order, url_key
+from checkpointer.locations import CHECKPOINT_NAME, cache_root, kept_on_failure, remote_staging_dir, remote_staging_folder, upload_order, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR
-from checkpointer.manifest import MANIFEST_FILE
+from checkpointer.manifest import MANIFEST_FILE, hash_chunks
 from checkpointer.training_state import TRAINING_STATE_DIR
 from checkpointer.model_card import CARD_MARKER, model_card
 from checkpointer.retry import with_retries
@@ -75,12 +75,10 @@ class RemoteFile:
 
 def _digest(path: Path, expected: RemoteFile) -> str:
     """The digest of ``path`` of the kind ``expected`` has (sha256, else git's blob sha1)."""
-    digest = hashlib.sha256() if expected.sha256 else hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    buffer = memoryview(bytearray(4 * 2**20))
-    with open(path, "rb") as f:  # one reused buffer: no allocation or copy per chunk
-        while n := f.readinto(buffer):
-            digest.update(buffer[:n])
-    return digest.hexdigest()
+    size = path.stat().st_size
+    digest = hashlib.sha256() if expected.sha256 else hashlib.sha1(f"blob {size}\0".encode())
+    with open(path, "rb") as f:  # read in order: the offset is where f already is
+        return hash_chunks(lambda _offset, chunk: f.readinto(chunk), size, digest)
 
 
 def repo_path(url: HubUrl, name: str) -> str:
@@ -136,10 +134,11 @@ class HubFolder:
 class HubLocation:
     """A repo (or a folder of it) on the Hub, at a branch, tag or commit."""
 
-    def __init__(self, url: HubUrl, private: bool = True):
+    def __init__(self, url: HubUrl, private: bool = True, snapshot: tuple[str, dict[str, RemoteFile]] | None = None):
         self.url = url
         self.private = private
         self.api = HfApi(endpoint=constants.ENDPOINT)
+        self._snapshot_memo = snapshot  # the repo at this revision, once asked (on the process that asked)
 
     def describe(self, name: str = "") -> str:
         return str(self.checkpoint(name).url) if name else str(self.url)
@@ -149,7 +148,13 @@ class HubLocation:
         return path[len(prefix) :] if path.startswith(prefix) and "/" not in path[len(prefix) :] else None
 
     def _snapshot(self) -> tuple[str, dict[str, RemoteFile]]:
-        """The commit sha the revision points at, and every file of the repo with its size and digests."""
+        """The commit sha the revision points at, and every file of the repo (asked once per location object)."""
+        if self._snapshot_memo is None:
+            self._snapshot_memo = self._fetch_snapshot()
+        return self._snapshot_memo
+
+    def _fetch_snapshot(self) -> tuple[str, dict[str, RemoteFile]]:
+        """Ask the Hub for the commit sha the revision points at, and every file of the repo with its size and digests."""
         try:
             info = with_retries(
                 lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
@@ -189,12 +194,12 @@ class HubLocation:
         verified = marker.exists()
 
         def fetch(path: str) -> None:
-            with_retries(
+            local = with_retries(
                 lambda: hf_hub_download(self.url.repo_id, path, repo_type=self.url.repo_type, revision=sha),
                 f"downloading {self.url}/{path}",
             )
             if not verified:
-                self._verify_cached(sha, path, files[path])
+                self._verify_cached(Path(local), path, files[path])
 
         try:
             with concurrent.futures.ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
@@ -204,15 +209,12 @@ class HubLocation:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
 
-    def _verify_cached(self, sha: str, path: str, expected: RemoteFile) -> None:
-        """A downloaded file must hash to what the Hub reported (sha256 for LFS, git blob sha1 otherwise)."""
-        local = try_to_load_from_cache(self.url.repo_id, path, revision=sha, repo_type=self.url.repo_type)
-        if not isinstance(local, str):
-            raise CheckpointError(f"{self.url}/{path}: missing from the Hugging Face cache after download")
-        actual = _digest(Path(local), expected)
+    def _verify_cached(self, local: Path, path: str, expected: RemoteFile) -> None:
+        """The downloaded ``local`` copy of ``path`` must hash to what the Hub reported (sha256 for LFS, git blob sha1 otherwise)."""
+        actual = _digest(local, expected)
         wanted = expected.sha256 or expected.git_sha1
         if wanted and actual != wanted:
-            Path(local).resolve().unlink(missing_ok=True)  # never leave a corrupt blob in the cache
+            local.resolve().unlink(missing_ok=True)  # never leave a corrupt blob in the cache
             raise CheckpointFormatError(
                 f"{self.url}/{path}: downloaded bytes hash to {actual[:16]}... but the Hub reports {wanted[:16]}...: "
                 "corrupted in transit; the cached copy was removed, try again"
@@ -232,7 +234,7 @@ class HubLocation:
     # ---- publishing -----------------------------------------------------------------------
 
     def staging_dir(self, name: str) -> Path:
-        return cache_root() / "staging" / url_key(str(self.url)) / name
+        return remote_staging_dir(str(self.url), name)
 
     def _branch(self) -> str:
         return self.url.revision or "main"
@@ -268,7 +270,7 @@ class HubLocation:
         return self.describe(name)
 
     def staging_folder(self) -> Path:
-        return fresh_dir(cache_root() / "staging" / f"{url_key(str(self.url))}-here")
+        return remote_staging_folder(str(self.url))
 
     def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
         """ONE commit making ``folder``'s files the contents here (creating the repo and branch if missing).
@@ -280,6 +282,7 @@ class HubLocation:
         message = message or f"checkpointer: upload {folder.name}"
 
         def push() -> str:
+            self._snapshot_memo = None  # the branch head moves: a later read asks again
             commit = with_retries(lambda: self._commit_once(folder, message, card, save_id), f"pushing {folder} to {self.url}")
             if tag:
                 self._retag(tag, commit)
@@ -328,7 +331,7 @@ class HubLocation:
         return HubLocation(HubUrl(self.url.repo_id, self.url.repo_type, _tag(name), self.url.subfolder), self.private)
 
     def subfolder(self, path: str) -> HubLocation:
-        return HubLocation(self.url.with_subfolder(path), self.private) if path else self
+        return HubLocation(self.url.with_subfolder(path), self.private, self._snapshot_memo) if path else self
 
     def checkpoint_names(self) -> list[str]:
         try:
@@ -350,9 +353,9 @@ class HubLocation:
     def fetch_folder(self, path: str, group=None) -> Path:
         """A local copy (in the Hugging Face cache) of the subfolder ``path`` (``""``: this folder), fetched once per node."""
         sha, files = on_rank_zero(self._snapshot, group)
-        folder = "/".join(p for p in (self.url.subfolder, check_relative_name(path, str(self.url)) if path else "") if p)
+        url = self.url.with_subfolder(check_relative_name(path, str(self.url)) if path else "")
+        folder, where = url.subfolder, str(url)
         prefix = f"{folder}/" if folder else ""
-        where = f"{self.url}/{path}" if path else str(self.url)
         paths = sorted(f for f in files if f.startswith(prefix))
         if not paths:
             raise CheckpointError(f"{where}: no such folder at commit {sha}")

@@ -48,10 +48,10 @@ def kept_on_failure(what: str, folder: Path, upload: Callable[[], T], explain: C
         raise CheckpointError(f"{what} failed ({explain(e)}); the complete checkpoint is kept at {folder}") from e
 
 
-def upload_order(folder: Path) -> list[str]:
-    """Relative paths of every file under ``folder``, with ``LAST_FILES`` (top level) at the end."""
-    files = list(local_files(folder))
-    return [f for f in files if f not in LAST_FILES] + [f for f in LAST_FILES if f in files]
+def upload_order(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (relative path -> size), with ``LAST_FILES`` (top level) at the end."""
+    files = local_files(folder)
+    return {f: size for f, size in files.items() if f not in LAST_FILES} | {f: files[f] for f in LAST_FILES if f in files}
 
 
 def cache_root() -> Path:
@@ -70,6 +70,16 @@ def fresh_dir(path: Path) -> Path:
         shutil.rmtree(path)
     make_dirs(path)
     return path
+
+
+def remote_staging_dir(url: str, name: str) -> Path:
+    """The local folder where checkpoint ``name`` of the remote location ``url`` is assembled."""
+    return cache_root() / "staging" / url_key(url) / name
+
+
+def remote_staging_folder(url: str) -> Path:
+    """A fresh local folder where the remote location ``url`` itself is assembled."""
+    return fresh_dir(cache_root() / "staging" / f"{url_key(url)}-here")
 
 
 class Location(Protocol):

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -43,16 +43,20 @@ def assign_by_size(sizes: dict[str, int], world: int) -> list[list[str]]:
     return shares
 
 
-def sha256_of(folder: Folder, name: str) -> str:
-    """The sha256 of one file of a folder, read in chunks into one reused buffer (no copies, no growth)."""
-    digest, size, offset = hashlib.sha256(), folder.size(name), 0
-    buffer = memoryview(bytearray(min(_READ_CHUNK, size)))
+def hash_chunks(read_into: Callable[[int, memoryview], Any], size: int, digest: Any) -> str:
+    """Feed ``digest`` ``size`` bytes, read in chunks into one reused buffer (no copies, no growth); its hex digest."""
+    buffer, offset = memoryview(bytearray(min(_READ_CHUNK, size))), 0
     while offset < size:
         chunk = buffer[: min(len(buffer), size - offset)]
-        folder.read_into(name, offset, chunk)
+        read_into(offset, chunk)
         digest.update(chunk)
         offset += len(chunk)
     return digest.hexdigest()
+
+
+def sha256_of(folder: Folder, name: str) -> str:
+    """The sha256 of one file of a folder."""
+    return hash_chunks(lambda offset, chunk: folder.read_into(name, offset, chunk), folder.size(name), hashlib.sha256())
 
 
 def hash_files(folder: Folder, sizes: dict[str, int], group: dist.ProcessGroup | None = None) -> dict[str, str]:
