@@ -31,7 +31,6 @@ from checkpointer.file_layout import plan_file_layout
 from checkpointer.folders import Folder, LocalFolder
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.hf_io import IOStats, read_hf_tensors, write_hf_tensors
-from checkpointer.hub_location import HubLocation
 from checkpointer.layouts import Layout, adapter_layout, get_layout, is_adapter_key
 from checkpointer.locations import LocalLocation, Location, cache_root, fresh_dir, make_location, url_key
 from checkpointer.lora import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, adapter_state_dict, peft_adapter_config
@@ -46,11 +45,12 @@ from checkpointer.manifest import (
     verify_hashes,
 )
 from checkpointer.output_lock import OutputLock
+from checkpointer.model_card import card_info, hub_repo_id
 from checkpointer.progress import human_bytes
 from checkpointer.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.model_config import ModelConfig
 from checkpointer.publish import copy_support_files, saved_config, seal, write_index, write_json
-from checkpointer.shards import global_spec
+from checkpointer.shards import converted, global_spec
 from checkpointer.staging import StagingBuffers
 from checkpointer.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
 
@@ -409,7 +409,7 @@ class DistributedHFCheckpointer:
     def _plan_weights(self, model_state: dict[str, Any]):
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
         if self.save_dtype is not None:
-            model_specs = {k: (self.save_dtype if dt.is_floating_point else dt, s) for k, (dt, s) in model_specs.items()}
+            model_specs = {k: (converted(self.save_dtype, dt), s) for k, (dt, s) in model_specs.items()}
         specs, destinations = plan_for_save(self.layout, model_specs)
         return specs, destinations, plan_file_layout(specs, self._base_weight_map, self.max_shard_size)
 
@@ -465,19 +465,14 @@ class DistributedHFCheckpointer:
             self.destination.remove(name)
 
     def _base_model_id(self) -> str:
-        return self.source.url.repo_id if isinstance(self.source, HubLocation) else self.source.describe()
+        return hub_repo_id(self.source) or self.source.describe()
 
     def _card(self, name: str, weights: dict[str, Any] | None) -> dict[str, Any]:
         dtypes = {v.dtype for v in (weights or {}).values() if isinstance(v, torch.Tensor)}
         dtype = self.save_dtype or (dtypes.pop() if len(dtypes) == 1 else None)
-        return {
-            "base_model": self.source.url.repo_id if isinstance(self.source, HubLocation) else None,
-            "checkpoint": name,
-            "model_type": getattr(self.model_type, "name", self.model_type),
-            "dtype": str(dtype).removeprefix("torch.") if dtype else "adapter only" if weights is None else "mixed",
-            "world_size": world_size(self.process_group),
-            "training": dict(self.training_info),
-        }
+        dtype_name = str(dtype).removeprefix("torch.") if dtype else "adapter only" if weights is None else "mixed"
+        card = card_info(name, hub_repo_id(self.source), getattr(self.model_type, "name", self.model_type), dtype_name, world_size(self.process_group))
+        return card | {"training": dict(self.training_info)}
 
     @cached_property
     def _base_weight_map(self) -> dict[str, str] | None:

@@ -34,3 +34,13 @@ def model_card(repo_id: str, card: dict[str, Any]) -> str:
         lines.append(f"- {key}: `{value}`")
     lines += ["", "```python", "from transformers import AutoModelForCausalLM", "", f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", ""]
     return "\n".join(lines)
+
+
+def hub_repo_id(location: object) -> str | None:
+    """The repo id when ``location`` is on the Hub (for a model card's ``base_model``), else None."""
+    return getattr(getattr(location, "url", None), "repo_id", None)
+
+
+def card_info(name: str, base_model: str | None, model_type: str | None, dtype: str | None, world_size: int = 1) -> dict[str, Any]:
+    """The fields :func:`model_card` reads (``training`` empty: add it when known)."""
+    return {"base_model": base_model, "checkpoint": name, "model_type": model_type, "dtype": dtype, "world_size": world_size, "training": {}}

@@ -51,3 +51,8 @@ def global_spec(key: str, value: object) -> tuple[torch.dtype, tuple[int, ...]]:
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"state_dict['model'][{key!r}] is a {type(value).__name__}, not a tensor")
     return value.dtype, tuple(value.shape)
+
+
+def converted(target: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is saved in: ``target`` for floating-point tensors, else unchanged."""
+    return target if target is not None and dtype.is_floating_point else dtype

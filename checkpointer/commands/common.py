@@ -82,11 +82,6 @@ def model_types(keys: Iterable[str], config: dict[str, Any] | None) -> list[str]
     return model_types_for_keys(keys, config.get("tie_word_embeddings"), config.get("model_type")) if keys else []
 
 
-def converted(target: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a tensor is saved in: ``target`` for floating-point tensors, else unchanged."""
-    return target if target is not None and dtype.is_floating_point else dtype
-
-
 @dataclass
 class Checkpoint:
     """A location opened by this one process: every file with its size, and byte-range reads.
@@ -183,12 +178,6 @@ def base_location(value: str) -> str:
     return value
 
 
-def hub_repo_id(location: Location) -> str | None:
-    """The repo id when ``location`` is on the Hub (for a model card's ``base_model``)."""
-    url = getattr(location, "url", None)
-    return getattr(url, "repo_id", None)
-
-
 def publish_built(
     destination: Location,
     build: Callable[[Path], None],
@@ -234,8 +223,3 @@ def _refuse_replacing(destination: Location, overwrite: bool) -> None:
         raise CheckpointError(f"--to {path}: the folder exists and checkpointer did not write it; choose another destination (or remove it yourself)")
     if not overwrite:
         raise CheckpointError(f"--to {path}: the folder exists; pass --overwrite to replace it whole, or choose another destination")
-
-
-def card_info(name: str, base_model: str | None, model_type: str | None, dtype: str | None, world_size: int = 1) -> dict[str, Any]:
-    """The fields :func:`checkpointer.model_card.model_card` reads."""
-    return {"base_model": base_model, "checkpoint": name, "model_type": model_type, "dtype": dtype, "world_size": world_size, "training": {}}

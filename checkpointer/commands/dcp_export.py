@@ -21,7 +21,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, card_info, converted, dtypes_name, hub_repo_id, publish_built
+from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, dtypes_name, publish_built
+from checkpointer.model_card import card_info, hub_repo_id
+from checkpointer.shards import converted
 from checkpointer.distributed import dcp_errors
 from checkpointer.errors import CheckpointError, CheckpointMismatchError
 from checkpointer.file_layout import FileLayout, plan_file_layout

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, card_info, dtypes_name, hub_repo_id, model_types, publish_built
+from checkpointer.commands.common import Checkpoint, Outcome, Timer, base_location, dtypes_name, model_types, publish_built
+from checkpointer.model_card import card_info, hub_repo_id
 from checkpointer.commands.dcp_export import DCP_METADATA_FILES, export_dcp, has_dcp
 from checkpointer.commands.rewrite import plan_rewrite, rewrite
 from checkpointer.errors import CheckpointError

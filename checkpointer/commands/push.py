@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from checkpointer.commands.common import Checkpoint, Outcome, Timer, card_info, is_repo_id, model_types
+from checkpointer.commands.common import Checkpoint, Outcome, Timer, is_repo_id, model_types
+from checkpointer.model_card import card_info
 from checkpointer.commands.verify import check
 from checkpointer.errors import CheckpointError
 from checkpointer.hub_location import README, HubLocation

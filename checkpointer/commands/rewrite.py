@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from checkpointer.commands.common import Checkpoint, converted
+from checkpointer.commands.common import Checkpoint
+from checkpointer.shards import converted
 from checkpointer.file_layout import FileLayout, plan_file_layout
 from checkpointer.hf_files import CONFIG_FILE, CheckpointFiles
 from checkpointer.progress import byte_bar
