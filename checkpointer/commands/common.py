@@ -19,7 +19,7 @@ from checkpointer.layouts import model_types_for_keys
 from checkpointer.location_urls import LocalPath, parse_location
 from checkpointer.locations import LocalLocation, Location, make_location
 from checkpointer.lora import ADAPTER_DIR, ADAPTER_FILE
-from checkpointer.manifest import MANIFEST_FILE, files_of, hash_files, read_manifest
+from checkpointer.manifest import MANIFEST_FILE, files_of, hash_files, parse_manifest
 from checkpointer.publish import seal
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -120,7 +120,7 @@ class Checkpoint:
 
     def read_bytes(self, path: str) -> bytes:
         folder, name = self.reader(path)
-        return folder.read(name, 0, folder.size(name))
+        return folder.read(name, 0, self.files[path] if path in self.files else folder.size(name))  # listed: no size request
 
     def read_json(self, path: str) -> Any:
         """The parsed JSON file ``path``, or None when there is no such file."""
@@ -139,7 +139,7 @@ class Checkpoint:
 
     def manifest(self) -> dict[str, Any] | None:
         """checkpointer's manifest (``checkpointer.json``), when the checkpoint has one."""
-        return read_manifest(self.folder)
+        return parse_manifest(self.read_bytes(MANIFEST_FILE), self.describe(MANIFEST_FILE)) if MANIFEST_FILE in self.files else None
 
     @property
     def has_weights(self) -> bool:
