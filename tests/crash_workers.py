@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable
 
 import torch
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
 from checkpointer.failpoints import ENV
 from checkpointer.fsdp import build_sharded_model, default_mesh
-from checkpointer.model_config import ModelConfig
+from dist_workers import _config
 
 
 def _model(base: str, model_type: str):
-    config = ModelConfig.from_json(open(f"{base}/config.json").read())
-    return build_sharded_model(model_type, config, default_mesh())
+    return build_sharded_model(model_type, _config(base), default_mesh())
+
+
+def _timed(call: Callable[[], object]) -> dict:
+    """Run ``call``: the CheckpointError it raised (None if it returned) and the seconds it took."""
+    started = time.perf_counter()
+    try:
+        call()
+        error = None
+    except CheckpointError as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"error": error, "seconds": time.perf_counter() - started}
 
 
 def save_then_break(rank: int, world: int, base: str, out: str, model_type: str, spec: str) -> dict:
@@ -28,24 +39,16 @@ def save_then_break(rank: int, world: int, base: str, out: str, model_type: str,
         for parameter in model.parameters():
             parameter.mul_(2)
     os.environ[ENV] = spec
-    started = time.perf_counter()
-    try:
-        checkpointer.save_checkpoint({"model": model.state_dict(), "progress": {"step": 4}}, epoch=0, intermediate_checkpoint=True, step=4)
-        return {"error": None, "seconds": time.perf_counter() - started}
-    except CheckpointError as e:
-        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - started}
+    return _timed(
+        lambda: checkpointer.save_checkpoint({"model": model.state_dict(), "progress": {"step": 4}}, epoch=0, intermediate_checkpoint=True, step=4)
+    )
 
 
 def load_then_break(rank: int, world: int, base: str, out: str, model_type: str, spec: str) -> dict:
     """A load with failpoint ``spec`` armed."""
     model = _model(base, model_type)
     os.environ[ENV] = spec
-    started = time.perf_counter()
-    try:
-        DistributedHFCheckpointer(base, out, model_type).load_model(model)
-        return {"error": None, "seconds": time.perf_counter() - started}
-    except CheckpointError as e:
-        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - started}
+    return _timed(lambda: DistributedHFCheckpointer(base, out, model_type).load_model(model))
 
 
 def resume_progress(rank: int, world: int, base: str, out: str, model_type: str) -> dict:

@@ -16,7 +16,6 @@ import resource
 import shutil
 import struct
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpointer import DistributedHFCheckpointer
-from checkpointer.builders import build_model_from_dir
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError
 from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.layouts import get_layout
@@ -35,6 +33,8 @@ from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.model_config import ModelConfig
 from checkpointer.output_lock import LOCK_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
+from places import unique_repo, upload_to_hub
+from safetensors_files import write_raw
 
 MODEL_TYPE = "LLAMA3"  # the type of the tiny_llama3 checkpoint every case starts from
 BAD_TOKEN = "hf_bad_token_never_printed_0123456789"
@@ -95,11 +95,6 @@ def _split(path: Path) -> tuple[dict[str, Any], bytes]:
     return json.loads(blob[8 : 8 + length]), blob[8 + length :]
 
 
-def _join(path: Path, header: dict[str, Any], data: bytes) -> None:
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-
-
 def _tensors_by_offset(header: dict[str, Any]) -> list[str]:
     return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
 
@@ -122,7 +117,7 @@ def _edit_header(folder: Path, edit: Callable[[dict[str, Any], list[str]], str],
     shard = _shard_with_most_tensors(folder)
     header, data = _split(folder / shard)
     key = edit(header, _tensors_by_offset(header))
-    _join(folder / shard, header, data + data_extra)
+    write_raw(folder / shard, header, data + data_extra)
     return {"file": str(folder / shard), "shard": shard, "key": key}
 
 
@@ -332,7 +327,7 @@ def shape_mismatch(folder: Path, ws: Workspace) -> Broken:
     header, data = _split(path)
     rows, cols = header[key]["shape"]
     header[key]["shape"] = [cols, rows]
-    _join(path, header, data)
+    write_raw(path, header, data)
     names = {"key": key, "tune_key": _tune_key(folder, key), "shard": weight_map[key]}
     return Broken(str(folder), names | {"model_shape": f"({rows}, {cols})", "file_shape": f"({cols}, {rows})"})
 
@@ -413,12 +408,9 @@ def _on_hub(build: Builder, **kwargs: Any) -> Builder:
     """``build``'s broken folder, uploaded to the local Hub and loaded from there with ``kwargs`` (names become URLs)."""
 
     def build_on_hub(folder: Path, ws: Workspace) -> Broken:
-        from huggingface_hub import HfApi
-
         broken = build(folder, ws)
         repo = f"{ws.hub_repo}-{folder.name}"
-        HfApi().create_repo(repo, exist_ok=True)
-        HfApi().upload_folder(folder_path=str(folder), repo_id=repo)
+        upload_to_hub(folder, repo)
         url = f"hf://{repo}"
         names = {k: v.replace(str(folder), url) for k, v in broken.names.items()}
         return replace(broken, source=url, names=names, kwargs=broken.kwargs | kwargs)
@@ -607,16 +599,6 @@ def _problems(bad: Bad, broken: Broken, outcomes: list[dict[str, Any]], secrets:
     return problems
 
 
-@pytest.fixture(scope="module")
-def saved_llama3(tiny_llama3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny_llama3`` loaded and saved by checkpointer: a checkpoint with a manifest."""
-    out = tmp_path_factory.mktemp("saved")
-    model = build_model_from_dir(MODEL_TYPE, tiny_llama3)
-    checkpointer = DistributedHFCheckpointer(tiny_llama3, out, MODEL_TYPE)
-    checkpointer.load_model(model)
-    return Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0))
-
-
 def test_corpus_is_large_and_names_are_unique() -> None:
     names = [bad.name for bad in CORPUS]
     assert len(names) >= 25 and len(set(names)) == len(names)
@@ -625,12 +607,9 @@ def test_corpus_is_large_and_names_are_unique() -> None:
 def test_every_bad_input_is_refused_clearly_on_every_rank(
     tiny_llama3: Path, saved_llama3: Path, hub_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from huggingface_hub import HfApi
-
     monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
-    repo = f"tester/bad-inputs-{uuid.uuid4().hex[:8]}"
-    HfApi().create_repo(repo, exist_ok=True)
-    HfApi().upload_folder(folder_path=str(tiny_llama3), repo_id=repo)
+    repo = unique_repo("bad-inputs")
+    upload_to_hub(tiny_llama3, repo)
     (tmp_path / "outside").mkdir()
     ws = Workspace(tmp_path / "outside", repo)
     starts = {"base": tiny_llama3, "saved": saved_llama3}

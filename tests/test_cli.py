@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.builders import LoraSpec, build_model_from_dir
@@ -43,9 +43,9 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A sharded, untied Llama 3 (q/k rows RoPE-permuted between torchtune and HF)."""
-    return write_tiny_model("LLAMA3", tmp_path_factory.mktemp("cli") / "llama3", max_shard_size="30KB")
+def base(tiny_llama3) -> Path:
+    """A sharded, untied Llama 3 (q/k rows RoPE-permuted between torchtune and HF); read-only."""
+    return tiny_llama3
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +235,8 @@ def test_consolidate_into_one_file_loads_in_transformers_with_the_same_logits(ba
     assert code == 0 and "into 1 file(s)" in err and str(tmp_path / "one") in err
     one = tmp_path / "one"
     assert sorted(p.name for p in one.glob("*.safetensors")) == ["model.safetensors"] and not (one / "model.safetensors.index.json").exists()
-    expected = {k: v for p in base.glob("*.safetensors") for k, v in load_file(p).items()}
-    assert _safetensors(one).keys() == expected.keys() and all(torch.equal(_safetensors(one)[k], v) for k, v in expected.items())
+    expected, got = _safetensors(base), _safetensors(one)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
     assert (hf_logits(one) - hf_logits(base)).abs().max() <= TOLERANCE
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"} <= {p.name for p in one.iterdir()}
     code, _, err = run(capsys, "consolidate", base, "--to", one)
@@ -256,7 +256,7 @@ def test_consolidate_to_memory_converts_dtype_and_resplits(base, tmp_path, capsy
     index = json.loads((local / "model.safetensors.index.json").read_text())
     files = list(local.glob("*.safetensors"))
     assert len(set(index["weight_map"].values())) == len(files) > 1 and max(f.stat().st_size for f in files) < 41_000
-    expected = {k: v for p in base.glob("*.safetensors") for k, v in load_file(p).items()}
+    expected = _safetensors(base)
     got = _safetensors(local)
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], v.to(torch.bfloat16)) for k, v in expected.items())
     assert run(capsys, "verify", url, "--full")[0] == 0
@@ -338,7 +338,7 @@ def test_export_dcp_with_json_metadata_needs_no_trust(base, tmp_path, capsys):
     code, _, _ = run(capsys, "export", source, "--to", tmp_path / "hf", "--model-type", "LLAMA3", "--base", base, "--single-file", "--dtype", "bf16")
     assert code == 0
     got = _safetensors(tmp_path / "hf")
-    expected = {k: v for p in base.glob("*.safetensors") for k, v in load_file(p).items()}
+    expected = _safetensors(base)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], v.to(torch.bfloat16)) for k, v in expected.items())
 
 
@@ -383,7 +383,7 @@ def test_push_refuses_what_it_cannot_push(base, tmp_path, hub_env, capsys):
 
 
 def test_diff_lists_changed_missing_and_converted_tensors(base, tmp_path, capsys):
-    tensors = {k: v for p in base.glob("*.safetensors") for k, v in load_file(p).items()}
+    tensors = _safetensors(base)
     changed = _copy(base, tmp_path / "changed")
     for p in changed.glob("model*"):
         p.unlink()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
 from checkpointer.builders import build_model_from_dir
+from places import unique_repo, upload_to_hub
 
 
 @pytest.fixture(autouse=True)
@@ -23,9 +24,8 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def _upload(folder: Path) -> str:
-    repo = f"tester/faults-{uuid.uuid4().hex[:8]}"
-    HfApi().create_repo(repo)
-    HfApi().upload_folder(folder_path=str(folder), repo_id=repo)
+    repo = unique_repo("faults")
+    upload_to_hub(folder, repo)
     return repo
 
 
@@ -71,7 +71,7 @@ def test_soak_50_pushes_with_random_faults_lose_nothing(hub_env, tiny_models):
     from huggingface_hub import hf_hub_download
 
     base = tiny_models["llama2"]
-    repo = f"tester/soak-{uuid.uuid4().hex[:8]}"
+    repo = unique_repo("soak")
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, f"hf://{repo}", "LLAMA2")
     checkpointer.load_model(model)

@@ -17,6 +17,7 @@ from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
 from dist_workers import case, load_forward_save_reload, load_only
 from places import KINDS, place, unique_repo, upload_to_hub
+from saves import save_steps
 from variants import TOKENS, hf_logits
 
 TOLERANCE = 1e-5
@@ -238,15 +239,6 @@ def test_s3_round_trip_on_two_ranks(s3_env, tiny_models):
     assert (hf_logits(local) - reference).abs().max() <= TOLERANCE
 
 
-def _save_three(checkpointer, model) -> list[str]:
-    published = []
-    for step in (1, 2, 3):
-        with torch.no_grad():
-            model.norm.scale.add_(1.0)
-        published.append(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=step))
-    return published
-
-
 def test_keep_last_n_prunes_hub_tags(hub_env, tiny_models):
     from huggingface_hub import HfApi
 
@@ -255,7 +247,7 @@ def test_keep_last_n_prunes_hub_tags(hub_env, tiny_models):
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, f"hf://{out}", "LLAMA2", keep_last_n_checkpoints=2)
     checkpointer.load_model(model)
-    published = _save_three(checkpointer, model)
+    published = save_steps(checkpointer, model, [1, 2, 3])
     assert published[-1] == f"hf://{out}@step-3"
     assert sorted(t.name for t in HfApi().list_repo_refs(out).tags) == ["step-2", "step-3"]
     assert len(hub_env.commits(out)) == 4  # the history keeps every commit; only the tag of step 1 is gone
@@ -267,7 +259,7 @@ def test_keep_last_n_prunes_fsspec_folders(tiny_models):
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, out, "LLAMA2", keep_last_n_checkpoints=2)
     checkpointer.load_model(model)
-    _save_three(checkpointer, model)
+    save_steps(checkpointer, model, [1, 2, 3])
     fs = fsspec.filesystem("memory")
     fs.pipe(f"{out.removeprefix('memory:/')}/notes.txt", b"mine")
     checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=4)

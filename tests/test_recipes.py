@@ -43,6 +43,14 @@ def _full_run(base: Path, out: Path, metrics: Path, nproc: int, *extra: str) -> 
     )  # fmt: skip
 
 
+def _lora_run(base: Path, out: Path, metrics: Path, nproc: int, *extra: str) -> str:
+    return run_recipe(
+        "lora_finetune_distributed", "configs/tiny/lora.yaml", nproc,
+        f"checkpointer.checkpoint_dir={base}", f"checkpointer.output_dir={out}", f"metrics_file={metrics}",
+        "checkpointer.model_type=QWEN2", "epochs=2", "max_steps_per_epoch=3", "save_every_n_steps=2", *extra,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_models, tmp_path_factory):
     """A 2-rank full fine-tune of 2 epochs x 3 steps, checkpointing every 2 steps and each epoch."""
@@ -102,11 +110,7 @@ def test_keep_last_n_checkpoints_prunes_the_oldest(tiny_models, tmp_path):
 def lora_run(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     base = tiny_models["qwen2_untied"]
-    run_recipe(
-        "lora_finetune_distributed", "configs/tiny/lora.yaml", 2,
-        f"checkpointer.checkpoint_dir={base}", f"checkpointer.output_dir={root / 'out'}", f"metrics_file={root / 'm.jsonl'}",
-        "checkpointer.model_type=QWEN2", "epochs=2", "max_steps_per_epoch=3", "save_every_n_steps=2",
-    )  # fmt: skip
+    _lora_run(base, root / "out", root / "m.jsonl", 2)
     return base, root
 
 
@@ -144,12 +148,7 @@ def test_lora_resume_continues_with_the_same_losses(lora_run, tmp_path):
     for name in ("step_6", "epoch_1"):
         shutil.rmtree(out / name)
     assert not (out / "step_4" / "model.safetensors").exists() and (out / "step_4" / "adapter_model.safetensors").exists()
-    run_recipe(
-        "lora_finetune_distributed", "configs/tiny/lora.yaml", 2,
-        f"checkpointer.checkpoint_dir={base}", f"checkpointer.output_dir={out}", f"metrics_file={tmp_path / 'm.jsonl'}",
-        "checkpointer.model_type=QWEN2", "epochs=2", "max_steps_per_epoch=3", "save_every_n_steps=2",
-        "checkpointer.resume_from_checkpoint=true",
-    )  # fmt: skip
+    _lora_run(base, out, tmp_path / "m.jsonl", 2, "checkpointer.resume_from_checkpoint=true")
     expected, resumed = losses(root / "m.jsonl"), losses(tmp_path / "m.jsonl")
     assert sorted(resumed) == [5, 6] and all(resumed[s] == expected[s] for s in (5, 6))
 

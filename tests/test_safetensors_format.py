@@ -13,6 +13,7 @@ from checkpointer.folders import LocalFolder
 from checkpointer.hf_files import read_header
 from checkpointer.safetensors_format import TensorSpec, build_header
 from checkpointer.storage_reader import tensor_bytes
+from safetensors_files import write_raw
 
 
 def _tensors():
@@ -55,11 +56,6 @@ def test_files_built_from_our_headers_load_in_safetensors(tmp_path):
     assert json.loads(header[8:])["__metadata__"] == {"format": "pt"}
 
 
-def _write_raw(path, header: dict, data: bytes = b"", length: int | None = None):
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
-
-
 @pytest.mark.parametrize(
     "header,data,length,message",
     [
@@ -82,7 +78,7 @@ def _write_raw(path, header: dict, data: bytes = b"", length: int | None = None)
     ],
 )
 def test_bad_headers_are_refused_naming_the_file(tmp_path, header, data, length, message):
-    _write_raw(tmp_path / "bad.safetensors", header, data, length)
+    write_raw(tmp_path / "bad.safetensors", header, data, length)
     with pytest.raises(CheckpointFormatError, match=message) as info:
         read_header(LocalFolder(tmp_path), "bad.safetensors")
     assert "bad.safetensors" in str(info.value)

@@ -27,6 +27,8 @@ from checkpointer import CheckpointError, CheckpointFormatError, DistributedHFCh
 from checkpointer.builders import build_model_from_dir
 from checkpointer.manifest import MANIFEST_FILE
 from checkpointer.training_state import METADATA_FILE, TRAINING_STATE_DIR
+from places import upload_to_hub
+from saves import save_steps
 
 MODEL_TYPE = "LLAMA3"  # the type of tiny_llama3
 
@@ -150,7 +152,7 @@ def _files_holding(folder: Path, secret: bytes) -> list[str]:
 def test_the_token_never_appears_in_logs_errors_or_pushed_files(
     hub_env: Any, tiny_llama3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
 
     secret, owner = f"hf_secret_{uuid.uuid4().hex}", f"owner-{uuid.uuid4().hex[:8]}"
     monkeypatch.setitem(hub_env.tokens, secret, owner)
@@ -160,8 +162,7 @@ def test_the_token_never_appears_in_logs_errors_or_pushed_files(
     for name in ("checkpointer", "huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "fsspec"):
         caplog.set_level(logging.DEBUG, logger=name)
     base, out = f"{owner}/base", f"{owner}/run"
-    HfApi().create_repo(base)
-    HfApi().upload_folder(folder_path=str(tiny_llama3), repo_id=base)
+    upload_to_hub(tiny_llama3, base)
 
     model = build_model_from_dir(MODEL_TYPE, tiny_llama3)
     checkpointer = DistributedHFCheckpointer(f"hf://{base}", f"hf://{out}", MODEL_TYPE)
@@ -235,18 +236,11 @@ def test_an_output_dir_created_by_a_save_is_not_world_writable(saved_under_umask
 # ---- nothing outside output_dir -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def published(tiny_llama3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real checkpoint (with its manifest), to copy where a save or a prune must not touch it."""
-    checkpointer, model = _loaded(tiny_llama3, tmp_path_factory.mktemp("published"))
-    return Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0))
-
-
 def test_a_checkpoint_name_that_is_a_symlink_out_of_output_dir_is_refused(
-    tiny_llama3: Path, published: Path, tmp_path: Path
+    tiny_llama3: Path, saved_llama3: Path, tmp_path: Path
 ) -> None:
     outside, out = tmp_path / "outside", tmp_path / "out"
-    shutil.copytree(published, outside)
+    shutil.copytree(saved_llama3, outside)
     out.mkdir()
     (out / "epoch_0").symlink_to(outside, target_is_directory=True)
     before = _tree(outside)
@@ -257,45 +251,38 @@ def test_a_checkpoint_name_that_is_a_symlink_out_of_output_dir_is_refused(
     assert _tree(outside) == before
 
 
-def _saves(checkpointer: DistributedHFCheckpointer, model: torch.nn.Module, steps: list[int]) -> None:
-    for step in steps:
-        with torch.no_grad():
-            model.norm.scale.add_(1.0)
-        checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=step)
-
-
 def test_pruning_never_deletes_a_folder_without_checkpointers_manifest(tiny_llama3: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "step_2").mkdir(parents=True)
     (out / "step_2" / "notes.txt").write_text("mine, no manifest")
     before = _tree(out / "step_2")
     checkpointer, model = _loaded(tiny_llama3, out, keep_last_n_checkpoints=1)
-    _saves(checkpointer, model, [3, 4])
+    save_steps(checkpointer, model, [3, 4])
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["step_2", "step_4"]  # step_3 pruned
     assert _tree(out / "step_2") == before
 
 
-def test_pruning_never_follows_a_symlink_named_like_a_checkpoint(tiny_llama3: Path, published: Path, tmp_path: Path) -> None:
+def test_pruning_never_follows_a_symlink_named_like_a_checkpoint(tiny_llama3: Path, saved_llama3: Path, tmp_path: Path) -> None:
     outside, out = tmp_path / "outside", tmp_path / "out"
-    shutil.copytree(published, outside)  # an old checkpoint, with a manifest: it would be first to go
+    shutil.copytree(saved_llama3, outside)  # an old checkpoint, with a manifest: it would be first to go
     out.mkdir()
     (out / "step_1").symlink_to(outside, target_is_directory=True)
     before = _tree(outside)
     checkpointer, model = _loaded(tiny_llama3, out, keep_last_n_checkpoints=1)
-    _saves(checkpointer, model, [3, 4])
+    save_steps(checkpointer, model, [3, 4])
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["step_1", "step_4"]
     assert (out / "step_1").is_symlink() and _tree(outside) == before
 
 
-def test_pruning_never_deletes_the_checkpoint_it_just_saved(tiny_llama3: Path, published: Path, tmp_path: Path) -> None:
+def test_pruning_never_deletes_the_checkpoint_it_just_saved(tiny_llama3: Path, saved_llama3: Path, tmp_path: Path) -> None:
     """A checkpoint stamped in the future (a node with a fast clock) must not make a save delete itself."""
     out = tmp_path / "out"
-    shutil.copytree(published, out / "step_9")
+    shutil.copytree(saved_llama3, out / "step_9")
     manifest = json.loads((out / "step_9" / MANIFEST_FILE).read_text())
     manifest["created_ns"] = time.time_ns() + 10**9 * 3600 * 24 * 365
     (out / "step_9" / MANIFEST_FILE).write_text(json.dumps(manifest))
     checkpointer, model = _loaded(tiny_llama3, out, keep_last_n_checkpoints=1)
-    _saves(checkpointer, model, [3])
+    save_steps(checkpointer, model, [3])
     assert (out / "step_3" / MANIFEST_FILE).is_file(), "the save deleted the checkpoint it had just published"
 
 
