@@ -26,7 +26,7 @@ soak: install
 	$(PYTEST) -q -m soak
 
 demo: install
-	$(PY) -m checkpointer.demo
+	$(PY) -m checkpointer.train.demo
 
 bench: install
 	$(PY) -m bench.run

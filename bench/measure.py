@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from checkpointer.distributed import barrier
+from checkpointer.runtime.distributed import barrier
 
 _STATUS = "/proc/self/status"
 _FIELD = re.compile(r"^(VmRSS|VmHWM):\s+(\d+) kB", re.MULTILINE)

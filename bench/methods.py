@@ -32,12 +32,12 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from bench.models import MODEL_TYPE
 from checkpointer import DistributedHFCheckpointer, ModelConfig
-from checkpointer.folders import LocalFolder
-from checkpointer.fsdp import build_sharded_model, default_mesh
-from checkpointer.hf_files import read_checkpoint_files
-from checkpointer.safetensors_format import TensorEntry
-from checkpointer.shards import local_shard
-from checkpointer.storage_reader import tensor_bytes
+from checkpointer.dcp.storage_reader import tensor_bytes
+from checkpointer.format.folder import LocalFolder
+from checkpointer.format.hf_files import read_checkpoint_files
+from checkpointer.format.safetensors import TensorEntry
+from checkpointer.mapping.local_shards import local_shard
+from checkpointer.train.fsdp import build_sharded_model, default_mesh
 
 DTYPE = torch.bfloat16
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from checkpointer.file_layout import natural_key
-from checkpointer.hf_files import INDEX_FILE
+from checkpointer.format.file_layout import natural_key
+from checkpointer.format.hf_files import INDEX_FILE
 
 MODEL_TYPE = "LLAMA3"  # untied embeddings, plain RoPE (q/k rows are permuted for torchtune)
 SHARD_FILES = 3  # the base is split into this many files, in name order, like save_pretrained

@@ -38,8 +38,8 @@ def _hub_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
     """(operation, plain seconds, ours seconds) against a local Hub."""
     from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
 
-    from checkpointer.hub_location import HubLocation
-    from checkpointer.location_urls import parse_location
+    from checkpointer.storage.hub_location import HubLocation
+    from checkpointer.storage.urls import parse_location
 
     api, files = HfApi(), sorted(p for p in base.iterdir() if p.is_file())
     hf_cache, our_cache = Path(os.environ["HF_HOME"]) / "hub", Path(os.environ["CHECKPOINTER_CACHE"])
@@ -61,7 +61,7 @@ def _hub_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
 
 def _s3_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
     """(operation, plain seconds, ours seconds) against moto's S3 server."""
-    from checkpointer.fsspec_location import FsspecLocation
+    from checkpointer.storage.fsspec_location import FsspecLocation
     from checkpointer.testing.pytest_plugin import S3Server
 
     server = S3Server()
@@ -89,7 +89,7 @@ def _s3_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
 def stream_load(rank: int, world: int, url: str, config_dir: str, model_type: str) -> int:
     """Rank function: a streaming sharded load from ``url``; returns the bytes this rank read."""
     from checkpointer import DistributedHFCheckpointer, ModelConfig
-    from checkpointer.fsdp import build_sharded_model
+    from checkpointer.train.fsdp import build_sharded_model
 
     config = ModelConfig.from_json(Path(config_dir, "config.json").read_text())
     model = build_sharded_model(model_type, config, dtype=torch.bfloat16)

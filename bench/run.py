@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.measure import CpuUse
 from bench.methods import METHODS
 from bench.models import SIZES, ensure_base_model, model_bytes
 from bench.remote import run_remote
-from bench.measure import CpuUse
 from bench.report import GroupRun, Result, groups_table, methods_list, ratios_table, results_table, summarize, verdicts
 from bench.worker import Settings, run_world
 

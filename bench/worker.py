@@ -28,8 +28,8 @@ from torch import nn
 
 from bench.measure import measure
 from bench.methods import METHODS, Context, Method, Unfinished, local_tensor
-from checkpointer.folders import LocalFolder
-from checkpointer.hf_files import read_header
+from checkpointer.format.folder import LocalFolder
+from checkpointer.format.hf_files import read_header
 
 
 @dataclass(frozen=True)

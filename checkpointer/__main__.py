@@ -2,6 +2,6 @@
 
 import sys
 
-from checkpointer.cli import main
+from checkpointer.cli.main import main
 
 sys.exit(main())

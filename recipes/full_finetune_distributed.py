@@ -3,7 +3,7 @@
     tune run --nproc_per_node 2 recipes/full_finetune_distributed.py --config configs/demo/smollm2_full.yaml
     python recipes/full_finetune_distributed.py --config configs/tiny/full.yaml checkpointer.checkpoint_dir=...
 
-The loop lives in checkpointer.finetune; this file only parses the config.
+The loop lives in checkpointer.train.finetune; this file only parses the config.
 """
 
 import sys
@@ -11,7 +11,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config
 
-from checkpointer.finetune import run
+from checkpointer.train.finetune import run
 
 
 @config.parse

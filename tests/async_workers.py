@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 import torch
+from dist_workers import _config
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
-from checkpointer.failpoints import ENV
-from checkpointer.fsdp import build_sharded_model, default_mesh
-from dist_workers import _config
+from checkpointer.runtime.failpoints import ENV
+from checkpointer.train.fsdp import build_sharded_model, default_mesh
 
 
 def _loaded(base: str, out: str, model_type: str):

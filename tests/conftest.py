@@ -1,7 +1,6 @@
 import pathlib
 
 import pytest
-
 from variants import VARIANTS, write_variant
 
 pytest_plugins = ["checkpointer.testing.pytest_plugin"]
@@ -24,7 +23,7 @@ def tiny_llama3(tmp_path_factory) -> pathlib.Path:
 def saved_llama3(tiny_llama3: pathlib.Path, tmp_path_factory) -> pathlib.Path:
     """``tiny_llama3`` loaded and saved by checkpointer: a checkpoint with a manifest (read-only: copy it to change it)."""
     from checkpointer import DistributedHFCheckpointer
-    from checkpointer.builders import build_model_from_dir
+    from checkpointer.train.builders import build_model_from_dir
 
     model = build_model_from_dir("LLAMA3", tiny_llama3)
     checkpointer = DistributedHFCheckpointer(tiny_llama3, tmp_path_factory.mktemp("saved"), "LLAMA3")

@@ -7,11 +7,11 @@ import time
 from typing import Callable
 
 import torch
+from dist_workers import _config
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
-from checkpointer.failpoints import ENV
-from checkpointer.fsdp import build_sharded_model, default_mesh
-from dist_workers import _config
+from checkpointer.runtime.failpoints import ENV
+from checkpointer.train.fsdp import build_sharded_model, default_mesh
 
 
 def _model(base: str, model_type: str):

@@ -6,8 +6,8 @@ import torch
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.errors import CheckpointError
-from checkpointer.fsdp import build_sharded_model, default_mesh
-from checkpointer.model_config import ModelConfig
+from checkpointer.format.model_config import ModelConfig
+from checkpointer.train.fsdp import build_sharded_model, default_mesh
 
 
 def _config(path: str) -> ModelConfig:

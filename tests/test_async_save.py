@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from async_workers import background_error_surfaces, save_in_background_while_training
+
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.testing.multiprocess import run_on_ranks
 

@@ -23,18 +23,18 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
+from places import unique_repo, upload_to_hub
 from safetensors.torch import load_file, save_file
+from safetensors_files import write_raw
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError
-from checkpointer.hf_files import CONFIG_FILE, INDEX_FILE
-from checkpointer.layouts import get_layout
-from checkpointer.manifest import MANIFEST_FILE
-from checkpointer.model_config import ModelConfig
-from checkpointer.output_lock import LOCK_FILE
+from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.format.model_config import ModelConfig
+from checkpointer.mapping.key_maps import get_layout
+from checkpointer.storage.output_lock import LOCK_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
-from places import unique_repo, upload_to_hub
-from safetensors_files import write_raw
 
 MODEL_TYPE = "LLAMA3"  # the type of the tiny_llama3 checkpoint every case starts from
 BAD_TOKEN = "hf_bad_token_never_printed_0123456789"
@@ -532,7 +532,7 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def _attempt(case: dict[str, Any], mesh: Any) -> None:
-    from checkpointer.fsdp import build_sharded_model
+    from checkpointer.train.fsdp import build_sharded_model
 
     config = ModelConfig.from_json(Path(case["config"]).read_text())
     model = build_sharded_model(case["model_type"], config, mesh)
@@ -551,7 +551,7 @@ def _peak_rss_mb() -> float:
 
 def attempt_every_case(rank: int, world: int, cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """On each rank: attempt every case; the error class, message, seconds and peak-memory growth of each."""
-    from checkpointer.fsdp import default_mesh
+    from checkpointer.train.fsdp import default_mesh
 
     mesh = default_mesh()
     outcomes = {}

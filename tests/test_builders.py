@@ -23,15 +23,9 @@ from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
 from torchtune.modules import MultiHeadAttention, TiedLinear
 from torchtune.training.checkpointing._utils import ModelType
 
-from checkpointer.builders import (
-    REGISTRY,
-    LoraSpec,
-    build_model,
-    build_model_from_dir,
-    reset_rope_buffers,
-)
-from checkpointer.model_config import ModelConfig
+from checkpointer.format.model_config import ModelConfig
 from checkpointer.testing.tiny_models import TINY_CONFIGS, write_tiny_model
+from checkpointer.train.builders import REGISTRY, LoraSpec, build_model, build_model_from_dir, reset_rope_buffers
 
 transformers = pytest.importorskip("transformers")
 

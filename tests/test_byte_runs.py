@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from checkpointer.row_runs import local_view, rope_runs
-from checkpointer.storage_reader import tensor_bytes
-from checkpointer.storage_writer import _pwritev_all, byte_runs
+from checkpointer.dcp.storage_reader import tensor_bytes
+from checkpointer.dcp.storage_writer import _pwritev_all, byte_runs
+from checkpointer.mapping.row_runs import local_view, rope_runs
 
 
 def _views() -> dict[str, torch.Tensor]:

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from variants import TOKENS, VARIANTS, hf_logits
 
 from checkpointer import DistributedHFCheckpointer
-from checkpointer.builders import build_model_from_dir
-from checkpointer.hf_files import INDEX_FILE
-from checkpointer.output_lock import LOCK_FILE
-from variants import TOKENS, VARIANTS, hf_logits
+from checkpointer.format.hf_files import INDEX_FILE
+from checkpointer.storage.output_lock import LOCK_FILE
+from checkpointer.train.builders import build_model_from_dir
 
 TOLERANCE = 1e-5
 
@@ -126,7 +126,7 @@ def test_non_tensor_values_are_refused_before_anything_is_written(tiny_models, t
 @pytest.mark.parametrize("layers,problem", [(1, "unexpected key: model.layers.1."), (3, "missing key: layers.2.")])
 def test_missing_and_unexpected_keys_are_listed(tiny_models, tmp_path, layers, problem):
     from checkpointer import CheckpointMismatchError, ModelConfig
-    from checkpointer.builders import build_model
+    from checkpointer.train.builders import build_model
 
     base = tiny_models["llama3"]
     config = json.loads((base / "config.json").read_text())
@@ -141,9 +141,9 @@ def test_missing_and_unexpected_keys_are_listed(tiny_models, tmp_path, layers, p
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_model_type_is_recognised_from_the_keys_alone(name, tiny_models):
-    from checkpointer.folders import LocalFolder
-    from checkpointer.hf_files import read_checkpoint_files
-    from checkpointer.layouts import model_types_for_keys
+    from checkpointer.format.folder import LocalFolder
+    from checkpointer.format.hf_files import read_checkpoint_files
+    from checkpointer.mapping.key_maps import model_types_for_keys
 
     base = tiny_models[name]
     keys = read_checkpoint_files(LocalFolder(base)).tensors
@@ -158,7 +158,7 @@ def test_model_type_is_recognised_from_the_keys_alone(name, tiny_models):
 
 def test_lora_merge_helpers_follow_peft():
     from checkpointer.errors import CheckpointError
-    from checkpointer.lora import lora_scale, merge_lora, peft_pairs
+    from checkpointer.format.peft import lora_scale, merge_lora, peft_pairs
 
     assert lora_scale({"r": 4, "lora_alpha": 8}, "x") == 2.0
     assert lora_scale({"r": 4, "lora_alpha": 8, "use_rslora": True}, "x") == 4.0
@@ -177,7 +177,7 @@ def test_lora_merge_helpers_follow_peft():
 
 
 def test_manifest_records_sizes_and_sha256_also_of_older_manifests():
-    from checkpointer.manifest import FileRecord, recorded_files
+    from checkpointer.format.manifest import FileRecord, recorded_files
 
     assert recorded_files({"files": {"a": 3, "b": {"size": 4, "sha256": "ab"}, "c": {"size": 5, "sha256": None}}}) == {
         "a": FileRecord(3),
@@ -187,7 +187,7 @@ def test_manifest_records_sizes_and_sha256_also_of_older_manifests():
 
 
 def test_progress_bars_can_be_forced_off_and_on(monkeypatch):
-    from checkpointer.progress import progress_bars, show_progress
+    from checkpointer.runtime.progress import progress_bars, show_progress
 
     monkeypatch.setenv("CHECKPOINTER_PROGRESS", "1")
     assert show_progress()

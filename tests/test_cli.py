@@ -18,20 +18,20 @@ import fsspec
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from checkpointer import DistributedHFCheckpointer
-from checkpointer.builders import LoraSpec, build_model_from_dir
-from checkpointer.cli import main
-from checkpointer.lora import adapter_state_dict
-from checkpointer.manifest import MANIFEST_FILE
-from checkpointer.testing.multiprocess import run_on_ranks
-from checkpointer.testing.tiny_models import write_tiny_model
-from checkpointer.training_state import save_training_state
 from dist_workers import save_dcp
 from places import KINDS, place, unique_repo
+from safetensors import safe_open
+from safetensors.torch import save_file
 from variants import TOKENS, hf_logits
+
+from checkpointer import DistributedHFCheckpointer
+from checkpointer.cli.main import main
+from checkpointer.dcp.training_state import save_training_state
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.mapping.key_maps import adapter_state_dict
+from checkpointer.testing.multiprocess import run_on_ranks
+from checkpointer.testing.tiny_models import write_tiny_model
+from checkpointer.train.builders import LoraSpec, build_model_from_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5

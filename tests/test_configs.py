@@ -11,9 +11,9 @@ from torchtune import config as tune_config
 from torchtune.config._utils import _get_component_from_path
 
 from checkpointer import DistributedHFCheckpointer
-from checkpointer.builders import REGISTRY, LoraSpec
-from checkpointer.layouts import LAYOUTS, adapter_layout, get_layout
-from checkpointer.model_config import ModelConfig
+from checkpointer.format.model_config import ModelConfig
+from checkpointer.mapping.key_maps import LAYOUTS, adapter_layout, get_layout
+from checkpointer.train.builders import REGISTRY, LoraSpec
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
 _LORA_TARGETS = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "output_proj": "attn.output_proj"}

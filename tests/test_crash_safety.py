@@ -7,12 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from crash_workers import load_then_break, resume_progress, save_then_break, try_to_save
 
 from checkpointer import DistributedHFCheckpointer
-from checkpointer.manifest import MANIFEST_FILE
-from checkpointer.output_lock import OutputLock
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.storage.output_lock import OutputLock
 from checkpointer.testing.multiprocess import RankFailed, run_on_ranks
-from crash_workers import load_then_break, resume_progress, save_then_break, try_to_save
 
 MODEL = "llama3"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
-from checkpointer.testing.multiprocess import run_on_ranks
 from dist_workers import case, load_expecting_errors, load_forward_save_reload
 from variants import TOKENS, VARIANTS, hf_logits
+
+from checkpointer.testing.multiprocess import run_on_ranks
 
 TOLERANCE = 1e-5
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi
+from places import unique_repo, upload_to_hub
 from safetensors.torch import load_file
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
-from checkpointer.builders import build_model_from_dir
-from places import unique_repo, upload_to_hub
+from checkpointer.train.builders import build_model_from_dir
 
 
 @pytest.fixture(autouse=True)

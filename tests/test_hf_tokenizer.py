@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
-from checkpointer.hf_tokenizer import ChatTemplateError, HFChatTokenizer, hf_chat_tokenizer
 from checkpointer.testing.tiny_models import write_tiny_tokenizer
+from checkpointer.train.hf_tokenizer import ChatTemplateError, HFChatTokenizer, hf_chat_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -252,7 +252,7 @@ def test_yaml_component_builds_it(tmp_path: pathlib.Path) -> None:
 
     folder = _write_tiny(tmp_path)
     cfg = OmegaConf.create(
-        {"_component_": "checkpointer.hf_tokenizer.hf_chat_tokenizer", "path": str(folder), "max_seq_len": 64}
+        {"_component_": "checkpointer.train.hf_tokenizer.hf_chat_tokenizer", "path": str(folder), "max_seq_len": 64}
     )
     tokenizer = config.instantiate(cfg)
     assert isinstance(tokenizer, HFChatTokenizer) and tokenizer.max_seq_len == 64
@@ -263,7 +263,7 @@ def test_works_without_transformers(tmp_path: pathlib.Path) -> None:
     code = (
         "import sys; sys.modules['transformers'] = None\n"  # any import of transformers now fails
         "from torchtune.data import Message\n"
-        "from checkpointer.hf_tokenizer import hf_chat_tokenizer\n"
+        "from checkpointer.train.hf_tokenizer import hf_chat_tokenizer\n"
         f"t = hf_chat_tokenizer({str(folder)!r})\n"
         "tokens, mask = t.tokenize_messages([Message('user', 'hi', masked=True), Message('assistant', 'yo')])\n"
         "assert t.decode(tokens) and any(mask) and not all(mask)\n"

@@ -9,16 +9,16 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-
-from checkpointer import CheckpointError, DistributedHFCheckpointer
-from checkpointer.builders import build_model_from_dir
-from checkpointer.location_urls import FsspecUrl, HubUrl, LocalPath, parse_location
-from checkpointer.manifest import MANIFEST_FILE
-from checkpointer.testing.multiprocess import run_on_ranks
 from dist_workers import case, load_forward_save_reload, load_only
 from places import KINDS, place, unique_repo, upload_to_hub
 from saves import save_steps
 from variants import TOKENS, hf_logits
+
+from checkpointer import CheckpointError, DistributedHFCheckpointer
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.storage.urls import FsspecUrl, HubUrl, LocalPath, parse_location
+from checkpointer.testing.multiprocess import run_on_ranks
+from checkpointer.train.builders import build_model_from_dir
 
 TOLERANCE = 1e-5
 
@@ -279,7 +279,7 @@ def _small_folder(root: Path) -> Path:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_list_files_and_fetch_folder_of_the_location_itself(kind, tmp_path, request):
-    from checkpointer.locations import make_location
+    from checkpointer.storage.factory import make_location
 
     if kind == "hub":
         request.getfixturevalue("hub_env")
@@ -293,7 +293,7 @@ def test_list_files_and_fetch_folder_of_the_location_itself(kind, tmp_path, requ
 
 @pytest.mark.parametrize("value", ["{tmp}/missing", "memory://no/such/folder", "hf://tester/no-such-repo-listing"])
 def test_list_files_of_nothing_is_a_clear_error(value, tmp_path, hub_env):
-    from checkpointer.locations import make_location
+    from checkpointer.storage.factory import make_location
 
     with pytest.raises(CheckpointError, match="no such folder|not found"):
         make_location(value.format(tmp=tmp_path), "location").list_files()
@@ -302,7 +302,7 @@ def test_list_files_of_nothing_is_a_clear_error(value, tmp_path, hub_env):
 def test_replace_with_publishes_at_the_location_itself(tmp_path, hub_env):
     from huggingface_hub import HfApi
 
-    from checkpointer.locations import make_location
+    from checkpointer.storage.factory import make_location
 
     local = make_location(tmp_path / "out" / "model", "to")
     staging = local.staging_folder()

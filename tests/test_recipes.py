@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from variants import TOKENS, hf_logits
 
 from checkpointer import DistributedHFCheckpointer
-from checkpointer.builders import LoraSpec, build_model_from_dir
-from checkpointer.manifest import MANIFEST_FILE
-from variants import TOKENS, hf_logits
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.train.builders import LoraSpec, build_model_from_dir
 
 REPO = Path(__file__).resolve().parent.parent
 TUNE = Path(sys.executable).with_name("tune")

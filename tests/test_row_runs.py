@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchtune.models.convert_weights import hf_to_tune, tune_to_hf
 
-from checkpointer.row_runs import identity_runs, local_view, rope_runs
+from checkpointer.mapping.row_runs import identity_runs, local_view, rope_runs
 
 HF_Q = "model.layers.0.self_attn.q_proj.weight"
 TUNE_Q = "layers.0.attn.q_proj.weight"

@@ -6,14 +6,14 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from checkpointer.errors import CheckpointFormatError
-from checkpointer.file_layout import parse_size, plan_file_layout
-from checkpointer.folders import LocalFolder
-from checkpointer.hf_files import read_header
-from checkpointer.safetensors_format import TensorSpec, build_header
-from checkpointer.storage_reader import tensor_bytes
 from safetensors_files import write_raw
+
+from checkpointer.dcp.storage_reader import tensor_bytes
+from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.file_layout import parse_size, plan_file_layout
+from checkpointer.format.folder import LocalFolder
+from checkpointer.format.hf_files import read_header
+from checkpointer.format.safetensors import TensorSpec, build_header
 
 
 def _tensors():
@@ -116,8 +116,8 @@ def test_file_layout_follows_the_base_weight_map_or_splits_by_size():
 def test_one_tensor_at_a_time_read_and_pwritten_into_a_planned_layout(tmp_path):
     import os
 
-    from checkpointer.storage_reader import read_tensor
-    from checkpointer.storage_writer import create_files, write_tensor
+    from checkpointer.dcp.storage_reader import read_tensor
+    from checkpointer.dcp.storage_writer import create_files, write_tensor
 
     tensors = _tensors()
     save_file(tensors, tmp_path / "x.safetensors")
@@ -140,7 +140,7 @@ def test_one_tensor_at_a_time_read_and_pwritten_into_a_planned_layout(tmp_path):
 
 
 def test_scan_lists_every_problem_where_read_raises_the_first(tmp_path):
-    from checkpointer.hf_files import INDEX_FILE, read_checkpoint_files, scan_checkpoint_files
+    from checkpointer.format.hf_files import INDEX_FILE, read_checkpoint_files, scan_checkpoint_files
 
     save_file({"a": torch.zeros(4), "b": torch.ones(2)}, tmp_path / "1.safetensors")
     save_file({"c": torch.zeros(3)}, tmp_path / "2.safetensors")

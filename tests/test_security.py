@@ -22,13 +22,13 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-
-from checkpointer import CheckpointError, CheckpointFormatError, DistributedHFCheckpointer
-from checkpointer.builders import build_model_from_dir
-from checkpointer.manifest import MANIFEST_FILE
-from checkpointer.training_state import METADATA_FILE, TRAINING_STATE_DIR
 from places import upload_to_hub
 from saves import save_steps
+
+from checkpointer import CheckpointError, CheckpointFormatError, DistributedHFCheckpointer
+from checkpointer.dcp.training_state import METADATA_FILE, TRAINING_STATE_DIR
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.train.builders import build_model_from_dir
 
 MODEL_TYPE = "LLAMA3"  # the type of tiny_llama3
 

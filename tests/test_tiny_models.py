@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpointer.model_config import ModelConfig
+from checkpointer.format.model_config import ModelConfig
 from checkpointer.testing.tiny_models import TINY_VOCAB_SIZE, tiny_vocab, write_tiny_model
 
 transformers = pytest.importorskip("transformers")

@@ -20,8 +20,8 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import chat_dataset
 from transformers import AutoModelForCausalLM
 
-from checkpointer.hf_tokenizer import HFChatTokenizer, hf_chat_tokenizer
 from checkpointer.testing.smollm2 import convert_smollm2
+from checkpointer.train.hf_tokenizer import HFChatTokenizer, hf_chat_tokenizer
 
 DATA = Path(__file__).with_name("demo_chat.json")
 QUESTIONS = [

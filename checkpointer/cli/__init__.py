@@ -1,0 +1,5 @@
+"""The ``checkpointer`` command line (``checkpointer --help``)."""
+
+from checkpointer.cli.main import main
+
+__all__ = ["main"]

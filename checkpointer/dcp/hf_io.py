@@ -1,0 +1,79 @@
+"""The two DCP calls: read HF safetensors into local shards, write local shards into HF files."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from checkpointer.dcp.load_planner import HFLoadPlanner
+from checkpointer.dcp.save_planner import HFSavePlanner
+from checkpointer.dcp.storage_reader import SafetensorsReader
+from checkpointer.dcp.storage_writer import SafetensorsWriter
+from checkpointer.format.file_layout import FileLayout
+from checkpointer.format.hf_files import CheckpointFiles
+from checkpointer.format.safetensors import TensorSpec
+from checkpointer.mapping.key_maps import Layout
+from checkpointer.mapping.matching import Destination
+from checkpointer.runtime.distributed import dcp_errors, is_distributed
+
+
+@dataclass(frozen=True)
+class IOStats:
+    """What the last load or save moved on this rank."""
+
+    bytes: int
+    seconds: float
+    location: str
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+class quiet_dcp(warnings.catch_warnings):
+    """DCP warns on every single-process call that it assumes no process group; we mean it."""
+
+    def __enter__(self):
+        super().__enter__()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return self
+
+
+def read_hf_tensors(
+    state_dict: dict[str, Any], files: CheckpointFiles, layout: Layout, group: dist.ProcessGroup | None
+) -> IOStats:
+    """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``."""
+    reader, started = SafetensorsReader(files), time.perf_counter()
+    with quiet_dcp(), dcp_errors(group), torch.no_grad():
+        dcp.load(state_dict, storage_reader=reader, planner=HFLoadPlanner(layout), process_group=group, no_dist=not is_distributed())
+    return IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
+
+
+def write_hf_tensors(
+    state_dict: dict[str, Any],
+    layout: Layout,
+    specs: dict[str, TensorSpec],
+    destinations: dict[str, Destination],
+    file_layout: FileLayout,
+    folder: Path,
+    finish: Callable[[Path], None],
+    group: dist.ProcessGroup | None,
+) -> IOStats:
+    """Write ``state_dict`` into the files ``file_layout`` describes, in ``folder``; ``finish`` runs last on rank 0."""
+    writer, started = SafetensorsWriter(folder, file_layout, finish), time.perf_counter()
+    with quiet_dcp(), dcp_errors(group), torch.no_grad():
+        dcp.save(
+            state_dict,
+            storage_writer=writer,
+            planner=HFSavePlanner(layout, specs, destinations),
+            process_group=group,
+            no_dist=not is_distributed(),
+        )
+    return IOStats(writer.bytes_written, time.perf_counter() - started, str(folder))

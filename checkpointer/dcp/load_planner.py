@@ -1,0 +1,84 @@
+"""A DCP LoadPlanner that reads Hugging Face tensors straight into this rank's shards.
+
+For each torchtune tensor in the state dict it asks the layout which HF rows hold the
+local shard's rows and emits one ReadItem per contiguous HF block. The destination of
+each item is a view of the local shard (``row_runs.local_view``), registered by number
+in ``dest_index.index``; the storage reader copies the HF block into it, converting
+dtype on the way. No full tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+
+from checkpointer.format.hf_files import CheckpointFiles
+from checkpointer.mapping.key_maps import Layout
+from checkpointer.mapping.local_shards import LocalShard, local_shard
+from checkpointer.mapping.matching import Source, match_for_load
+from checkpointer.mapping.row_runs import local_view
+
+
+class HFLoadPlanner(LoadPlanner):
+    """Plans reads of HF safetensors rows into the local shards of a torchtune state dict."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.targets: list[torch.Tensor] = []
+        self.state_dict: dict[str, Any] = {}
+        self.sources: dict[str, Source] = {}
+
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
+        files: CheckpointFiles = metadata.storage_data  # type: ignore[union-attr]
+        shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+        self.sources = match_for_load(self.layout, shapes, files.tensors, files.folder.describe())
+        self.state_dict = state_dict
+
+    def create_local_plan(self) -> LoadPlan:
+        self.targets = []
+        items = [item for key, value in self.state_dict.items() for item in self._items(key, local_shard(key, value))]
+        return LoadPlan(items)
+
+    def _items(self, key: str, shard: LocalShard) -> list[ReadItem]:
+        if shard.local.numel() == 0:
+            return []
+        source = self.sources[key]
+        if shard.local.dim() == 0:
+            return [self._item(key, shard, source, (), (), shard.local)]
+        start = shard.first_row
+        items = []
+        for run in self.layout.runs(key, start, start + shard.rows, source.part_offset):
+            storage_offsets = (run.hf_row, *shard.offsets[1:])
+            lengths = (run.count, *shard.local.shape[1:])
+            items.append(self._item(key, shard, source, storage_offsets, lengths, local_view(shard.local, run, start)))
+        return items
+
+    def _item(self, key: str, shard: LocalShard, source: Source, storage_offsets, lengths, target) -> ReadItem:
+        self.targets.append(target)
+        return ReadItem(
+            type=LoadItemType.TENSOR,
+            dest_index=MetadataIndex(key, torch.Size(shard.offsets), len(self.targets) - 1),
+            dest_offsets=torch.Size([0] * len(lengths)),
+            storage_index=MetadataIndex(source.entry.name, torch.Size([0] * len(lengths))),
+            storage_offsets=torch.Size(storage_offsets),
+            lengths=torch.Size(lengths),
+        )
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raise RuntimeError(f"{read_item.dest_index.fqn}: Hugging Face checkpoints hold tensors only")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        return self.targets[read_item.dest_index.index]
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        """Reads land in place in the shard; nothing to do."""

@@ -1,0 +1,116 @@
+"""A DCP SavePlanner that turns local shards into boxes of Hugging Face tensors.
+
+Each rank emits one WriteItem per contiguous block of HF rows that its shards hold
+(the same pieces as loading, in reverse). The coordinator removes duplicates of
+replicated data, checks that the boxes cover every HF tensor exactly, and returns the
+plans; each rank then writes its own boxes in place (see ``storage_writer``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+
+from checkpointer.errors import CheckpointError
+from checkpointer.format.safetensors import TensorSpec
+from checkpointer.mapping.key_maps import Layout
+from checkpointer.mapping.local_shards import LocalShard, local_shard
+from checkpointer.mapping.matching import Destination
+from checkpointer.mapping.row_runs import local_view
+
+
+class HFSavePlanner(SavePlanner):
+    """Plans writes of local shards as boxes of the HF tensors in ``specs``."""
+
+    def __init__(self, layout: Layout, specs: dict[str, TensorSpec], destinations: dict[str, Destination]):
+        self.layout = layout
+        self.specs = specs
+        self.destinations = destinations
+        self.views: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self.state_dict: dict[str, Any] = {}
+
+    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
+        self.state_dict = state_dict
+
+    def create_local_plan(self) -> SavePlan:
+        self.views = {}
+        items = [item for key, value in self.state_dict.items() for item in self._items(key, local_shard(key, value))]
+        return SavePlan(items)
+
+    def _items(self, key: str, shard: LocalShard) -> list[WriteItem]:
+        if shard.local.numel() == 0:
+            return []
+        destination = self.destinations[key]
+        spec = self.specs[destination.hf_key]
+        if shard.local.dim() == 0:
+            return [self._item(spec, (), (), shard.local)]
+        start = shard.first_row
+        return [
+            self._item(spec, (run.hf_row, *shard.offsets[1:]), (run.count, *shard.local.shape[1:]), local_view(shard.local, run, start))
+            for run in self.layout.runs(key, start, start + shard.rows, destination.part_offset)
+        ]
+
+    def _item(self, spec: TensorSpec, offsets: tuple[int, ...], sizes: tuple[int, ...], view: torch.Tensor) -> WriteItem:
+        self.views[(spec.name, offsets)] = view
+        return WriteItem(
+            index=MetadataIndex(spec.name, torch.Size(offsets)),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
+                properties=TensorProperties(dtype=spec.dtype),
+                size=torch.Size(spec.shape),
+            ),
+        )
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        plans = dedup_save_plans(all_plans)
+        chunks: dict[str, list[ChunkStorageMetadata]] = {name: [] for name in self.specs}
+        for plan in plans:
+            for item in plan.items:
+                chunks[item.index.fqn].append(item.tensor_data.chunk)
+        _check_coverage(self.specs, chunks)
+        metadata = Metadata(
+            {
+                name: TensorStorageMetadata(TensorProperties(dtype=spec.dtype), torch.Size(spec.shape), chunks[name])
+                for name, spec in self.specs.items()
+            }
+        )
+        return plans, metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        return self.views[(write_item.index.fqn, tuple(write_item.index.offset))]
+
+
+def _check_coverage(specs: dict[str, TensorSpec], chunks: dict[str, list[ChunkStorageMetadata]]) -> None:
+    """Every element of every HF tensor is written exactly once (no holes, no overlaps)."""
+    for name, spec in specs.items():
+        covered = sum(math.prod(c.sizes) for c in chunks[name])
+        numel = math.prod(spec.shape)
+        if covered != numel or not _disjoint(chunks[name]):
+            raise CheckpointError(
+                f"{name}: the ranks' shards cover {covered} of its {numel} elements "
+                "(a key missing on some rank, or overlapping shards): refusing to write an incomplete file"
+            )
+
+
+def _disjoint(chunks: list[ChunkStorageMetadata]) -> bool:
+    boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in chunks)
+    for (a_off, a_size), (b_off, b_size) in zip(boxes, boxes[1:]):
+        if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in zip(a_off, a_size, b_off, b_size)):
+            return False
+    return True

@@ -1,0 +1,196 @@
+"""A DCP StorageWriter that writes every rank's boxes into the final safetensors files.
+
+The coordinator creates each file at its final size with its header (in
+``prepare_global_plan``, before DCP scatters the plans, so the files exist before
+anyone writes). Each rank then ``pwrite`` s its own boxes at their byte offsets and
+fsyncs. Ranks start on different files (rank r on the r-th, then onwards), so that they
+rarely write into the same file at once (buffered writes to one file serialize on its
+inode lock); writeback of each box is started as soon as it is written (Linux
+``sync_file_range``), so the final fsync mostly finds it done. A box whose rows are
+scattered in memory (the transposed views of RoPE-permuted q/k heads) is written row by
+row with ``pwritev``, straight from the shard, without a contiguous copy. ``finish`` runs
+on the coordinator once every rank has written (it writes the index). There are no
+per-rank files and no consolidation pass: each byte is written once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from checkpointer.dcp.storage_reader import tensor_bytes
+from checkpointer.errors import CheckpointError
+from checkpointer.format.file_layout import FileLayout
+from checkpointer.format.safetensors import TensorEntry
+from checkpointer.runtime.failpoints import failpoint
+
+Finish = Callable[[Path], None]
+
+
+def create_files(folder: Path, layout: FileLayout) -> None:
+    """Create each file with its header, at its final size (the data is filled in by the ranks)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, header in layout.headers.items():
+        with open(folder / name, "wb") as f:
+            f.write(header)
+            f.truncate(layout.sizes[name])
+
+
+def box_offset(entry: TensorEntry, offsets: tuple[int, ...], numel: int) -> int:
+    """The file offset of a box of whole rows of ``entry`` starting at row ``offsets[0]``."""
+    if not entry.shape:
+        return entry.start
+    row_elems = entry.row_bytes // entry.dtype.itemsize
+    if any(offsets[1:]) or (row_elems and numel % row_elems):
+        raise NotImplementedError(f"{entry.name}: writing boxes that split rows (tensor parallel) is not supported")
+    return entry.start + offsets[0] * entry.row_bytes
+
+
+def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
+    """``pwrite`` a whole tensor, converted to ``entry``'s dtype, at its offset in an open file (from :func:`create_files`)."""
+    if tuple(tensor.shape) != entry.shape:
+        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} has shape {tuple(tensor.shape)}, its header says {entry.shape}")
+    return _pwritev_all(fd, byte_runs(tensor.detach().to(device="cpu", dtype=entry.dtype)), entry.start)
+
+
+class SafetensorsWriter(StorageWriter):
+    """Writes the boxes of a save plan into files laid out by a :class:`FileLayout`."""
+
+    def __init__(self, folder: Path, layout: FileLayout, on_finish: Finish):
+        self.folder = Path(folder)
+        self.layout = layout
+        self.on_finish = on_finish
+        self.is_coordinator = False
+        self.rank = 0
+        self.bytes_written = 0
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        self.bytes_written = 0
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        create_files(self.folder, self.layout)
+        return plans
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        failpoint("save:write")
+        results, fds = [], {}
+        order = _rotated(sorted(self.layout.headers), self.rank)
+        try:
+            for item in sorted(plan.items, key=lambda i: (order[self.layout.entries[i.index.fqn].file], i.index.offset)):
+                results.append(self._write_item(item, planner, fds))
+            for fd in fds.values():
+                os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def _write_item(self, item: WriteItem, planner: SavePlanner, fds: dict[str, int]) -> WriteResult:
+        entry = self.layout.entries[item.index.fqn]
+        data = planner.resolve_data(item).detach().to(device="cpu", dtype=entry.dtype)
+        if entry.file not in fds:
+            fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
+        offset = box_offset(entry, tuple(item.index.offset), data.numel())
+        try:
+            written = _pwritev_all(fds[entry.file], byte_runs(data), offset)
+        except OSError as e:
+            hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+            raise CheckpointError(
+                f"{self.folder / entry.file}: writing {entry.name} ({data.numel() * entry.dtype.itemsize} bytes at "
+                f"offset {offset}) failed: {e.strerror}{hint}; the previous checkpoint is untouched"
+            ) from e
+        _start_writeback(fds[entry.file], offset, written)
+        self.bytes_written += written
+        return WriteResult(index=item.index, size_in_bytes=written, storage_data=None)
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        self.on_finish(self.folder)
+
+    def storage_meta(self):
+        return None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return False
+
+
+def _rotated(files: list[str], rank: int) -> dict[str, int]:
+    """File -> its place in this rank's writing order: the ``rank``-th file first, then onwards."""
+    return {file: (i - rank) % len(files) for i, file in enumerate(files)} if files else {}
+
+
+def byte_runs(tensor: torch.Tensor) -> list[memoryview]:
+    """The bytes of ``tensor`` in row-major order, as few contiguous pieces of its memory as possible.
+
+    A contiguous tensor is one piece; a view whose rows (last dimension) are contiguous but
+    scattered (e.g. a transposed block of heads) is one piece per row; anything else is
+    copied into one contiguous piece.
+    """
+    if tensor.is_contiguous():
+        return [tensor_bytes(tensor)]
+    if tensor.dim() < 2 or tensor.stride(-1) != 1:
+        return [tensor_bytes(tensor.contiguous())]
+    storage = memoryview(torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy())
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    starts = torch.full(tensor.shape[:-1], tensor.storage_offset(), dtype=torch.int64)
+    for dim, (size, stride) in enumerate(zip(tensor.shape[:-1], tensor.stride()[:-1])):
+        starts += (torch.arange(size, dtype=torch.int64) * stride).view([-1 if d == dim else 1 for d in range(starts.dim())])
+    return [storage[s : s + row_bytes] for s in (starts.flatten() * tensor.element_size()).tolist()]
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def _pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
+    """Write ``pieces`` back to back from ``offset``; returns the bytes written."""
+    pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
+    done, first = 0, 0
+    while first < len(pending):
+        batch = pending[first : first + _IOV_MAX]
+        written = os.pwritev(fd, batch, offset + done)
+        done += written
+        if written == sum(map(len, batch)):  # the usual case: everything went
+            first += len(batch)
+            continue
+        while written >= len(pending[first]):
+            written -= len(pending[first])
+            first += 1
+        pending[first] = pending[first][written:]
+    return done
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these bytes to disk now (a hint: fsync still decides)."""
+    if _SYNC_FILE_RANGE is not None and length:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)

@@ -1,0 +1,58 @@
+"""What a saved Hugging Face folder holds besides the weights: config.json, the index, support files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from checkpointer.format.file_layout import FileLayout
+from checkpointer.format.folder import Folder
+from checkpointer.format.hf_files import INDEX_FILE, SUPPORT_FILES
+
+if TYPE_CHECKING:
+    from checkpointer.format.safetensors import TensorSpec
+    from checkpointer.mapping.key_maps import Layout
+    from checkpointer.mapping.matching import Destination
+
+
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool | None) -> dict[str, Any]:
+    """The base config, updated to describe the saved weights (dtype, tied embeddings; None leaves either as is)."""
+    config = dict(base)
+    if dtype in _TORCH_DTYPE_NAMES:
+        key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
+        config[key] = _TORCH_DTYPE_NAMES[dtype]
+    if tied is not None:
+        config["tie_word_embeddings"] = tied
+    return config
+
+
+def saved_config(base: dict[str, Any], layout: Layout, specs: dict[str, TensorSpec], destinations: dict[str, Destination]) -> dict[str, Any]:
+    """The config of weights saved as ``specs`` (dtype when there is one, tied unless lm_head is written)."""
+    tied = not any(d.hf_key in layout.tied for d in destinations.values())
+    dtypes = {s.dtype for s in specs.values()}
+    return output_config(base, dtypes.pop() if len(dtypes) == 1 else None, tied)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def copy_support_files(base: Folder, folder: Path) -> None:
+    """Copy the tokenizer and generation files of the base checkpoint."""
+    for name in SUPPORT_FILES:
+        if base.exists(name):
+            (folder / name).write_bytes(base.read(name, 0, base.size(name)))
+
+
+def write_index(folder: Path, layout: FileLayout, extra_metadata: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors.index.json`` (when the layout needs one)."""
+    if layout.needs_index:
+        metadata = {"total_size": layout.total_bytes, **(extra_metadata or {})}
+        write_json(folder / INDEX_FILE, {"metadata": metadata, "weight_map": layout.weight_map})
+

@@ -1,0 +1,114 @@
+"""``checkpointer.json``: written last into every checkpoint; its presence means the checkpoint is whole.
+
+It records what the checkpoint holds (weights, adapter, training state), when and how it
+was made, and every other file with its size and sha256. The hashes are computed right
+after the ranks wrote the files, each file by one rank (balanced by size), so hashing
+costs one parallel read of the checkpoint, mostly from the page cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.folder import Folder, local_files
+
+MANIFEST_FILE = "checkpointer.json"
+
+
+FORMAT_VERSION = 1
+
+
+_READ_CHUNK = 4 * 2**20
+
+
+def files_of(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (relative POSIX path -> size), the manifest excluded."""
+    return {name: size for name, size in local_files(folder).items() if name.rsplit("/", 1)[-1] != MANIFEST_FILE}
+
+
+def hash_chunks(read_into: Callable[[int, memoryview], Any], size: int, digest: Any) -> str:
+    """Feed ``digest`` ``size`` bytes, read in chunks into one reused buffer (no copies, no growth); its hex digest."""
+    buffer, offset = memoryview(bytearray(min(_READ_CHUNK, size))), 0
+    while offset < size:
+        chunk = buffer[: min(len(buffer), size - offset)]
+        read_into(offset, chunk)
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of(folder: Folder, name: str) -> str:
+    """The sha256 of one file of a folder."""
+    return hash_chunks(lambda offset, chunk: folder.read_into(name, offset, chunk), folder.size(name), hashlib.sha256())
+
+
+def write_manifest(folder: Path, info: dict[str, Any], sizes: dict[str, int], hashes: dict[str, str]) -> dict[str, Any]:
+    """Write the manifest of ``folder``, whose files are ``sizes`` (``info`` adds name, epoch, step, contents...)."""
+    now = time.time_ns()
+    files = {name: {"size": size, "sha256": hashes.get(name)} for name, size in sizes.items()}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
+        "created_ns": now,  # orders checkpoints: epoch_N and step_N names do not
+        **info,
+        "files": files,
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def parse_manifest(text: bytes, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
+        raise CheckpointFormatError(f"{where}: not a checkpointer manifest of format {FORMAT_VERSION}")
+    return manifest
+
+
+def read_manifest(folder: Folder) -> dict[str, Any] | None:
+    """The folder's manifest, or None if it has none."""
+    if not folder.exists(MANIFEST_FILE):
+        return None
+    return parse_manifest(folder.read(MANIFEST_FILE, 0, folder.size(MANIFEST_FILE)), folder.describe(MANIFEST_FILE))
+
+
+def check_against_manifest(folder: Folder, manifest: dict[str, Any], names: list[str]) -> None:
+    """Sizes of ``names`` must be what the manifest recorded (a cheap guard against truncation)."""
+    for name in names:
+        expected = (manifest["files"].get(name) or {}).get("size")
+        if expected is not None and folder.size(name) != expected:
+            raise CheckpointFormatError(
+                f"{folder.describe(name)}: {folder.size(name)} bytes, but {MANIFEST_FILE} recorded {expected}: "
+                "the file was truncated or replaced"
+            )
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What a manifest says of one file: its size and, when recorded, its sha256 (hex)."""
+
+    size: int | None
+    sha256: str | None = None
+
+
+def recorded_files(manifest: dict[str, Any]) -> dict[str, FileRecord]:
+    """The files a manifest lists (relative path -> record), one process.
+
+    ``files`` maps each path to ``{"size": ..., "sha256": ...}``; manifests written before
+    digests were recorded map it to the size alone.
+    """
+    records = {}
+    for path, value in (manifest.get("files") or {}).items():
+        info = value if isinstance(value, dict) else {"size": value}
+        size = info.get("size")
+        records[path] = FileRecord(size if isinstance(size, int) else None, info.get("sha256"))
+    return records
+

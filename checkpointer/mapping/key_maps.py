@@ -1,0 +1,321 @@
+"""Layout maps: how each model type's torchtune keys and rows correspond to Hugging Face ones.
+
+A layout is a declarative table of :class:`Rule` s, one per tensor kind, with ``{}``
+standing for the layer index. A rule may say that rows are RoPE-permuted within each
+head, or that the tensor is one part of a fused Hugging Face tensor (Phi-3's
+``qkv_proj`` and ``gate_up_proj``: parts are stacked along dim 0 in rule order).
+:data:`LAYOUTS` is the registry by torchtune model type name; no code branches on
+model types.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from checkpointer.errors import CheckpointError, CheckpointMismatchError
+from checkpointer.format.model_config import ModelConfig
+from checkpointer.format.peft import PEFT_PREFIX
+from checkpointer.mapping.row_runs import RowRun, identity_runs, rope_runs
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?=\.)")
+
+PartRows = Callable[[ModelConfig], int]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One torchtune key pattern and the Hugging Face key pattern it is stored under.
+
+    ``rope``: rows are permuted within each head of ``head_dim`` rows.
+    ``part_rows``: this tensor is one part of a fused HF tensor; the function gives its
+    row count from the config (used only when no model is at hand to tell the shapes).
+    """
+
+    tune: str
+    hf: str
+    rope: bool = False
+    part_rows: PartRows | None = None
+
+
+def _abstract(key: str) -> tuple[str, tuple[str, ...]]:
+    """``layers.3.attn.q_proj.weight`` -> (``layers.{}.attn.q_proj.weight``, ("3",))."""
+    return _LAYER_INDEX.sub(".{}", key), tuple(_LAYER_INDEX.findall(key))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a torchtune tensor lives in the Hugging Face checkpoint."""
+
+    hf_key: str
+    rule: Rule
+    parts: tuple[str, ...]  # the tune keys stacked into hf_key, in order (one for unfused tensors)
+
+
+class Layout:
+    """The layout map of one model type, bound to a config for head dimensions."""
+
+    def __init__(
+        self,
+        name: str,
+        rules: Iterable[Rule],
+        config: ModelConfig,
+        ignored_hf: Iterable[str] = (),
+        tied: dict[str, str] | None = None,
+    ):
+        self.name = name
+        self.tied = dict(tied or {})  # HF key that may be absent -> the HF key it is tied to
+        self.config = config
+        self.rules = tuple(rules)
+        self._by_tune = {r.tune: r for r in self.rules}
+        self._by_hf: dict[str, list[Rule]] = {}
+        for rule in self.rules:
+            self._by_hf.setdefault(rule.hf, []).append(rule)
+        self._ignored = [re.compile(p) for p in ignored_hf]
+
+    def target(self, tune_key: str) -> Target:
+        """The HF key that stores ``tune_key``; raises for keys this model type does not know."""
+        pattern, layer = _abstract(tune_key)
+        rule = self._by_tune.get(pattern)
+        if rule is None:
+            raise CheckpointMismatchError(
+                f"{self.name}: no Hugging Face name is known for torchtune key {tune_key!r}; "
+                "is model_type right for this model?"
+            )
+        parts = tuple(r.tune.format(*layer) for r in self._by_hf[rule.hf])
+        return Target(rule.hf.format(*layer), rule, parts)
+
+    def tune_keys(self, hf_key: str) -> list[str] | None:
+        """The torchtune keys stored in ``hf_key`` (several for a fused tensor), or None if unknown."""
+        pattern, layer = _abstract(hf_key)
+        rules = self._by_hf.get(pattern)
+        return [r.tune.format(*layer) for r in rules] if rules else None
+
+    def is_ignored(self, hf_key: str) -> bool:
+        """HF keys that carry no weights for torchtune (e.g. cached RoPE frequencies)."""
+        return any(p.fullmatch(hf_key) for p in self._ignored)
+
+    def part_rows(self, tune_key: str) -> int | None:
+        """Rows of a fused part, from the config; None for unfused tensors."""
+        rule = self.target(tune_key).rule
+        return rule.part_rows(self.config) if rule.part_rows else None
+
+    def runs(self, tune_key: str, start: int, stop: int, part_offset: int = 0) -> list[RowRun]:
+        """Pieces for tune rows ``[start, stop)`` of ``tune_key``; ``part_offset`` is its first HF row."""
+        if self.target(tune_key).rule.rope:
+            return rope_runs(start, stop, self.config.head_dim, part_offset)
+        return identity_runs(start, stop, part_offset)
+
+
+LayoutFactory = Callable[[ModelConfig], Layout]
+LAYOUTS: dict[str, LayoutFactory] = {}
+
+
+@dataclass(frozen=True)
+class _KeySet:
+    """The HF key patterns of a layout: those a checkpoint must hold, may hold, and may carry unused."""
+
+    required: frozenset[str]
+    optional: frozenset[str]  # tied copies (lm_head.weight)
+    with_rule: frozenset[str]
+    ignored: tuple[re.Pattern, ...]
+    hf_model_types: frozenset[str]  # config.json "model_type" values of the models it serves
+    rules: tuple[Rule, ...]
+
+    def known(self, key: str, pattern: str, tied: bool | None) -> bool:
+        if pattern in self.required or any(p.fullmatch(key) for p in self.ignored):
+            return True
+        return pattern in self.optional and (tied is not False or pattern in self.with_rule)
+
+
+_KEY_SETS: dict[str, _KeySet] = {}
+
+
+def register_layout(
+    name: str,
+    rules: Iterable[Rule],
+    ignored_hf: Iterable[str] = (),
+    tied: dict[str, str] | None = None,
+    hf_model_types: Iterable[str] = (),
+) -> None:
+    """Add a model type to the registry (``hf_model_types``: the config.json ``model_type`` values it serves)."""
+    rules, ignored_hf, tied = tuple(rules), tuple(ignored_hf), dict(tied or _TIED_OUTPUT)
+    LAYOUTS[name] = lambda config: Layout(name, rules, config, ignored_hf, tied)
+    with_rule = frozenset(r.hf for r in rules)
+    ignored = tuple(re.compile(p) for p in ignored_hf)
+    _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types), rules)
+
+
+def hf_model_types_for(name: str) -> frozenset[str]:
+    """config.json ``model_type`` values whose checkpoints layout ``name`` converts correctly.
+
+    Layouts with the same rules (LLAMA2/3/3_2 and MISTRAL) accept each other's models.
+    """
+    own = _KEY_SETS[name]
+    return frozenset(t for key_set in _KEY_SETS.values() if key_set.rules == own.rules for t in key_set.hf_model_types)
+
+
+def layouts_for_hf_model_type(hf_model_type: str) -> list[str]:
+    """The registered layouts that convert a config.json ``model_type`` correctly."""
+    return sorted(name for name in _KEY_SETS if hf_model_type in hf_model_types_for(name))
+
+
+def model_types_for_keys(hf_keys: Iterable[str], tied: bool | None = None, hf_model_type: str | None = None) -> list[str]:
+    """The registered model types whose layout names exactly these Hugging Face keys (any number of layers).
+
+    Several types share one key layout (LLAMA2, LLAMA3, LLAMA3_2 and MISTRAL; a tied checkpoint
+    also looks like GEMMA): all are returned, sorted, unless the config's ``hf_model_type``
+    (``"llama"``, ``"gemma"``...) narrows them. ``tied`` (the config's ``tie_word_embeddings``)
+    tells whether an ``lm_head.weight`` needs a rule of its own.
+    """
+    keys = [(key, _abstract(key)[0]) for key in hf_keys]
+    patterns = {pattern for _, pattern in keys}
+    matches = {
+        name: key_set
+        for name, key_set in _KEY_SETS.items()
+        if keys and all(key_set.known(k, p, tied) for k, p in keys) and key_set.required <= patterns
+    }
+    narrowed = [name for name, key_set in matches.items() if hf_model_type in key_set.hf_model_types]
+    return sorted(narrowed or matches)
+
+
+def get_layout(model_type: object, config: ModelConfig) -> Layout:
+    """The layout for a torchtune model type (a name like ``"LLAMA3_2"`` or a ``ModelType``)."""
+    name = str(getattr(model_type, "name", model_type)).upper()
+    if name not in LAYOUTS:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; choose one of {sorted(LAYOUTS)}")
+    return LAYOUTS[name](config)
+
+
+# ---- the tables -------------------------------------------------------------------------
+
+_L = "layers.{}."
+_H = "model.layers.{}."
+# With tied embeddings the file may omit lm_head.weight (or hold a copy of the embedding).
+_TIED_OUTPUT = {"lm_head.weight": "model.embed_tokens.weight"}
+_ROTARY_CACHE = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+
+def _attention(*, rope: bool, bias: bool = False, qk_norm: bool = False) -> list[Rule]:
+    rules = [
+        Rule(_L + "attn.q_proj.weight", _H + "self_attn.q_proj.weight", rope=rope),
+        Rule(_L + "attn.k_proj.weight", _H + "self_attn.k_proj.weight", rope=rope),
+        Rule(_L + "attn.v_proj.weight", _H + "self_attn.v_proj.weight"),
+        Rule(_L + "attn.output_proj.weight", _H + "self_attn.o_proj.weight"),
+    ]
+    if bias:
+        rules += [
+            Rule(_L + "attn.q_proj.bias", _H + "self_attn.q_proj.bias", rope=rope),
+            Rule(_L + "attn.k_proj.bias", _H + "self_attn.k_proj.bias", rope=rope),
+            Rule(_L + "attn.v_proj.bias", _H + "self_attn.v_proj.bias"),
+        ]
+    if qk_norm:
+        rules += [
+            Rule(_L + "attn.q_norm.scale", _H + "self_attn.q_norm.weight"),
+            Rule(_L + "attn.k_norm.scale", _H + "self_attn.k_norm.weight"),
+        ]
+    return rules
+
+
+_MLP = [
+    Rule(_L + "mlp.w1.weight", _H + "mlp.gate_proj.weight"),
+    Rule(_L + "mlp.w2.weight", _H + "mlp.down_proj.weight"),
+    Rule(_L + "mlp.w3.weight", _H + "mlp.up_proj.weight"),
+]
+_NORMS = [
+    Rule(_L + "sa_norm.scale", _H + "input_layernorm.weight"),
+    Rule(_L + "mlp_norm.scale", _H + "post_attention_layernorm.weight"),
+]
+_EMBED = Rule("tok_embeddings.weight", "model.embed_tokens.weight")
+_OUTPUT = Rule("output.weight", "lm_head.weight")
+_FINAL_NORM = Rule("norm.scale", "model.norm.weight")
+
+_LLAMA = [_EMBED, *_attention(rope=True), *_MLP, *_NORMS, _FINAL_NORM, _OUTPUT]
+_QWEN2 = [_EMBED, *_attention(rope=False, bias=True), *_MLP, *_NORMS, _FINAL_NORM, _OUTPUT]
+_QWEN3 = [_EMBED, *_attention(rope=False, qk_norm=True), *_MLP, *_NORMS, _FINAL_NORM, _OUTPUT]
+# Gemma 2 has four norms per layer. torchtune applies mlp_norm before the MLP and
+# mlp_scale after it, so HF's pre_feedforward norm is mlp_norm. (torchtune 0.6.1's own
+# gemma2 converter maps these two the other way round.)
+_GEMMA2 = [
+    _EMBED,
+    *_attention(rope=True),
+    *_MLP,
+    Rule(_L + "sa_norm.scale", _H + "input_layernorm.weight"),
+    Rule(_L + "sa_scale.scale", _H + "post_attention_layernorm.weight"),
+    Rule(_L + "mlp_norm.scale", _H + "pre_feedforward_layernorm.weight"),
+    Rule(_L + "mlp_scale.scale", _H + "post_feedforward_layernorm.weight"),
+    Rule("norm.rms_norm.scale", "model.norm.weight"),
+]
+
+
+def _q_rows(c: ModelConfig) -> int:
+    return c.num_attention_heads * c.head_dim
+
+
+def _kv_rows(c: ModelConfig) -> int:
+    return c.num_key_value_heads * c.head_dim
+
+
+def _ffn_rows(c: ModelConfig) -> int:
+    return c.intermediate_size
+
+
+_PHI3 = [
+    _EMBED,
+    Rule(_L + "attn.q_proj.weight", _H + "self_attn.qkv_proj.weight", part_rows=_q_rows),
+    Rule(_L + "attn.k_proj.weight", _H + "self_attn.qkv_proj.weight", part_rows=_kv_rows),
+    Rule(_L + "attn.v_proj.weight", _H + "self_attn.qkv_proj.weight", part_rows=_kv_rows),
+    Rule(_L + "attn.output_proj.weight", _H + "self_attn.o_proj.weight"),
+    Rule(_L + "mlp.w1.weight", _H + "mlp.gate_up_proj.weight", part_rows=_ffn_rows),
+    Rule(_L + "mlp.w3.weight", _H + "mlp.gate_up_proj.weight", part_rows=_ffn_rows),
+    Rule(_L + "mlp.w2.weight", _H + "mlp.down_proj.weight"),
+    *_NORMS,
+    _FINAL_NORM,
+    _OUTPUT,
+]
+
+for _name in ("LLAMA2", "LLAMA3", "LLAMA3_2"):
+    register_layout(_name, _LLAMA, _ROTARY_CACHE, hf_model_types=["llama"])
+register_layout("MISTRAL", _LLAMA, _ROTARY_CACHE, hf_model_types=["mistral"])
+register_layout("GEMMA", [r for r in _LLAMA if r is not _OUTPUT], _ROTARY_CACHE, hf_model_types=["gemma"])
+register_layout("GEMMA2", _GEMMA2, _ROTARY_CACHE, hf_model_types=["gemma2"])
+register_layout("QWEN2", _QWEN2, _ROTARY_CACHE, hf_model_types=["qwen2"])
+register_layout("QWEN3", _QWEN3, _ROTARY_CACHE, hf_model_types=["qwen3"])
+register_layout("PHI3_MINI", _PHI3, _ROTARY_CACHE, hf_model_types=["phi3"])
+
+
+# ---- LoRA adapters in PEFT's format ----------------------------------------------------------
+
+ADAPTER_MARKERS = (".lora_a.", ".lora_b.")
+
+
+def is_adapter_key(tune_key: str) -> bool:
+    """LoRA parameters (torchtune's ``lora_a``/``lora_b``), which live in the adapter file."""
+    return any(marker in tune_key for marker in ADAPTER_MARKERS)
+
+
+def adapter_layout(base: Layout) -> Layout:
+    """PEFT names for LoRA parameters: derived from the base rules of the wrapped linears.
+
+    ``lora_a`` (rank x in) keeps its rows; ``lora_b`` (out x rank) rows are the base weight's
+    output rows, so they are RoPE-permuted exactly when the base weight is. Fused HF tensors
+    (Phi-3's ``qkv_proj``) have no PEFT counterpart for separate q/k/v adapters.
+    """
+    rules = []
+    for rule in base.rules:
+        if not rule.tune.endswith(".weight") or rule.part_rows:
+            continue
+        tune, hf = rule.tune.removesuffix(".weight"), PEFT_PREFIX + rule.hf.removesuffix(".weight")
+        rules.append(Rule(f"{tune}.lora_a.weight", f"{hf}.lora_A.weight"))
+        rules.append(Rule(f"{tune}.lora_b.weight", f"{hf}.lora_B.weight", rope=rule.rope))
+    return Layout(f"{base.name} LoRA adapter", rules, base.config)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA parameters (sharded like the model)."""
+    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+

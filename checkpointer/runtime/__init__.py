@@ -1,0 +1,1 @@
+"""Distributed helpers, retries, progress bars, failpoints: usable from anywhere."""

@@ -1,0 +1,1 @@
+"""Where bytes live: URLs, local folders, fsspec, the Hub, publishing."""

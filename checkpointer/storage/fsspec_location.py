@@ -1,0 +1,239 @@
+"""Checkpoints on any fsspec file system (``s3://``, ``gs://``, ``memory://``, ...).
+
+Loading downloads the needed files once per node into the local cache (local rank 0
+fetches, the others wait), or with ``streaming`` reads each rank's byte ranges directly.
+Publishing uploads a staged folder file by file in parallel, with the index and then
+``config.json`` last, so a listing shows a checkpoint only when it is complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from checkpointer.errors import CheckpointError, CheckpointFormatError
+from checkpointer.format.folder import Folder, LocalFolder, check_relative_name
+from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero
+from checkpointer.runtime.progress import byte_bar
+from checkpointer.runtime.retry import with_retries
+from checkpointer.storage.location import (
+    CHECKPOINT_NAME,
+    LAST_FILES,
+    cache_root,
+    kept_on_failure,
+    remote_staging_dir,
+    remote_staging_folder,
+    upload_order,
+    url_key,
+)
+
+_PARALLEL = 8
+_MANIFEST = ".checkpointer-source.json"
+
+
+class FsspecFolder:
+    """Byte-range reads of the files under one fsspec folder."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str):
+        self.fs, self.root, self.url = fs, root.rstrip("/"), url.rstrip("/")
+        self._sizes: dict[str, int] = {}
+
+    def describe(self, name: str = "") -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{check_relative_name(name, self.url)}"
+
+    def exists(self, name: str) -> bool:
+        return with_retries(lambda: self.fs.isfile(self._path(name)), f"checking {self.describe(name)}")
+
+    def size(self, name: str) -> int:
+        if name not in self._sizes:
+            try:
+                self._sizes[name] = with_retries(lambda: self.fs.size(self._path(name)), f"size of {self.describe(name)}")
+            except FileNotFoundError:
+                raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+        return self._sizes[name]
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        try:
+            data = with_retries(
+                lambda: self.fs.cat_file(self._path(name), start=offset, end=offset + length), f"reading {self.describe(name)}"
+            )
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+        except Exception as e:  # noqa: BLE001 - transient errors were retried; report what is left
+            raise CheckpointError(f"{self.describe(name)}: reading {length} bytes at {offset} failed after retries ({e})") from e
+        if len(data) != length:
+            raise CheckpointFormatError(
+                f"{self.describe(name)}: truncated: wanted {length} bytes at {offset}, got {len(data)}"
+            )
+        return data
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        out = out.cast("B")
+        out[:] = self.read(name, offset, len(out))
+
+    def names(self) -> set[str]:
+        """The file names directly in the folder."""
+        entries = with_retries(lambda: self.fs.ls(self.root, detail=True), f"listing {self.url}")
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"}
+
+    def close(self) -> None:
+        pass
+
+
+class FsspecLocation:
+    """A folder URL on an fsspec file system."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any]):
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{url}: cannot open this location: {e}") from None
+
+    def describe(self, name: str = "") -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    def remote(self) -> FsspecFolder:
+        return FsspecFolder(self.fs, self.root, self.url)
+
+    def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
+        if streaming:
+            return self.remote()
+        target = cache_root() / "downloads" / url_key(self.url)
+        names = on_rank_zero(lambda: self._needed(checkpoint_files), group)
+        on_all_ranks(lambda: self._download(names, target) if local_rank(group) == 0 else None, group)
+        return LocalFolder(target)
+
+    def _needed(self, checkpoint_files) -> list[str]:
+        remote = self.remote()
+        try:
+            available = remote.names()
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.url}: no such folder") from None
+        return files_to_fetch(available, lambda: remote.read(INDEX_FILE, 0, remote.size(INDEX_FILE)), self.url, checkpoint_files)
+
+    def _download(self, names: list[str], target: Path) -> None:
+        """Fetch ``names`` into ``target``, skipping files whose remote identity is unchanged."""
+        target.mkdir(parents=True, exist_ok=True)
+        manifest_path = target / _MANIFEST
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        keys = {n: str(with_retries(lambda n=n: self.fs.ukey(f"{self.root}/{n}"), f"checking {self.describe(n)}")) for n in names}
+        todo = [n for n in names if manifest.get(n) != keys[n] or not (target / n).is_file()]
+        sizes = {n: self.remote().size(n) for n in todo}
+        with byte_bar(sum(sizes.values()), f"download {self.url}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+            for name in pool.map(lambda n: self._fetch(n, target), todo):
+                bar.update(sizes[name])
+                manifest[name] = keys[name]
+        manifest_path.write_text(json.dumps(manifest))
+
+    def _fetch(self, name: str, target: Path) -> str:
+        partial = target / f".{name}.download"
+        with_retries(lambda: self.fs.get_file(f"{self.root}/{name}", str(partial)), f"downloading {self.describe(name)}")
+        partial.replace(target / name)
+        return name
+
+    def staging_dir(self, name: str) -> Path:
+        return remote_staging_dir(self.url, name)
+
+    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
+        """Upload ``folder`` as ``url/name`` (see :meth:`replace_with`), then remove the staged copy."""
+        published = self.checkpoint(name).replace_with(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        return published
+
+    def staging_folder(self) -> Path:
+        return remote_staging_folder(self.url)
+
+    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+        """Upload ``folder``'s files here: in parallel, then index, config and manifest, in order; ``folder`` is kept."""
+        sizes = upload_order(folder)
+        last = [f for f in sizes if f in LAST_FILES]
+        first = [f for f in sizes if f not in LAST_FILES]
+
+        def upload() -> str:
+            self._remove_markers(last)
+            with byte_bar(sum(sizes.values()), f"upload {self.url}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
+                for uploaded in pool.map(lambda n: self._put(folder, n), first):
+                    bar.update(sizes[uploaded])
+                for n in last:
+                    bar.update(sizes[self._put(folder, n)])
+            return self.url
+
+        return kept_on_failure(f"upload to {self.url}", folder, upload, lambda e: f"{type(e).__name__}: {e}")
+
+    def list_files(self) -> dict[str, int]:
+        try:
+            found = with_retries(lambda: self.fs.find(self.root, detail=True), f"listing {self.url}")
+        except FileNotFoundError:
+            found = {}
+        prefix = self.root.rstrip("/") + "/"
+        files = {n[len(prefix) :]: info.get("size") or 0 for n, info in sorted(found.items()) if n.startswith(prefix) and info.get("type") == "file"}
+        if not files:
+            raise CheckpointError(f"{self.url}: no such folder, or it is empty")
+        return files
+
+    def _remove_markers(self, markers: list[str]) -> None:
+        """Re-publishing a name: hide the old checkpoint first, so no mix is ever visible as complete."""
+        for n in reversed(markers):
+            path = f"{self.root}/{n}"
+            if with_retries(lambda: self.fs.exists(path), f"checking {path}"):
+                with_retries(lambda: self.fs.rm_file(path), f"removing {path}")
+
+    def _put(self, folder: Path, name: str) -> str:
+        target = f"{self.root}/{name}"
+        if "/" in name:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        with_retries(lambda: self.fs.put_file(str(folder / name), target), f"uploading {name}")
+        return name
+
+    def checkpoint(self, name: str) -> FsspecLocation:
+        return FsspecLocation(self.describe(name), self.storage_options)
+
+    def subfolder(self, path: str) -> FsspecLocation:
+        return FsspecLocation(self.describe(path), self.storage_options) if path else self
+
+    def checkpoint_names(self) -> list[str]:
+        try:
+            entries = with_retries(lambda: self.fs.ls(self.root, detail=True), f"listing {self.url}")
+        except FileNotFoundError:
+            return []
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
+        complete = [n for n in names if CHECKPOINT_NAME.match(n) and self.fs.isfile(f"{self.root}/{n}/{MANIFEST_FILE}")]
+        return sorted(complete)
+
+    def read_file(self, path: str) -> bytes | None:
+        try:
+            return with_retries(lambda: self.fs.cat_file(f"{self.root}/{path}"), f"reading {self.describe(path)}")
+        except FileNotFoundError:
+            return None
+
+    def fetch_folder(self, path: str, group=None) -> Path:
+        """A local copy of the subfolder ``path`` (``""``: this folder), fetched once per node."""
+        target = cache_root() / "downloads" / url_key(self.describe(path))
+        source = "/".join(p for p in (self.root, path) if p) + "/"
+
+        def fetch() -> None:
+            if target.exists():
+                shutil.rmtree(target)
+            with_retries(lambda: self.fs.get(source, str(target) + "/", recursive=True), f"downloading {self.describe(path)}")
+
+        on_all_ranks(lambda: fetch() if local_rank(group) == 0 else None, group)
+        return target
+
+    def remove(self, name: str) -> None:
+        if not CHECKPOINT_NAME.match(name):
+            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint")
+        with_retries(lambda: self.fs.rm(f"{self.root}/{name}", recursive=True), f"removing {self.describe(name)}")

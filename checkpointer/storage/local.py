@@ -1,0 +1,78 @@
+"""A checkpoint location on a local (or shared) file system: publishing is an atomic rename."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from checkpointer.errors import CheckpointError
+from checkpointer.format.folder import Folder, LocalFolder, local_files
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.storage.location import CHECKPOINT_NAME, fresh_dir
+from checkpointer.storage.publish import replace_folder
+
+
+class LocalLocation:
+    """A folder on a local or shared file system; publishing is an atomic rename."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def describe(self, name: str = "") -> str:
+        return str(self.path / name) if name else str(self.path)
+
+    def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such folder")
+        return LocalFolder(self.path)
+
+    def staging_dir(self, name: str) -> Path:
+        return self.path / f".{name}.partial"
+
+    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
+        return self.checkpoint(name).replace_with(folder)
+
+    def staging_folder(self) -> Path:
+        """A fresh hidden folder beside this one (same file system, so publishing is a rename)."""
+        return fresh_dir(self.path.parent / f".{self.path.name}.partial")
+
+    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+        """Rename ``folder`` (from :meth:`staging_folder`) into place; an older folder here is replaced whole."""
+        replace_folder(folder, self.path)
+        return str(self.path)
+
+    def list_files(self) -> dict[str, int]:
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such folder")
+        return local_files(self.path)
+
+    def checkpoint(self, name: str) -> LocalLocation:
+        return LocalLocation(self.path / name)
+
+    def subfolder(self, path: str) -> LocalLocation:
+        return LocalLocation(self.path / path) if path else self
+
+    def checkpoint_names(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        names = [
+            p.name
+            for p in self.path.iterdir()
+            if CHECKPOINT_NAME.match(p.name) and not p.is_symlink() and (p / MANIFEST_FILE).is_file()
+        ]
+        return sorted(names)
+
+    def read_file(self, path: str) -> bytes | None:
+        target = self.path / path
+        return target.read_bytes() if target.is_file() else None
+
+    def fetch_folder(self, path: str, group=None) -> Path:
+        return self.path / path
+
+    def remove(self, name: str) -> None:
+        target = self.path / name
+        if not CHECKPOINT_NAME.match(name) or target.is_symlink() or target.resolve().parent != self.path.resolve():
+            raise CheckpointError(f"{target}: refusing to remove something that is not a checkpoint folder of {self.path}")
+        shutil.rmtree(target)
+

@@ -1,0 +1,1 @@
+"""Fine-tuning: builders from config.json, FSDP2, LoRA, the tokenizer, the recipe loop."""

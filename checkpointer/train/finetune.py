@@ -1,0 +1,259 @@
+"""The fine-tuning loop behind ``recipes/full_finetune_distributed.py`` and ``lora_finetune_distributed.py``.
+
+torchtune provides the models, datasets, loss, optimizer and config instantiation; this
+module wires them to FSDP2 and the checkpointer: the model is built on the meta device,
+sharded, and filled by ``DistributedHFCheckpointer.load_model`` (no rank ever holds the
+whole model); checkpoints (weights, LoRA adapter, training state) go through
+``save_checkpoint``; ``resume_from_checkpoint`` continues from the newest one on any number
+of ranks (see ``checkpointer.train.batches`` for why the data order and updates do not depend on
+the number of ranks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torchtune import config as tune_config
+from torchtune.data import padded_collate_sft
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from checkpointer.dcp.training_state import rng_key, rng_state, set_rng_state
+from checkpointer.format.model_config import ModelConfig
+from checkpointer.mapping.key_maps import adapter_state_dict
+from checkpointer.runtime.distributed import rank, world_size
+from checkpointer.testing.multiprocess import free_port
+from checkpointer.train.batches import GlobalBatches, TrainingProgress, global_sum, scale_gradients
+from checkpointer.train.builders import LoraSpec
+from checkpointer.train.fsdp import build_sharded_model, default_mesh, initialize_lora, reset_rope_buffers, shard_model
+from checkpointer.train.lora import merged_state_dict
+
+log = logging.getLogger("checkpointer.recipe")
+IGNORE_INDEX = -100
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def init_distributed(device: torch.device) -> None:
+    """A process group for torchrun's ranks, or a one-process group for ``python recipe.py``."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class FinetuneRecipe:
+    """Full or LoRA fine-tuning (``lora=True``) of a Hugging Face model with FSDP2."""
+
+    def __init__(self, cfg: DictConfig, lora: bool = False):
+        self.cfg, self.lora = cfg, lora
+        self.device = torch.device(cfg.get("device", "cpu"))
+        self.dtype = _DTYPES[cfg.get("dtype", "fp32")]
+        self.seed = int(cfg.get("seed", 0))
+        self.epochs = int(cfg.epochs)
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
+        self.save_every_n_steps = cfg.get("save_every_n_steps")
+        self.progress = TrainingProgress(seed=self.seed)
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        init_distributed(self.device)
+        torch.manual_seed(self.seed)
+        self.checkpointer = tune_config.instantiate(self.cfg.checkpointer)
+        self.checkpointer.training_info = {"recipe": "lora" if self.lora else "full", "epochs": self.epochs}
+        self.model = self._build_model()
+        self.checkpointer.load_model(self.model)
+        self.tokenizer = self._build_tokenizer()
+        self.dataset = tune_config.instantiate(self.cfg.dataset, self.tokenizer)
+        self.batches = GlobalBatches(
+            len(self.dataset), int(self.cfg.global_batch_size), int(self.cfg.batch_size), rank(), world_size(), self.seed
+        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = tune_config.instantiate(self.cfg.optimizer, trainable)
+        self.lr_scheduler = self._build_lr_scheduler()
+        self.loss_fn = tune_config.instantiate(self.cfg.loss)
+        if hasattr(self.loss_fn, "num_output_chunks"):
+            self.model.set_num_output_chunks(self.loss_fn.num_output_chunks)
+        if self.checkpointer.resuming:
+            self._restore()
+
+    def _build_model(self) -> torch.nn.Module:
+        model_cfg = self.cfg.get("model") or {}
+        if "_component_" in model_cfg:  # a torchtune builder named in the config
+            with torch.device("meta"):
+                model = tune_config.instantiate(model_cfg).to(self.dtype)
+            shard_model(model, default_mesh(self.device.type))
+            model.to_empty(device=self.device)
+            reset_rope_buffers(model, self.device)
+            initialize_lora(model)
+        else:
+            lora_cfg = model_cfg.get("lora") if self.lora else None
+            lora = LoraSpec(**{**OmegaConf.to_container(lora_cfg), "lora_attn_modules": tuple(lora_cfg.lora_attn_modules)}) if lora_cfg else None
+            config = ModelConfig.from_dict(self.checkpointer.config_dict)
+            model = build_sharded_model(
+                self.checkpointer.model_type, config, device=self.device, dtype=self.dtype, lora=lora, max_seq_len=model_cfg.get("max_seq_len")
+            )
+        if self.lora:
+            set_trainable_params(model, get_adapter_params(model))
+        return model
+
+    def _build_tokenizer(self):
+        if self.cfg.get("tokenizer") and "_component_" in self.cfg.tokenizer:
+            return tune_config.instantiate(self.cfg.tokenizer)
+        from checkpointer.train.hf_tokenizer import hf_chat_tokenizer
+
+        return hf_chat_tokenizer(str(self.checkpointer.local_support_dir()), max_seq_len=self.cfg.get("max_seq_len"))
+
+    def _build_lr_scheduler(self):
+        if not self.cfg.get("lr_scheduler"):
+            return None
+        total = self.epochs * min(self.batches.steps_per_epoch, self.max_steps_per_epoch or self.batches.steps_per_epoch)
+        return tune_config.instantiate(self.cfg.lr_scheduler, self.optimizer, num_training_steps=total)
+
+    # ---- resume and save ---------------------------------------------------------------------
+
+    def _training_state(self) -> dict[str, Any]:
+        state = {
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
+            "progress": self.progress.state_dict(),
+            rng_key(): rng_state(),
+        }
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        return state
+
+    def _restore(self) -> None:
+        state = self.checkpointer.load_training_state(self._training_state())
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.progress.load_state_dict(state["progress"])
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if rng_key() in state:
+            set_rng_state(state[rng_key()])
+        if rank() == 0:
+            log.info("resumed from %s at epoch %d, step %d", self.checkpointer.resume_manifest["name"], self.progress.epoch, self.progress.global_step)
+
+    def save(self, *, epoch: int, step: int | None = None, final: bool = False) -> str:
+        intermediate = not final or bool(self.cfg.get("save_final_training_state", False))
+        state: dict[str, Any] = {}
+        if self.lora:
+            state["adapter"] = adapter_state_dict(self.model)
+            state["adapter_config"] = {"lora_alpha": float(self.cfg.model.lora.lora_alpha)}
+            if final and self.cfg.get("save_merged_weights", True):
+                state["model"] = merged_state_dict(self.model)
+        else:
+            state["model"] = self.model.state_dict()
+        if intermediate:
+            state.update(self._training_state())
+        return self.checkpointer.save_checkpoint(
+            state, epoch=epoch, intermediate_checkpoint=intermediate, adapter_only="model" not in state, step=step
+        )
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def train(self) -> None:
+        while self.progress.epoch < self.epochs:
+            limit = self.max_steps_per_epoch or self.batches.steps_per_epoch
+            for step, micro_batches in self.batches.epoch(self.progress.epoch, self.progress.step_in_epoch):
+                if step >= limit:
+                    break
+                started = time.perf_counter()
+                loss = self._train_step(micro_batches)
+                self.progress.step_in_epoch, self.progress.global_step = step + 1, self.progress.global_step + 1
+                self._log(loss, time.perf_counter() - started)
+                if self.save_every_n_steps and self.progress.global_step % int(self.save_every_n_steps) == 0:
+                    self.save(epoch=self.progress.epoch, step=self.progress.global_step)
+            self.progress.epoch, self.progress.step_in_epoch = self.progress.epoch + 1, 0
+            final = self.progress.epoch == self.epochs
+            if final or self.progress.epoch % int(self.cfg.get("save_every_n_epochs", 1)) == 0:
+                self.save(epoch=self.progress.epoch - 1, final=final)
+        self.checkpointer.wait()  # a background save must be published before the job ends
+
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if not indices:  # this rank has no example left in the step: a batch that adds no loss
+            pad = self.tokenizer.pad_id
+            return {"tokens": torch.tensor([[pad]]), "labels": torch.tensor([[IGNORE_INDEX]])}
+        return padded_collate_sft([self.dataset[i] for i in indices], padding_idx=self.tokenizer.pad_id, ignore_idx=IGNORE_INDEX)
+
+    def _micro_step(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one micro-batch; returns (summed token loss, loss tokens)."""
+        batch = self._batch(indices)
+        tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        count = (labels != IGNORE_INDEX).sum()
+        logits = self.model(tokens)
+        if count == 0:
+            loss = sum(chunk.sum() for chunk in (logits if isinstance(logits, list) else [logits])) * 0.0
+        else:
+            loss = self.loss_fn(logits, labels) * count
+        loss.backward()
+        return loss.detach(), count
+
+    def _train_step(self, micro_batches: list[list[int]]) -> float:
+        losses, counts = zip(*(self._micro_step(indices) for indices in micro_batches))
+        tokens = global_sum(torch.stack(counts).sum().float())
+        total = global_sum(torch.stack(losses).sum().float())
+        scale_gradients(self.model, world_size() / tokens.item())
+        if self.cfg.get("clip_grad_norm"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.clip_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return (total / tokens).item()
+
+    def _log(self, loss: float, seconds: float) -> None:
+        if rank() != 0:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        print(f"epoch {self.progress.epoch} step {self.progress.global_step} loss {loss:.6f} lr {lr:.3g} ({seconds:.2f} s)", flush=True)
+        if self.cfg.get("metrics_file"):
+            with open(self.cfg.metrics_file, "a") as f:
+                f.write(json.dumps({"step": self.progress.global_step, "epoch": self.progress.epoch, "loss": loss, "lr": lr}) + "\n")
+
+def shutdown(succeeded: bool) -> None:
+    """Tear the process group down cleanly (gloo can crash at exit otherwise); no barrier after a failure."""
+    if dist.is_initialized():
+        if succeeded:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def run(cfg: DictConfig, lora: bool, exit_process: bool = False) -> None:
+    """Set up, train, save, tear down.
+
+    With ``exit_process`` (the recipe scripts), a successful run ends the process with
+    ``os._exit(0)`` after the clean shutdown: gloo's worker threads can still hold work
+    objects whose destruction during interpreter finalization aborts the process
+    (pytorch/pytorch#179291), turning a finished run into a failed one.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    recipe = FinetuneRecipe(cfg, lora=lora)
+    succeeded = False
+    try:
+        recipe.setup()
+        recipe.train()
+        succeeded = True
+    finally:
+        del recipe
+        gc.collect()  # release FSDP state and pending work while the interpreter is fully alive
+        shutdown(succeeded)
+    if exit_process:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
