@@ -37,7 +37,7 @@ from checkpointer.format.manifest import MANIFEST_FILE, check_against_manifest, 
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
-from checkpointer.mapping.key_maps import Layout, adapter_layout, adapter_state_dict, get_layout, is_adapter_key
+from checkpointer.mapping.key_maps import KeyMap, adapter_key_map, adapter_state_dict, get_key_map, is_adapter_key
 from checkpointer.mapping.local_shards import converted, global_spec
 from checkpointer.mapping.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.phases import hash_files, verify_hashes
@@ -165,8 +165,8 @@ class DistributedHFCheckpointer:
         return on_all_ranks(lambda: _read_config(folder), self.process_group).raw
 
     @cached_property
-    def layout(self) -> Layout:
-        return get_layout(self.model_type, ModelConfig.from_dict(self.config_dict))
+    def key_map(self) -> KeyMap:
+        return get_key_map(self.model_type, ModelConfig.from_dict(self.config_dict))
 
     def local_support_dir(self) -> Path:
         """A local folder with the base's config, tokenizer and generation files (collective)."""
@@ -251,9 +251,9 @@ class DistributedHFCheckpointer:
     def load_checkpoint(self) -> dict[str, Any]:
         """torchtune's interface: ``{"model": full state dict with torchtune keys}`` of the base."""
         files = self.base_files()
-        specs = on_all_ranks(lambda: model_specs_from_checkpoint(self.layout, files.tensors, self.source.describe()), self.process_group)
+        specs = on_all_ranks(lambda: model_specs_from_checkpoint(self.key_map, files.tensors, self.source.describe()), self.process_group)
         state_dict = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items()}
-        self.last_load = read_hf_tensors(state_dict, files, self.layout, self.process_group)
+        self.last_load = read_hf_tensors(state_dict, files, self.key_map, self.process_group)
         return {MODEL_KEY: state_dict}
 
     def load_model(self, model: nn.Module) -> None:
@@ -273,7 +273,7 @@ class DistributedHFCheckpointer:
             files = self._files(self._resume_folder, None)
         else:  # LoRA keeps the original base; merged weights in a checkpoint already hold the adapter
             files = self.base_files()
-        self.last_load = read_hf_tensors(base, files, self.layout, self.process_group)
+        self.last_load = read_hf_tensors(base, files, self.key_map, self.process_group)
         if adapter and contents.get("adapter") is not None:
             folder = self.resume_location.subfolder(contents["adapter"]).open(self.process_group, self.streaming, [ADAPTER_FILE])
             self._read_adapter(adapter, folder)
@@ -287,7 +287,7 @@ class DistributedHFCheckpointer:
         self._read_adapter(adapter, folder)
 
     def _read_adapter(self, adapter: dict[str, Any], folder: Folder) -> None:
-        read_hf_tensors(adapter, self._files(folder, [ADAPTER_FILE]), adapter_layout(self.layout), self.process_group)
+        read_hf_tensors(adapter, self._files(folder, [ADAPTER_FILE]), adapter_key_map(self.key_map), self.process_group)
 
     def load_training_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """Fill ``state`` in place from the resumed checkpoint's training state (collective).
@@ -406,23 +406,23 @@ class DistributedHFCheckpointer:
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
         if self.save_dtype is not None:
             model_specs = {k: (converted(self.save_dtype, dt), s) for k, (dt, s) in model_specs.items()}
-        specs, destinations = plan_for_save(self.layout, model_specs)
+        specs, destinations = plan_for_save(self.key_map, model_specs)
         return specs, destinations, plan_file_layout(specs, self._base_weight_map, self.max_shard_size)
 
     def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> IOStats:
         specs, destinations, file_layout = plan
-        config = saved_config(self.config_dict, self.layout, specs, destinations)
+        config = saved_config(self.config_dict, self.key_map, specs, destinations)
 
         def finish(folder: Path) -> None:
             write_json(folder / CONFIG_FILE, config)
             write_index(folder, file_layout)
 
-        stats = write_hf_tensors(model_state, self.layout, specs, destinations, file_layout, staging, finish, self.process_group)
+        stats = write_hf_tensors(model_state, self.key_map, specs, destinations, file_layout, staging, finish, self.process_group)
         return IOStats(stats.bytes, stats.seconds, self.destination.describe(name))
 
     def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]):
-        layout = adapter_layout(self.layout)
-        specs, destinations = plan_for_save(layout, {k: global_spec(k, v) for k, v in adapter_state.items()})
+        key_map = adapter_key_map(self.key_map)
+        specs, destinations = plan_for_save(key_map, {k: global_spec(k, v) for k, v in adapter_state.items()})
         file_layout = plan_file_layout(specs, {k: ADAPTER_FILE for k in specs})
         ranks = {s.shape[0] for k, s in specs.items() if k.endswith("lora_A.weight")}
         alpha = (state_dict.get(ADAPTER_CONFIG_KEY) or {}).get("lora_alpha")
@@ -432,12 +432,12 @@ class DistributedHFCheckpointer:
                 f"state_dict[{ADAPTER_CONFIG_KEY!r}]['lora_alpha']"
             )
         config = peft_adapter_config(sorted(specs), ranks.pop(), alpha, self._base_model_id())
-        return layout, specs, destinations, file_layout, config
+        return key_map, specs, destinations, file_layout, config
 
     def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path) -> None:
-        layout, specs, destinations, file_layout, config = plan
+        key_map, specs, destinations, file_layout, config = plan
         finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
-        write_hf_tensors(adapter_state, layout, specs, destinations, file_layout, staging, finish, self.process_group)
+        write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group)
 
     def _publish(self, staging: Path, name: str, info: dict, card: dict, sizes: dict[str, int], hashes: dict[str, str]) -> None:
         seal(staging, info, sizes, hashes)

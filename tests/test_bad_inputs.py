@@ -32,7 +32,7 @@ from checkpointer.errors import CheckpointError, CheckpointFormatError, Checkpoi
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.format.model_config import ModelConfig
-from checkpointer.mapping.key_maps import get_layout
+from checkpointer.mapping.key_maps import get_key_map
 from checkpointer.storage.output_lock import LOCK_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
 
@@ -127,7 +127,7 @@ def _set_index(folder: Path, index: dict[str, Any]) -> None:
 
 def _tune_key(folder: Path, hf_key: str) -> str:
     config = ModelConfig.from_json((folder / CONFIG_FILE).read_text())
-    return get_layout(MODEL_TYPE, config).tune_keys(hf_key)[0]
+    return get_key_map(MODEL_TYPE, config).tune_keys(hf_key)[0]
 
 
 # ---- builders: each breaks the copy it is given -------------------------------------------------

@@ -12,7 +12,7 @@ from torchtune.config._utils import _get_component_from_path
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.format.model_config import ModelConfig
-from checkpointer.mapping.key_maps import LAYOUTS, adapter_layout, get_layout
+from checkpointer.mapping.key_maps import KEY_MAPS, adapter_key_map, get_key_map
 from checkpointer.train.builders import REGISTRY, LoraSpec
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
@@ -42,7 +42,7 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
     checkpointer = tune_config.instantiate(cfg.checkpointer)
     assert isinstance(checkpointer, DistributedHFCheckpointer)
     model_type = str(cfg.checkpointer.model_type)
-    assert model_type in LAYOUTS and model_type in REGISTRY
+    assert model_type in KEY_MAPS and model_type in REGISTRY
     parameter = torch.nn.Parameter(torch.zeros(2))
     optimizer = tune_config.instantiate(cfg.optimizer, [parameter])
     if cfg.get("lr_scheduler"):
@@ -57,7 +57,7 @@ def test_config_instantiates(path, tmp_path, monkeypatch):
 
 def _check_lora_targets_have_peft_names(model_type: str, lora) -> None:
     spec = LoraSpec(**{**OmegaConf.to_container(lora), "lora_attn_modules": tuple(lora.lora_attn_modules)})
-    adapters = adapter_layout(get_layout(model_type, _DIMS))
+    adapters = adapter_key_map(get_key_map(model_type, _DIMS))
     targets = [_LORA_TARGETS[m] for m in spec.lora_attn_modules]
     targets += ["mlp.w1", "mlp.w2", "mlp.w3"] if spec.apply_lora_to_mlp else []
     for target in targets:

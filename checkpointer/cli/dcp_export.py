@@ -31,7 +31,7 @@ from checkpointer.format.hf_output import copy_support_files, saved_config, writ
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.format.safetensors import TensorSpec
-from checkpointer.mapping.key_maps import LAYOUTS, Layout, get_layout, is_adapter_key
+from checkpointer.mapping.key_maps import KEY_MAPS, KeyMap, get_key_map, is_adapter_key
 from checkpointer.mapping.local_shards import converted
 from checkpointer.mapping.matching import Destination, plan_for_save
 from checkpointer.runtime.distributed import dcp_errors
@@ -89,7 +89,7 @@ class DcpModel:
 class HFPlan:
     """Where each torchtune tensor goes in the Hugging Face files."""
 
-    layout: Layout
+    key_map: KeyMap
     specs: dict[str, TensorSpec]
     destinations: dict[str, Destination]
     files: FileLayout
@@ -101,7 +101,7 @@ class HFPlan:
         """Write the one file ``file`` from its torchtune ``tensors`` with the library's DCP writer."""
         one = self.files.subset(file)
         specs, destinations = {h: self.specs[h] for h in one.entries}, {t: self.destinations[t] for t in tensors}
-        write_hf_tensors(tensors, self.layout, specs, destinations, one, out, lambda _: None, None)
+        write_hf_tensors(tensors, self.key_map, specs, destinations, one, out, lambda _: None, None)
         return one.total_bytes
 
 
@@ -110,32 +110,32 @@ def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
     timer, where = Timer(), source.describe()
     config_source = _config_source(source, options)
     config = config_source.config()
-    layout = get_layout(_model_type(options, where), ModelConfig.from_dict(config, config_source.describe(CONFIG_FILE)))
-    model = _dcp_model(source, layout, options.trust_pickle)
-    specs, destinations = plan_for_save(layout, {t: model.spec(t, options.dtype) for t in model.keys})
-    plan = HFPlan(layout, specs, destinations, plan_file_layout(specs, None, options.max_shard_size))
+    key_map = get_key_map(_model_type(options, where), ModelConfig.from_dict(config, config_source.describe(CONFIG_FILE)))
+    model = _dcp_model(source, key_map, options.trust_pickle)
+    specs, destinations = plan_for_save(key_map, {t: model.spec(t, options.dtype) for t in model.keys})
+    plan = HFPlan(key_map, specs, destinations, plan_file_layout(specs, None, options.max_shard_size))
 
     def build(out: Path) -> None:
         with byte_bar(plan.files.total_bytes, f"export -> {options.to}") as bar:
             for file in plan.files.headers:
                 bar.update(plan.write(file, model.load(plan.keys_in(file)), out))
-        write_json(out / CONFIG_FILE, saved_config(config, layout, specs, destinations))
+        write_json(out / CONFIG_FILE, saved_config(config, key_map, specs, destinations))
         copy_support_files(config_source.folder, out)
         write_index(out, plan.files)
 
     destination = make_location(options.to, "--to", options.storage_options, private=options.private)
-    card = card_info(Path(where).name, hub_repo_id(config_source.location), layout.name, dtypes_name(s.dtype for s in specs.values()))
-    message = options.message or f"checkpointer export: {where} as {layout.name}"
+    card = card_info(Path(where).name, hub_repo_id(config_source.location), key_map.name, dtypes_name(s.dtype for s in specs.values()))
+    message = options.message or f"checkpointer export: {where} as {key_map.name}"
     published = publish_built(destination, build, command="export", message=message, card=card, overwrite=options.overwrite)
-    return Outcome(0, f"exported {len(model.keys)} tensors of {where} as {layout.name}: {len(plan.files.headers)} file(s), {timer.rate(plan.files.total_bytes)} -> {published}")
+    return Outcome(0, f"exported {len(model.keys)} tensors of {where} as {key_map.name}: {len(plan.files.headers)} file(s), {timer.rate(plan.files.total_bytes)} -> {published}")
 
 
-def _dcp_model(source: Checkpoint, layout: Layout, trust_pickle: bool) -> DcpModel:
+def _dcp_model(source: Checkpoint, key_map: KeyMap, trust_pickle: bool) -> DcpModel:
     """Open the DCP checkpoint (remote folders are downloaded once: DCP reads local files)."""
     local = source.location.fetch_folder("")
     reader = lambda: dcp_reader(local, source.describe(), trust_pickle)  # noqa: E731
     metadata = reader().read_metadata()
-    return DcpModel(reader, metadata.state_dict_metadata, model_keys(metadata, layout, source.describe()))
+    return DcpModel(reader, metadata.state_dict_metadata, model_keys(metadata, key_map, source.describe()))
 
 
 def _config_source(source: Checkpoint, options: ExportOptions) -> Checkpoint:
@@ -155,15 +155,15 @@ def _config_source(source: Checkpoint, options: ExportOptions) -> Checkpoint:
 
 def _model_type(options: ExportOptions, where: str) -> str:
     if not options.model_type:
-        raise CheckpointError(f"{where}: DCP checkpoints hold torchtune keys: pass --model-type (one of {', '.join(sorted(LAYOUTS))})")
+        raise CheckpointError(f"{where}: DCP checkpoints hold torchtune keys: pass --model-type (one of {', '.join(sorted(KEY_MAPS))})")
     return options.model_type
 
 
-def model_keys(metadata: Metadata, layout: Layout, where: str) -> dict[str, str]:
+def model_keys(metadata: Metadata, key_map: KeyMap, where: str) -> dict[str, str]:
     """Torchtune key -> DCP key of every model weight: the ``model.*`` entries (torchtune's state), else all tensors."""
     tensors = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)]
     nested = {k.removeprefix(MODEL_PREFIX): k for k in tensors if k.startswith(MODEL_PREFIX)}
-    keys = nested if any(_known(layout, k) for k in nested) else {k: k for k in tensors}
+    keys = nested if any(_known(key_map, k) for k in nested) else {k: k for k in tensors}
     adapter = sorted(k for k in keys if is_adapter_key(k))
     if adapter:
         raise CheckpointError(
@@ -175,9 +175,9 @@ def model_keys(metadata: Metadata, layout: Layout, where: str) -> dict[str, str]
     return keys
 
 
-def _known(layout: Layout, key: str) -> bool:
+def _known(key_map: KeyMap, key: str) -> bool:
     try:
-        layout.target(key)
+        key_map.target(key)
     except CheckpointMismatchError:
         return False
     return True

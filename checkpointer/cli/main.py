@@ -150,7 +150,7 @@ def _consolidate_parser(command: CommandAdder) -> None:
 
 
 def _export_parser(command: CommandAdder) -> None:
-    from checkpointer.mapping.key_maps import LAYOUTS
+    from checkpointer.mapping.key_maps import KEY_MAPS
 
     sub = command("export", "turn an intermediate checkpoint (LoRA adapter, or DCP weights) into plain Hugging Face weights", _run_export,
                   "A checkpoint holding only a LoRA adapter (adapter_model.safetensors) is merged into its base\n"
@@ -160,7 +160,7 @@ def _export_parser(command: CommandAdder) -> None:
     sub.add_argument("checkpoint", metavar="CHECKPOINT", help="the intermediate checkpoint: " + LOCATION_HELP)
     sub.add_argument("--to", required=True, metavar="DEST", help="where to write: a new local folder, URL or hf://ns/repo")
     sub.add_argument("--base", metavar="BASE", help="the base model (folder, URL, hf://ns/repo or a bare repo id)")
-    sub.add_argument("--model-type", choices=sorted(LAYOUTS), type=str.upper, help="torchtune model type of a DCP checkpoint")
+    sub.add_argument("--model-type", choices=sorted(KEY_MAPS), type=str.upper, help="torchtune model type of a DCP checkpoint")
     sub.add_argument("--trust-pickle", action="store_true",
                      help="read DCP's default pickled .metadata (unpickling runs code: only for checkpoints you trust)")  # fmt: skip
     _add_split(sub, "5GB")

@@ -19,7 +19,7 @@ from checkpointer.dcp.storage_writer import SafetensorsWriter
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorSpec
-from checkpointer.mapping.key_maps import Layout
+from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.matching import Destination
 from checkpointer.runtime.distributed import dcp_errors, is_distributed
 
@@ -47,18 +47,18 @@ class quiet_dcp(warnings.catch_warnings):
 
 
 def read_hf_tensors(
-    state_dict: dict[str, Any], files: CheckpointFiles, layout: Layout, group: dist.ProcessGroup | None
+    state_dict: dict[str, Any], files: CheckpointFiles, key_map: KeyMap, group: dist.ProcessGroup | None
 ) -> IOStats:
     """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``."""
     reader, started = SafetensorsReader(files), time.perf_counter()
     with quiet_dcp(), dcp_errors(group), torch.no_grad():
-        dcp.load(state_dict, storage_reader=reader, planner=HFLoadPlanner(layout), process_group=group, no_dist=not is_distributed())
+        dcp.load(state_dict, storage_reader=reader, planner=HFLoadPlanner(key_map), process_group=group, no_dist=not is_distributed())
     return IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
 
 
 def write_hf_tensors(
     state_dict: dict[str, Any],
-    layout: Layout,
+    key_map: KeyMap,
     specs: dict[str, TensorSpec],
     destinations: dict[str, Destination],
     file_layout: FileLayout,
@@ -72,7 +72,7 @@ def write_hf_tensors(
         dcp.save(
             state_dict,
             storage_writer=writer,
-            planner=HFSavePlanner(layout, specs, destinations),
+            planner=HFSavePlanner(key_map, specs, destinations),
             process_group=group,
             no_dist=not is_distributed(),
         )

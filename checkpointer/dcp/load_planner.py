@@ -1,6 +1,6 @@
 """A DCP LoadPlanner that reads Hugging Face tensors straight into this rank's shards.
 
-For each torchtune tensor in the state dict it asks the layout which HF rows hold the
+For each torchtune tensor in the state dict it asks the key_map which HF rows hold the
 local shard's rows and emits one ReadItem per contiguous HF block. The destination of
 each item is a view of the local shard (``row_runs.local_view``), registered by number
 in ``dest_index.index``; the storage reader copies the HF block into it, converting
@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
 from checkpointer.format.hf_files import CheckpointFiles
-from checkpointer.mapping.key_maps import Layout
+from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.local_shards import LocalShard, local_shard
 from checkpointer.mapping.matching import Source, match_for_load
 from checkpointer.mapping.row_runs import local_view
@@ -26,8 +26,8 @@ from checkpointer.mapping.row_runs import local_view
 class HFLoadPlanner(LoadPlanner):
     """Plans reads of HF safetensors rows into the local shards of a torchtune state dict."""
 
-    def __init__(self, layout: Layout):
-        self.layout = layout
+    def __init__(self, key_map: KeyMap):
+        self.key_map = key_map
         self.targets: list[torch.Tensor] = []
         self.state_dict: dict[str, Any] = {}
         self.sources: dict[str, Source] = {}
@@ -35,7 +35,7 @@ class HFLoadPlanner(LoadPlanner):
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         files: CheckpointFiles = metadata.storage_data  # type: ignore[union-attr]
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
-        self.sources = match_for_load(self.layout, shapes, files.tensors, files.folder.describe())
+        self.sources = match_for_load(self.key_map, shapes, files.tensors, files.folder.describe())
         self.state_dict = state_dict
 
     def create_local_plan(self) -> LoadPlan:
@@ -51,7 +51,7 @@ class HFLoadPlanner(LoadPlanner):
             return [self._item(key, shard, source, (), (), shard.local)]
         start = shard.first_row
         items = []
-        for run in self.layout.runs(key, start, start + shard.rows, source.part_offset):
+        for run in self.key_map.runs(key, start, start + shard.rows, source.part_offset):
             storage_offsets = (run.hf_row, *shard.offsets[1:])
             lengths = (run.count, *shard.local.shape[1:])
             items.append(self._item(key, shard, source, storage_offsets, lengths, local_view(shard.local, run, start)))

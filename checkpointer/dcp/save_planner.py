@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWr
 
 from checkpointer.errors import CheckpointError
 from checkpointer.format.safetensors import TensorSpec
-from checkpointer.mapping.key_maps import Layout
+from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.local_shards import LocalShard, local_shard
 from checkpointer.mapping.matching import Destination
 from checkpointer.mapping.row_runs import local_view
@@ -34,8 +34,8 @@ from checkpointer.mapping.row_runs import local_view
 class HFSavePlanner(SavePlanner):
     """Plans writes of local shards as boxes of the HF tensors in ``specs``."""
 
-    def __init__(self, layout: Layout, specs: dict[str, TensorSpec], destinations: dict[str, Destination]):
-        self.layout = layout
+    def __init__(self, key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Destination]):
+        self.key_map = key_map
         self.specs = specs
         self.destinations = destinations
         self.views: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -59,7 +59,7 @@ class HFSavePlanner(SavePlanner):
         start = shard.first_row
         return [
             self._item(spec, (run.hf_row, *shard.offsets[1:]), (run.count, *shard.local.shape[1:]), local_view(shard.local, run, start))
-            for run in self.layout.runs(key, start, start + shard.rows, destination.part_offset)
+            for run in self.key_map.runs(key, start, start + shard.rows, destination.part_offset)
         ]
 
     def _item(self, spec: TensorSpec, offsets: tuple[int, ...], sizes: tuple[int, ...], view: torch.Tensor) -> WriteItem:

@@ -14,7 +14,7 @@ from checkpointer.format.hf_files import INDEX_FILE, SUPPORT_FILES
 
 if TYPE_CHECKING:
     from checkpointer.format.safetensors import TensorSpec
-    from checkpointer.mapping.key_maps import Layout
+    from checkpointer.mapping.key_maps import KeyMap
     from checkpointer.mapping.matching import Destination
 
 
@@ -32,9 +32,9 @@ def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool | 
     return config
 
 
-def saved_config(base: dict[str, Any], layout: Layout, specs: dict[str, TensorSpec], destinations: dict[str, Destination]) -> dict[str, Any]:
+def saved_config(base: dict[str, Any], key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Destination]) -> dict[str, Any]:
     """The config of weights saved as ``specs`` (dtype when there is one, tied unless lm_head is written)."""
-    tied = not any(d.hf_key in layout.tied for d in destinations.values())
+    tied = not any(d.hf_key in key_map.tied for d in destinations.values())
     dtypes = {s.dtype for s in specs.values()}
     return output_config(base, dtypes.pop() if len(dtypes) == 1 else None, tied)
 

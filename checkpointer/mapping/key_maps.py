@@ -1,10 +1,10 @@
-"""Layout maps: how each model type's torchtune keys and rows correspond to Hugging Face ones.
+"""Key maps: how each model type's torchtune keys and rows correspond to Hugging Face ones.
 
-A layout is a declarative table of :class:`Rule` s, one per tensor kind, with ``{}``
+A key_map is a declarative table of :class:`Rule` s, one per tensor kind, with ``{}``
 standing for the layer index. A rule may say that rows are RoPE-permuted within each
 head, or that the tensor is one part of a fused Hugging Face tensor (Phi-3's
 ``qkv_proj`` and ``gate_up_proj``: parts are stacked along dim 0 in rule order).
-:data:`LAYOUTS` is the registry by torchtune model type name; no code branches on
+:data:`KEY_MAPS` is the registry by torchtune model type name; no code branches on
 model types.
 """
 
@@ -56,8 +56,8 @@ class Target:
     parts: tuple[str, ...]  # the tune keys stacked into hf_key, in order (one for unfused tensors)
 
 
-class Layout:
-    """The layout map of one model type, bound to a config for head dimensions."""
+class KeyMap:
+    """The key_map map of one model type, bound to a config for head dimensions."""
 
     def __init__(
         self,
@@ -111,13 +111,13 @@ class Layout:
         return identity_runs(start, stop, part_offset)
 
 
-LayoutFactory = Callable[[ModelConfig], Layout]
-LAYOUTS: dict[str, LayoutFactory] = {}
+KeyMapFactory = Callable[[ModelConfig], KeyMap]
+KEY_MAPS: dict[str, KeyMapFactory] = {}
 
 
 @dataclass(frozen=True)
 class _KeySet:
-    """The HF key patterns of a layout: those a checkpoint must hold, may hold, and may carry unused."""
+    """The HF key patterns of a key_map: those a checkpoint must hold, may hold, and may carry unused."""
 
     required: frozenset[str]
     optional: frozenset[str]  # tied copies (lm_head.weight)
@@ -135,7 +135,7 @@ class _KeySet:
 _KEY_SETS: dict[str, _KeySet] = {}
 
 
-def register_layout(
+def register_key_map(
     name: str,
     rules: Iterable[Rule],
     ignored_hf: Iterable[str] = (),
@@ -144,14 +144,14 @@ def register_layout(
 ) -> None:
     """Add a model type to the registry (``hf_model_types``: the config.json ``model_type`` values it serves)."""
     rules, ignored_hf, tied = tuple(rules), tuple(ignored_hf), dict(tied or _TIED_OUTPUT)
-    LAYOUTS[name] = lambda config: Layout(name, rules, config, ignored_hf, tied)
+    KEY_MAPS[name] = lambda config: KeyMap(name, rules, config, ignored_hf, tied)
     with_rule = frozenset(r.hf for r in rules)
     ignored = tuple(re.compile(p) for p in ignored_hf)
     _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types), rules)
 
 
 def hf_model_types_for(name: str) -> frozenset[str]:
-    """config.json ``model_type`` values whose checkpoints layout ``name`` converts correctly.
+    """config.json ``model_type`` values whose checkpoints key_map ``name`` converts correctly.
 
     Layouts with the same rules (LLAMA2/3/3_2 and MISTRAL) accept each other's models.
     """
@@ -159,15 +159,15 @@ def hf_model_types_for(name: str) -> frozenset[str]:
     return frozenset(t for key_set in _KEY_SETS.values() if key_set.rules == own.rules for t in key_set.hf_model_types)
 
 
-def layouts_for_hf_model_type(hf_model_type: str) -> list[str]:
+def key_maps_for_hf_model_type(hf_model_type: str) -> list[str]:
     """The registered layouts that convert a config.json ``model_type`` correctly."""
     return sorted(name for name in _KEY_SETS if hf_model_type in hf_model_types_for(name))
 
 
 def model_types_for_keys(hf_keys: Iterable[str], tied: bool | None = None, hf_model_type: str | None = None) -> list[str]:
-    """The registered model types whose layout names exactly these Hugging Face keys (any number of layers).
+    """The registered model types whose key_map names exactly these Hugging Face keys (any number of layers).
 
-    Several types share one key layout (LLAMA2, LLAMA3, LLAMA3_2 and MISTRAL; a tied checkpoint
+    Several types share one key key_map (LLAMA2, LLAMA3, LLAMA3_2 and MISTRAL; a tied checkpoint
     also looks like GEMMA): all are returned, sorted, unless the config's ``hf_model_type``
     (``"llama"``, ``"gemma"``...) narrows them. ``tied`` (the config's ``tie_word_embeddings``)
     tells whether an ``lm_head.weight`` needs a rule of its own.
@@ -183,12 +183,12 @@ def model_types_for_keys(hf_keys: Iterable[str], tied: bool | None = None, hf_mo
     return sorted(narrowed or matches)
 
 
-def get_layout(model_type: object, config: ModelConfig) -> Layout:
-    """The layout for a torchtune model type (a name like ``"LLAMA3_2"`` or a ``ModelType``)."""
+def get_key_map(model_type: object, config: ModelConfig) -> KeyMap:
+    """The key_map for a torchtune model type (a name like ``"LLAMA3_2"`` or a ``ModelType``)."""
     name = str(getattr(model_type, "name", model_type)).upper()
-    if name not in LAYOUTS:
-        raise CheckpointError(f"model_type {model_type!r} is not supported; choose one of {sorted(LAYOUTS)}")
-    return LAYOUTS[name](config)
+    if name not in KEY_MAPS:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; choose one of {sorted(KEY_MAPS)}")
+    return KEY_MAPS[name](config)
 
 
 # ---- the tables -------------------------------------------------------------------------
@@ -279,13 +279,13 @@ _PHI3 = [
 ]
 
 for _name in ("LLAMA2", "LLAMA3", "LLAMA3_2"):
-    register_layout(_name, _LLAMA, _ROTARY_CACHE, hf_model_types=["llama"])
-register_layout("MISTRAL", _LLAMA, _ROTARY_CACHE, hf_model_types=["mistral"])
-register_layout("GEMMA", [r for r in _LLAMA if r is not _OUTPUT], _ROTARY_CACHE, hf_model_types=["gemma"])
-register_layout("GEMMA2", _GEMMA2, _ROTARY_CACHE, hf_model_types=["gemma2"])
-register_layout("QWEN2", _QWEN2, _ROTARY_CACHE, hf_model_types=["qwen2"])
-register_layout("QWEN3", _QWEN3, _ROTARY_CACHE, hf_model_types=["qwen3"])
-register_layout("PHI3_MINI", _PHI3, _ROTARY_CACHE, hf_model_types=["phi3"])
+    register_key_map(_name, _LLAMA, _ROTARY_CACHE, hf_model_types=["llama"])
+register_key_map("MISTRAL", _LLAMA, _ROTARY_CACHE, hf_model_types=["mistral"])
+register_key_map("GEMMA", [r for r in _LLAMA if r is not _OUTPUT], _ROTARY_CACHE, hf_model_types=["gemma"])
+register_key_map("GEMMA2", _GEMMA2, _ROTARY_CACHE, hf_model_types=["gemma2"])
+register_key_map("QWEN2", _QWEN2, _ROTARY_CACHE, hf_model_types=["qwen2"])
+register_key_map("QWEN3", _QWEN3, _ROTARY_CACHE, hf_model_types=["qwen3"])
+register_key_map("PHI3_MINI", _PHI3, _ROTARY_CACHE, hf_model_types=["phi3"])
 
 
 # ---- LoRA adapters in PEFT's format ----------------------------------------------------------
@@ -298,7 +298,7 @@ def is_adapter_key(tune_key: str) -> bool:
     return any(marker in tune_key for marker in ADAPTER_MARKERS)
 
 
-def adapter_layout(base: Layout) -> Layout:
+def adapter_key_map(base: KeyMap) -> KeyMap:
     """PEFT names for LoRA parameters: derived from the base rules of the wrapped linears.
 
     ``lora_a`` (rank x in) keeps its rows; ``lora_b`` (out x rank) rows are the base weight's
@@ -312,7 +312,7 @@ def adapter_layout(base: Layout) -> Layout:
         tune, hf = rule.tune.removesuffix(".weight"), PEFT_PREFIX + rule.hf.removesuffix(".weight")
         rules.append(Rule(f"{tune}.lora_a.weight", f"{hf}.lora_A.weight"))
         rules.append(Rule(f"{tune}.lora_b.weight", f"{hf}.lora_B.weight", rope=rule.rope))
-    return Layout(f"{base.name} LoRA adapter", rules, base.config)
+    return KeyMap(f"{base.name} LoRA adapter", rules, base.config)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.hf_files import CONFIG_FILE
 from checkpointer.format.safetensors import TensorEntry, TensorSpec
-from checkpointer.mapping.key_maps import LAYOUTS, Layout, hf_model_types_for, layouts_for_hf_model_type
+from checkpointer.mapping.key_maps import KEY_MAPS, KeyMap, hf_model_types_for, key_maps_for_hf_model_type
 
 _MAX_LISTED = 12
 
@@ -34,19 +34,19 @@ def _fail(problems: list[str], what: str) -> None:
         raise CheckpointMismatchError(f"{what}: {len(problems)} problem(s):\n  {listed}{more}")
 
 
-def model_type_problems(layout: Layout, where: str = "") -> list[str]:
-    """A problem when config.json names an architecture that ``layout`` would convert wrongly.
+def model_type_problems(key_map: KeyMap, where: str = "") -> list[str]:
+    """A problem when config.json names an architecture that ``key_map`` would convert wrongly.
 
     Without this check a Llama checkpoint loads as QWEN2 with no error at all (same key
     names, no RoPE permutation), giving a model that silently computes garbage.
     """
-    hf_type = layout.config.model_type
-    choices = layouts_for_hf_model_type(hf_type)
-    if not choices or layout.name not in LAYOUTS or hf_type in hf_model_types_for(layout.name):
-        return []  # a custom model_type, or one this layout serves
+    hf_type = key_map.config.model_type
+    choices = key_maps_for_hf_model_type(hf_type)
+    if not choices or key_map.name not in KEY_MAPS or hf_type in hf_model_types_for(key_map.name):
+        return []  # a custom model_type, or one this key_map serves
     config = f"{where}/{CONFIG_FILE}" if where else f"the base model's {CONFIG_FILE}"
     listed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
-    return [f"{config} has model_type {hf_type!r}, which is not a {layout.name} model: pass model_type={listed}"]
+    return [f"{config} has model_type {hf_type!r}, which is not a {key_map.name} model: pass model_type={listed}"]
 
 
 def _part_offsets(parts: tuple[str, ...], rows: dict[str, int]) -> dict[str, int]:
@@ -58,25 +58,25 @@ def _part_offsets(parts: tuple[str, ...], rows: dict[str, int]) -> dict[str, int
 
 
 def match_for_load(
-    layout: Layout, model_shapes: dict[str, tuple[int, ...]], tensors: dict[str, TensorEntry], where: str
+    key_map: KeyMap, model_shapes: dict[str, tuple[int, ...]], tensors: dict[str, TensorEntry], where: str
 ) -> dict[str, Source]:
     """For each model key, the checkpoint tensor to read; raises on any mismatch.
 
     ``model_shapes`` holds global shapes of the model's tensors; ``tensors`` the
     checkpoint's; ``where`` names the checkpoint in messages.
     """
-    problems: list[str] = model_type_problems(layout, where)
+    problems: list[str] = model_type_problems(key_map, where)
     sources: dict[str, Source] = {}
     used: set[str] = set()
     for key, shape in model_shapes.items():
         try:
-            target = layout.target(key)
+            target = key_map.target(key)
         except CheckpointMismatchError as e:
             problems.append(str(e))
             continue
         hf_key = target.hf_key
-        if hf_key not in tensors and layout.tied.get(hf_key) in tensors and layout.config.tie_word_embeddings:
-            hf_key = layout.tied[hf_key]
+        if hf_key not in tensors and key_map.tied.get(hf_key) in tensors and key_map.config.tie_word_embeddings:
+            hf_key = key_map.tied[hf_key]
         entry = tensors.get(hf_key)
         if entry is None:
             problems.append(f"missing key: {key} (stored as {target.hf_key}) is not in {where}")
@@ -86,7 +86,7 @@ def match_for_load(
         if missing_parts:
             problems.append(f"{entry.file}: {hf_key} also holds {missing_parts}, which the model lacks")
             continue
-        head_dim = layout.config.head_dim
+        head_dim = key_map.config.head_dim
         if target.rule.rope and (not shape or shape[0] % head_dim):
             problems.append(f"{key}: shape {tuple(shape)} is not whole heads of head_dim {head_dim} (config.json)")
             continue
@@ -101,19 +101,19 @@ def match_for_load(
             continue
         sources[key] = Source(entry, offsets[key])
     for hf_key, entry in tensors.items():
-        if hf_key in used or layout.is_ignored(hf_key) or _is_spare_tied_copy(layout, hf_key, tensors):
+        if hf_key in used or key_map.is_ignored(hf_key) or _is_spare_tied_copy(key_map, hf_key, tensors):
             continue
-        known = layout.tune_keys(hf_key)
-        why = f"the model has no {known}" if known else f"{layout.name} does not use it"
+        known = key_map.tune_keys(hf_key)
+        why = f"the model has no {known}" if known else f"{key_map.name} does not use it"
         problems.append(f"unexpected key: {hf_key} in {entry.file} ({why})")
-    _fail(problems, f"the checkpoint at {where} does not match the {layout.name} model")
+    _fail(problems, f"the checkpoint at {where} does not match the {key_map.name} model")
     return sources
 
 
-def _is_spare_tied_copy(layout: Layout, hf_key: str, tensors: dict[str, TensorEntry]) -> bool:
+def _is_spare_tied_copy(key_map: KeyMap, hf_key: str, tensors: dict[str, TensorEntry]) -> bool:
     """lm_head.weight in a tied model's file is a copy of the embedding the model does not need."""
-    return hf_key in layout.tied and layout.tied[hf_key] in tensors and (
-        layout.config.tie_word_embeddings or layout.tune_keys(hf_key) is None
+    return hf_key in key_map.tied and key_map.tied[hf_key] in tensors and (
+        key_map.config.tie_word_embeddings or key_map.tune_keys(hf_key) is None
     )
 
 
@@ -135,15 +135,15 @@ class Destination:
 
 
 def plan_for_save(
-    layout: Layout, model_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    key_map: KeyMap, model_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
 ) -> tuple[dict[str, TensorSpec], dict[str, Destination]]:
     """The HF tensors to write (dtype, global shape) and where each model tensor goes."""
-    problems: list[str] = model_type_problems(layout)
+    problems: list[str] = model_type_problems(key_map)
     specs: dict[str, TensorSpec] = {}
     destinations: dict[str, Destination] = {}
     for key in model_specs:
         try:
-            target = layout.target(key)
+            target = key_map.target(key)
         except CheckpointMismatchError as e:
             problems.append(str(e))
             continue
@@ -162,25 +162,25 @@ def plan_for_save(
         specs[target.hf_key] = TensorSpec(target.hf_key, parts[0][0], shape)
         offsets = _part_offsets(target.parts, {p: model_specs[p][1][0] for p in target.parts})
         destinations[key] = Destination(target.hf_key, offsets[key])
-    _fail(problems, f"the state dict cannot be saved as {layout.name}")
+    _fail(problems, f"the state dict cannot be saved as {key_map.name}")
     return specs, destinations
 
 
 def model_specs_from_checkpoint(
-    layout: Layout, tensors: dict[str, TensorEntry], where: str
+    key_map: KeyMap, tensors: dict[str, TensorEntry], where: str
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """The torchtune tensors (dtype, shape) a checkpoint holds, for loading without a model."""
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    problems: list[str] = model_type_problems(layout, where)
+    problems: list[str] = model_type_problems(key_map, where)
     for hf_key, entry in tensors.items():
-        keys = layout.tune_keys(hf_key)
+        keys = key_map.tune_keys(hf_key)
         if keys is None:
-            if not (layout.is_ignored(hf_key) or _is_spare_tied_copy(layout, hf_key, tensors)):
-                problems.append(f"unexpected key: {hf_key} in {entry.file} ({layout.name} does not use it)")
+            if not (key_map.is_ignored(hf_key) or _is_spare_tied_copy(key_map, hf_key, tensors)):
+                problems.append(f"unexpected key: {hf_key} in {entry.file} ({key_map.name} does not use it)")
             continue
-        if hf_key in layout.tied and layout.config.tie_word_embeddings:
+        if hf_key in key_map.tied and key_map.config.tie_word_embeddings:
             continue
-        rows = [layout.part_rows(k) or entry.shape[0] for k in keys]
+        rows = [key_map.part_rows(k) or entry.shape[0] for k in keys]
         if sum(rows) != entry.shape[0]:
             problems.append(
                 f"shape mismatch: {hf_key} in {entry.file} has {entry.shape[0]} rows but the config's "
@@ -189,5 +189,5 @@ def model_specs_from_checkpoint(
             continue
         for key, n in zip(keys, rows):
             specs[key] = (entry.dtype, (n, *entry.shape[1:]))
-    _fail(problems, f"the checkpoint at {where} does not match {layout.name}")
+    _fail(problems, f"the checkpoint at {where} does not match {key_map.name}")
     return specs
