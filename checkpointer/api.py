@@ -29,7 +29,8 @@ from checkpointer.dcp.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.dcp.staging import StagingBuffers
 from checkpointer.dcp.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
 from checkpointer.errors import CheckpointError, CheckpointFormatError
-from checkpointer.format.file_layout import plan_file_layout
+from checkpointer.format.digests import Digests
+from checkpointer.format.file_layout import FileLayout, plan_file_layout
 from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.format.hf_output import copy_support_files, saved_config, write_index, write_json
@@ -93,8 +94,9 @@ class DistributedHFCheckpointer:
         save_dtype: dtype of saved weights (default: the model's).
         streaming: read remote weights by byte range, each rank only its own shards, instead
             of downloading the files once per node first.
-        verify_checksums: before loading a checkpoint that has a manifest, check the sha256 of
-            every file (each byte hashed once, split across ranks). Sizes are always checked.
+        verify_checksums: before loading a checkpoint that has a manifest, check the digests of
+            every file (xxh3 ranges, or an older manifest's sha256; each byte hashed once, split
+            across ranks, whatever number of ranks saved it). Sizes are always checked.
         async_save: save in the background by default (see ``save_checkpoint``); call
             ``wait()`` before the process ends.
         storage_options: fsspec options for URL locations (e.g. an S3 ``endpoint_url``).
@@ -375,16 +377,18 @@ class DistributedHFCheckpointer:
         adapter_dir = ADAPTER_DIR if weights is not None else ""
         self._hold_output_lock()
         on_rank_zero(lambda: fresh_dir(staging), self.process_group)
+        hashes: Digests = {}  # hashed while written (complete on rank 0), then the rest read back
         try:
             if weights is not None:
-                self.last_save = self._write_weights(weights, weights_plan, staging, name)
+                self.last_save, hashes = self._write_weights(weights, weights_plan, staging, name)
             if adapter is not None:
-                self._write_adapter(adapter, adapter_plan, staging / adapter_dir)
+                hashes |= _prefixed(adapter_dir, self._write_adapter(adapter, adapter_plan, staging / adapter_dir))
             if intermediate_checkpoint:
                 save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
             on_rank_zero(lambda: copy_support_files(folder, staging), self.process_group)
             sizes = files_of(staging)
-            hashes = hash_files(LocalFolder(staging), sizes, self.process_group)
+            written = _written_files(weights_plan[2] if weights is not None else None, adapter_plan[3] if adapter is not None else None, adapter_dir)
+            hashes |= hash_files(LocalFolder(staging), {n: s for n, s in sizes.items() if n not in written}, self.process_group)
         except BaseException:
             if rank(self.process_group) == 0:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -409,7 +413,7 @@ class DistributedHFCheckpointer:
         specs, destinations = plan_for_save(self.key_map, model_specs)
         return specs, destinations, plan_file_layout(specs, self._base_weight_map, self.max_shard_size)
 
-    def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> IOStats:
+    def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> tuple[IOStats, Digests]:
         specs, destinations, file_layout = plan
         config = saved_config(self.config_dict, self.key_map, specs, destinations)
 
@@ -417,8 +421,8 @@ class DistributedHFCheckpointer:
             write_json(folder / CONFIG_FILE, config)
             write_index(folder, file_layout)
 
-        stats = write_hf_tensors(model_state, self.key_map, specs, destinations, file_layout, staging, finish, self.process_group)
-        return IOStats(stats.bytes, stats.seconds, self.destination.describe(name))
+        stats, digests = write_hf_tensors(model_state, self.key_map, specs, destinations, file_layout, staging, finish, self.process_group)
+        return IOStats(stats.bytes, stats.seconds, self.destination.describe(name)), digests
 
     def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]):
         key_map = adapter_key_map(self.key_map)
@@ -434,12 +438,12 @@ class DistributedHFCheckpointer:
         config = peft_adapter_config(sorted(specs), ranks.pop(), alpha, self._base_model_id())
         return key_map, specs, destinations, file_layout, config
 
-    def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path) -> None:
+    def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path) -> Digests:
         key_map, specs, destinations, file_layout, config = plan
         finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
-        write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group)
+        return write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group)[1]
 
-    def _publish(self, staging: Path, name: str, info: dict, card: dict, sizes: dict[str, int], hashes: dict[str, str]) -> None:
+    def _publish(self, staging: Path, name: str, info: dict, card: dict, sizes: dict[str, int], hashes: Digests) -> None:
         seal(staging, info, sizes, hashes)
         failpoint("save:publish")
         self.destination.publish(staging, name, card)
@@ -478,6 +482,16 @@ class DistributedHFCheckpointer:
         except CheckpointError:
             return None
         return {key: entry.file for key, entry in files.tensors.items()}
+
+
+def _written_files(weights: FileLayout | None, adapter: FileLayout | None, adapter_dir: str) -> set[str]:
+    """The safetensors files the writer hashed as it wrote them (every rank knows them from the layouts)."""
+    return set(weights.headers if weights else ()) | set(_prefixed(adapter_dir, adapter.headers if adapter else {}))
+
+
+def _prefixed(folder: str, by_name: dict[str, Any]) -> dict[str, Any]:
+    """``by_name`` with its keys as paths inside subfolder ``folder`` of the checkpoint ("" for its top level)."""
+    return {f"{folder}/{name}" if folder else name: value for name, value in by_name.items()}
 
 
 def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | None:

@@ -75,7 +75,7 @@ class Bad:
     """One corpus entry: how to break a copy of ``start``, and the error it must raise.
 
     ``start`` is "base" (tiny_llama3, written by write_tiny_model: 12 shards and an index) or
-    "saved" (the same saved by checkpointer, with checkpointer.json holding sizes and sha256).
+    "saved" (the same saved by checkpointer, with checkpointer.json holding sizes and digests).
     """
 
     name: str
@@ -486,7 +486,7 @@ CORPUS: list[Bad] = [
     # checkpoints written by checkpointer (with a manifest)
     Bad("truncated_after_manifest", truncated_after_manifest, F, r"<file>: .*truncated", start="saved"),
     Bad("replaced_after_manifest", replaced_after_manifest, F, r"<file>: \d+ bytes, but checkpointer\.json recorded \d+", start="saved"),
-    Bad("bit_flip_with_verify_checksums", bit_flip, F, r"<file>: sha256 .* differs .* the file is corrupt", start="saved"),
+    Bad("bit_flip_with_verify_checksums", bit_flip, F, r"<file>: xxh3_128 .* differs .* the file is corrupt", start="saved"),
     Bad("manifest_not_json", manifest_not_json, F, r"<manifest>: not valid JSON", start="saved"),
     # saving: refused before anything is written
     Bad("save_non_tensor_value", _save_with({"norm.scale": [1.0, 2.0]}), E, r"\['<key>'\] is a list, not a tensor"),

@@ -204,18 +204,18 @@ def test_verify_lists_every_problem_with_its_file_and_key(base, tmp_path, capsys
     assert "'model.layers.9.extra.weight' is assigned to model-00001-of-00012.safetensors but that file lacks it" in out
 
 
-def test_verify_checks_the_manifest_training_state_and_sha256(lora_checkpoint, tmp_path, capsys):
+def test_verify_checks_the_manifest_training_state_and_digests(lora_checkpoint, tmp_path, capsys):
     checkpoint = _copy(lora_checkpoint, tmp_path / "ckpt")
     adapter = checkpoint / "adapter_model.safetensors"
-    digests = sum(1 for f in json.loads((checkpoint / MANIFEST_FILE).read_text())["files"].values() if f["sha256"])
+    digests = sum(1 for f in json.loads((checkpoint / MANIFEST_FILE).read_text())["files"].values() if f.get("xxh3_128") or f.get("sha256"))
     assert run(capsys, "verify", checkpoint, "--full")[0] == 0
     data = bytearray(adapter.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit in the tensor data: headers and sizes still agree
     adapter.write_bytes(bytes(data))
     code, _, err = run(capsys, "verify", checkpoint)
-    assert code == 0 and f"sha256 digests of {digests} file(s): checked with --full" in err
+    assert code == 0 and f"digests of {digests} file(s): checked with --full" in err
     code, out, _ = run(capsys, "verify", checkpoint, "--full")
-    assert code == 1 and "adapter_model.safetensors: sha256" in out
+    assert code == 1 and "adapter_model.safetensors: xxh3_128" in out
 
     tokenizer = checkpoint / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text() + " ")

@@ -13,8 +13,9 @@ from checkpointer.cli.dcp_export import PICKLED_METADATA, has_dcp
 from checkpointer.dcp.storage_reader import read_tensor
 from checkpointer.dcp.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
 from checkpointer.errors import CheckpointError
+from checkpointer.format.digests import mismatch, units_to_verify
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, scan_checkpoint_files
-from checkpointer.format.manifest import MANIFEST_FILE, recorded_files, sha256_of
+from checkpointer.format.manifest import MANIFEST_FILE, recorded_files
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_FILE, lora_scale
 from checkpointer.runtime.progress import byte_bar
 
@@ -163,14 +164,15 @@ def _check_sizes(checkpoint: Checkpoint, manifest: dict[str, Any], findings: Fin
             findings.problems.append(f"{checkpoint.describe(path)}: missing: {MANIFEST_FILE} lists it")
         elif record.size is not None and size != record.size:
             findings.problems.append(f"{checkpoint.describe(path)}: {size} bytes, but {MANIFEST_FILE} records {record.size}")
-    digests = sum(1 for r in records.values() if r.sha256)
+    digests = sum(1 for r in records.values() if r.has_digests)
     if digests and not full:
-        findings.notes.append(f"{MANIFEST_FILE} records sha256 digests of {digests} file(s): checked with --full")
+        findings.notes.append(f"{MANIFEST_FILE} records digests of {digests} file(s): checked with --full")
 
 
 def _read_everything(checkpoint: Checkpoint, weight_sets: list[WeightSet], manifest: dict[str, Any], findings: Findings) -> None:
-    """--full: files with a recorded sha256 are hashed; every other weight file is read tensor by tensor."""
-    digests = {p: r.sha256 for p, r in recorded_files(manifest).items() if r.sha256 and p in checkpoint.files}
+    """--full: files with recorded digests are hashed; every other weight file is read tensor by tensor."""
+    recorded = recorded_files(manifest)
+    digests = {p: manifest["files"][p] for p, r in recorded.items() if r.has_digests and p in checkpoint.files}
     to_read = [(s, name) for s in weight_sets for name in s.files.files if s.prefix + name not in digests]
     total = sum(checkpoint.files[p] for p in digests) + sum(s.files.headers[n].file_size for s, n in to_read)
     with byte_bar(total, f"verify {checkpoint.describe()}") as bar:
@@ -180,17 +182,19 @@ def _read_everything(checkpoint: Checkpoint, weight_sets: list[WeightSet], manif
             _read_tensors(weight_set, name, findings, bar)
 
 
-def _check_digest(checkpoint: Checkpoint, path: str, expected: str, findings: Findings, bar: tqdm) -> None:
+def _check_digest(checkpoint: Checkpoint, path: str, record: dict[str, Any], findings: Findings, bar: tqdm) -> None:
+    """The file's xxh3 ranges (or older sha256) against the manifest; the first range that differs is a problem."""
     folder, name = checkpoint.reader(path)
     try:
-        actual = sha256_of(folder, name)
+        for unit in units_to_verify(folder, name, record, checkpoint.files[path]):
+            actual = unit.hash(folder)
+            findings.bytes_read += unit.length
+            bar.update(unit.length)
+            if actual != unit.expected:
+                findings.problems.append(mismatch(folder, unit, actual))
+                return
     except CheckpointError as e:
         findings.problems.append(str(e))
-        return
-    findings.bytes_read += checkpoint.files[path]
-    bar.update(checkpoint.files[path])
-    if actual != expected.lower():
-        findings.problems.append(f"{checkpoint.describe(path)}: sha256 {actual} differs from {MANIFEST_FILE}'s {expected}: the file is corrupt or was replaced")
 
 
 def _read_tensors(weight_set: WeightSet, name: str, findings: Findings, bar: tqdm) -> None:

@@ -16,6 +16,7 @@ from checkpointer.dcp.load_planner import HFLoadPlanner
 from checkpointer.dcp.save_planner import HFSavePlanner
 from checkpointer.dcp.storage_reader import SafetensorsReader
 from checkpointer.dcp.storage_writer import SafetensorsWriter
+from checkpointer.format.digests import Digests
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorSpec
@@ -65,8 +66,12 @@ def write_hf_tensors(
     folder: Path,
     finish: Callable[[Path], None],
     group: dist.ProcessGroup | None,
-) -> IOStats:
-    """Write ``state_dict`` into the files ``file_layout`` describes, in ``folder``; ``finish`` runs last on rank 0."""
+) -> tuple[IOStats, Digests]:
+    """Write ``state_dict`` into the files ``file_layout`` describes, in ``folder``; ``finish`` runs last on rank 0.
+
+    Returns this rank's stats and, on rank 0, the digests of every file written (computed
+    from memory by the ranks that wrote each box; empty on the other ranks).
+    """
     writer, started = SafetensorsWriter(folder, file_layout, finish), time.perf_counter()
     with quiet_dcp(), dcp_errors(group), torch.no_grad():
         dcp.save(
@@ -76,4 +81,4 @@ def write_hf_tensors(
             process_group=group,
             no_dist=not is_distributed(),
         )
-    return IOStats(writer.bytes_written, time.perf_counter() - started, str(folder))
+    return IOStats(writer.bytes_written, time.perf_counter() - started, str(folder)), writer.digests

@@ -8,9 +8,12 @@ rarely write into the same file at once (buffered writes to one file serialize o
 inode lock); writeback of each box is started as soon as it is written (Linux
 ``sync_file_range``), so the final fsync mostly finds it done. A box whose rows are
 scattered in memory (the transposed views of RoPE-permuted q/k heads) is written row by
-row with ``pwritev``, straight from the shard, without a contiguous copy. ``finish`` runs
-on the coordinator once every rank has written (it writes the index). There are no
-per-rank files and no consolidation pass: each byte is written once.
+row with ``pwritev``, straight from the shard, without a contiguous copy. Each rank hashes
+every box from the memory it writes it from (xxh3, :mod:`checkpointer.format.digests`) and
+returns the digest with the box's write result; ``finish`` runs on the coordinator once
+every rank has written: it gathers the digests (:attr:`SafetensorsWriter.digests`, which
+must tile every file) and writes the index. There are no per-rank files, no consolidation
+pass and no read-back: each byte is written once and never read again.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.futures import Future
 
 from checkpointer.dcp.storage_reader import tensor_bytes
 from checkpointer.errors import CheckpointError
+from checkpointer.format.digests import Digests, check_tiling, digest_of
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.safetensors import TensorEntry
 from checkpointer.runtime.failpoints import failpoint
@@ -72,9 +76,11 @@ class SafetensorsWriter(StorageWriter):
         self.is_coordinator = False
         self.rank = 0
         self.bytes_written = 0
+        self.digests: Digests = {}  # on the coordinator, after finish: every file's ranges
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.bytes_written = 0
+        self.digests = {}
 
     def set_up_storage_writer(self, is_coordinator: bool, *args, **kwargs) -> None:
         self.is_coordinator = is_coordinator
@@ -109,8 +115,9 @@ class SafetensorsWriter(StorageWriter):
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
         offset = box_offset(entry, tuple(item.index.offset), data.numel())
+        pieces = byte_runs(data)
         try:
-            written = _pwritev_all(fds[entry.file], byte_runs(data), offset)
+            written = _pwritev_all(fds[entry.file], pieces, offset)
         except OSError as e:
             hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
             raise CheckpointError(
@@ -119,9 +126,10 @@ class SafetensorsWriter(StorageWriter):
             ) from e
         _start_writeback(fds[entry.file], offset, written)
         self.bytes_written += written
-        return WriteResult(index=item.index, size_in_bytes=written, storage_data=None)
+        return WriteResult(index=item.index, size_in_bytes=written, storage_data=(entry.file, offset, written, digest_of(pieces)))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        self.digests = file_digests(self.layout, [r.storage_data for rank_results in results for r in rank_results])
         self.on_finish(self.folder)
 
     def storage_meta(self):
@@ -130,6 +138,18 @@ class SafetensorsWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return False
+
+
+def file_digests(layout: FileLayout, boxes: list[tuple[str, int, int, str]]) -> Digests:
+    """Every file's ranges: its header (hashed from the layout) and each written box (hashed by its writer)."""
+    ranges: Digests = {name: [(0, len(header), digest_of([header]))] for name, header in layout.headers.items()}
+    for file, offset, length, digest in boxes:
+        if length:
+            ranges[file].append((offset, length, digest))
+    try:
+        return {name: check_tiling(name, found, layout.sizes[name]) for name, found in ranges.items()}
+    except CheckpointError as e:
+        raise CheckpointError(f"the written boxes do not cover every byte of their file (a planning bug): {e}") from None
 
 
 def _rotated(files: list[str], rank: int) -> dict[str, int]:

@@ -1,21 +1,22 @@
 """``checkpointer.json``: written last into every checkpoint; its presence means the checkpoint is whole.
 
 It records what the checkpoint holds (weights, adapter, training state), when and how it
-was made, and every other file with its size and sha256. The hashes are computed right
-after the ranks wrote the files, each file by one rank (balanced by size), so hashing
-costs one parallel read of the checkpoint, mostly from the page cache.
+was made, and every other file with its size and its digests: xxh3_128 ranges tiling the
+file (:mod:`checkpointer.format.digests`), hashed from memory by the ranks that wrote the
+weights and read back only for the small files other code wrote (and training state).
+Manifests written before record one sha256 per file instead; both verify.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.digests import ALGORITHM, LEGACY_ALGORITHM, Digests, Range
 from checkpointer.format.folder import Folder, local_files
 
 MANIFEST_FILE = "checkpointer.json"
@@ -24,34 +25,15 @@ MANIFEST_FILE = "checkpointer.json"
 FORMAT_VERSION = 1
 
 
-_READ_CHUNK = 4 * 2**20
-
-
 def files_of(folder: Path) -> dict[str, int]:
     """Every file under ``folder`` (relative POSIX path -> size), the manifest excluded."""
     return {name: size for name, size in local_files(folder).items() if name.rsplit("/", 1)[-1] != MANIFEST_FILE}
 
 
-def hash_chunks(read_into: Callable[[int, memoryview], Any], size: int, digest: Any) -> str:
-    """Feed ``digest`` ``size`` bytes, read in chunks into one reused buffer (no copies, no growth); its hex digest."""
-    buffer, offset = memoryview(bytearray(min(_READ_CHUNK, size))), 0
-    while offset < size:
-        chunk = buffer[: min(len(buffer), size - offset)]
-        read_into(offset, chunk)
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.hexdigest()
-
-
-def sha256_of(folder: Folder, name: str) -> str:
-    """The sha256 of one file of a folder."""
-    return hash_chunks(lambda offset, chunk: folder.read_into(name, offset, chunk), folder.size(name), hashlib.sha256())
-
-
-def write_manifest(folder: Path, info: dict[str, Any], sizes: dict[str, int], hashes: dict[str, str]) -> dict[str, Any]:
-    """Write the manifest of ``folder``, whose files are ``sizes`` (``info`` adds name, epoch, step, contents...)."""
+def write_manifest(folder: Path, info: dict[str, Any], sizes: dict[str, int], digests: Digests) -> dict[str, Any]:
+    """Write the manifest of ``folder``, whose files are ``sizes`` with ``digests`` (``info`` adds name, epoch, step...)."""
     now = time.time_ns()
-    files = {name: {"size": size, "sha256": hashes.get(name)} for name, size in sizes.items()}
+    files = {name: {"size": size, ALGORITHM: [list(r) for r in digests.get(name, [])]} for name, size in sizes.items()}
     manifest = {
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
@@ -93,22 +75,28 @@ def check_against_manifest(folder: Folder, manifest: dict[str, Any], names: list
 
 @dataclass(frozen=True)
 class FileRecord:
-    """What a manifest says of one file: its size and, when recorded, its sha256 (hex)."""
+    """What a manifest says of one file: its size and, when recorded, its xxh3 ranges or (older manifests) its sha256."""
 
     size: int | None
     sha256: str | None = None
+    ranges: tuple[Range, ...] | None = None
+
+    @property
+    def has_digests(self) -> bool:
+        return bool(self.sha256) or self.ranges is not None
 
 
 def recorded_files(manifest: dict[str, Any]) -> dict[str, FileRecord]:
     """The files a manifest lists (relative path -> record), one process.
 
-    ``files`` maps each path to ``{"size": ..., "sha256": ...}``; manifests written before
-    digests were recorded map it to the size alone.
+    ``files`` maps each path to ``{"size": ..., "xxh3_128": [[offset, length, digest], ...]}``;
+    older manifests record ``"sha256"`` instead, and the oldest the size alone.
     """
     records = {}
     for path, value in (manifest.get("files") or {}).items():
         info = value if isinstance(value, dict) else {"size": value}
-        size = info.get("size")
-        records[path] = FileRecord(size if isinstance(size, int) else None, info.get("sha256"))
+        size, ranges = info.get("size"), info.get(ALGORITHM)
+        ranges = tuple(tuple(r) for r in ranges) if isinstance(ranges, list) and all(isinstance(r, list) for r in ranges) else None
+        records[path] = FileRecord(size if isinstance(size, int) else None, info.get(LEGACY_ALGORITHM), ranges)
     return records
 

@@ -31,9 +31,10 @@ from huggingface_hub.utils import build_hf_headers, http_backoff
 
 from checkpointer.dcp.training_state import TRAINING_STATE_DIR
 from checkpointer.errors import CheckpointError, CheckpointFormatError
+from checkpointer.format.digests import hash_chunks
 from checkpointer.format.folder import Folder, LocalFolder, check_relative_name, local_files
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
-from checkpointer.format.manifest import MANIFEST_FILE, hash_chunks
+from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.format.model_card import CARD_MARKER, model_card
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR
 from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero

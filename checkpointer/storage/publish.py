@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer.errors import CheckpointError
+from checkpointer.format.digests import Digests
 from checkpointer.format.manifest import MANIFEST_FILE, write_manifest
 
 
@@ -39,7 +40,7 @@ def make_readable_not_writable(folder: Path) -> None:
     folder.chmod(0o755)
 
 
-def seal(folder: Path, info: dict[str, Any], sizes: dict[str, int], hashes: dict[str, str]) -> None:
+def seal(folder: Path, info: dict[str, Any], sizes: dict[str, int], hashes: Digests) -> None:
     """Finish a written folder: its manifest last, then read-only and flushed to stable storage."""
     write_manifest(folder, info, sizes, hashes)
     make_readable_not_writable(folder)

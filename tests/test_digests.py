@@ -1,0 +1,103 @@
+"""Integrity digests hashed while writing: what the manifest records, and verification on any rank count."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import xxhash
+from crash_workers import try_to_save
+from dist_workers import case, load_expecting_errors
+
+from checkpointer import DistributedHFCheckpointer
+from checkpointer.cli import main as cli_main
+from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.testing.multiprocess import run_on_ranks
+
+MODEL = "LLAMA3"
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def _writable_copy(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to)
+    for path in [to, *to.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return to
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("model*.safetensors"))
+
+
+def test_every_file_is_tiled_by_ranges_whose_digests_are_its_bytes(saved_llama3):
+    files = _manifest(saved_llama3)["files"]
+    assert set(files) == {p.relative_to(saved_llama3).as_posix() for p in saved_llama3.rglob("*") if p.name != MANIFEST_FILE}
+    for name, record in files.items():
+        data = (saved_llama3 / name).read_bytes()
+        ranges = record["xxh3_128"]
+        assert [o for o, _, _ in ranges] == [0] + [o + n for o, n, _ in ranges[:-1]] and sum(n for _, n, _ in ranges) == len(data)
+        assert all(xxhash.xxh3_128(data[o : o + n]).hexdigest() == d for o, n, d in ranges), name
+    for path in _weight_files(saved_llama3):  # the header is hashed apart from the tensors the ranks wrote
+        header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+        assert files[path.name]["xxh3_128"][0][:2] == [0, header] and len(files[path.name]["xxh3_128"]) > 1
+
+
+def test_a_checkpoint_saved_on_2_ranks_verifies_on_1_and_3_and_a_flipped_byte_is_found_on_every_rank(tiny_llama3, saved_llama3, tmp_path):
+    saved_2 = Path(run_on_ranks(try_to_save, 2, str(tiny_llama3), str(tmp_path / "w2"), MODEL, timeout=180)[0])
+    ranges_1, ranges_2 = (_manifest(p)["files"][_weight_files(p)[0].name]["xxh3_128"] for p in (saved_llama3, saved_2))
+    assert len(ranges_2) > len(ranges_1)  # each rank hashed its own boxes: the ranges follow the saving world
+    DistributedHFCheckpointer(saved_2, tmp_path / "unused", MODEL, verify_checksums=True).load_checkpoint()  # W = 1
+
+    corrupt = _writable_copy(saved_2, tmp_path / "corrupt")
+    victim = _weight_files(corrupt)[-1]
+    _flip_last_byte(victim)
+    cases = [case(n, MODEL, folder, tmp_path / "unused", verify_checksums=True) for n, folder in [("w1", saved_llama3), ("w2", saved_2), ("bad", corrupt)]]
+    messages = run_on_ranks(load_expecting_errors, 3, cases, timeout=180)
+    assert all(m["w1"] == "no error" and m["w2"] == "no error" for m in messages), messages
+    size = victim.stat().st_size
+    for m in messages:
+        assert f"{victim}: xxh3_128 " in m["bad"] and f"..{size} differs from" in m["bad"] and "the file is corrupt" in m["bad"], m["bad"]
+
+
+def _legacy(folder: Path) -> None:
+    """Rewrite the manifest as checkpoints before range digests were: one sha256 per file."""
+    manifest = _manifest(folder)
+    for name, record in manifest["files"].items():
+        manifest["files"][name] = {"size": record["size"], "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_older_manifests_with_one_sha256_per_file_still_verify(saved_llama3, tmp_path, capsys):
+    legacy = _writable_copy(saved_llama3, tmp_path / "legacy")
+    _legacy(legacy)
+    DistributedHFCheckpointer(legacy, tmp_path / "unused", MODEL, verify_checksums=True).load_checkpoint()
+    assert cli_main(["verify", str(legacy), "--full"]) == 0
+    _flip_last_byte(_weight_files(legacy)[0])
+    with pytest.raises(CheckpointFormatError, match=r"model-00001-of-00012.safetensors: sha256 .* differs .* the file is corrupt"):
+        DistributedHFCheckpointer(legacy, tmp_path / "unused", MODEL, verify_checksums=True).load_checkpoint()
+    capsys.readouterr()
+    assert cli_main(["verify", str(legacy), "--full"]) == 1
+    assert "model-00001-of-00012.safetensors: sha256" in capsys.readouterr().out
+
+
+def test_digests_that_leave_bytes_unchecked_are_refused(saved_llama3, tmp_path):
+    holes = _writable_copy(saved_llama3, tmp_path / "holes")
+    manifest, name = _manifest(holes), _weight_files(holes)[0].name
+    manifest["files"][name]["xxh3_128"].pop(1)  # a careless (or careful) editor drops the range of one tensor
+    (holes / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointFormatError, match=rf"{name}: the digests cover \d+ bytes of \d+"):
+        DistributedHFCheckpointer(holes, tmp_path / "unused", MODEL, verify_checksums=True).load_checkpoint()
