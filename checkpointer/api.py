@@ -28,7 +28,14 @@ from torch import nn
 from checkpointer.dcp.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.dcp.staging import StagingBuffers
 from checkpointer.dcp.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
-from checkpointer.errors import CheckpointError, CheckpointFormatError
+from checkpointer.errors import (
+    CheckpointArgumentError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointUnsupportedError,
+)
 from checkpointer.format.digests import Digests
 from checkpointer.format.file_layout import FileLayout, plan_file_layout
 from checkpointer.format.folder import Folder, LocalFolder
@@ -68,7 +75,7 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     name = str(value).removeprefix("torch.")
     dtype = SAVE_DTYPES.get(name) or getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"save_dtype {value!r} is not a dtype (use fp32, bf16 or fp16)")
+        raise CheckpointArgumentError(f"save_dtype {value!r} is not a dtype (use fp32, bf16 or fp16)", key="save_dtype")
     return dtype
 
 
@@ -125,9 +132,9 @@ class DistributedHFCheckpointer:
         **unused: Any,
     ):
         if not safe_serialization:
-            raise CheckpointError("safe_serialization=False is not supported: weights are only saved as safetensors")
+            raise CheckpointUnsupportedError("safe_serialization=False is not supported: weights are only saved as safetensors", key="safe_serialization")
         if keep_last_n_checkpoints is not None and int(keep_last_n_checkpoints) < 1:
-            raise CheckpointError(f"keep_last_n_checkpoints={keep_last_n_checkpoints}: must be at least 1")
+            raise CheckpointArgumentError(f"keep_last_n_checkpoints={keep_last_n_checkpoints}: must be at least 1", key="keep_last_n_checkpoints")
         options = dict(storage_options or {})
         self.source = make_location(checkpoint_dir, "checkpoint_dir", options)
         self.destination = make_location(output_dir, "output_dir", options, private=hub_private)
@@ -284,7 +291,7 @@ class DistributedHFCheckpointer:
         """Load a PEFT adapter (``adapter_model.safetensors``) at ``location`` into ``model``'s LoRA parameters."""
         adapter = adapter_state_dict(model)
         if not adapter:
-            raise CheckpointError(f"load_adapter: the model has no LoRA parameters to load {location} into")
+            raise CheckpointMismatchError(f"load_adapter: the model has no LoRA parameters to load {location} into", url=str(location))
         folder = make_location(location, "location").open(self.process_group, self.streaming, [ADAPTER_FILE])
         self._read_adapter(adapter, folder)
 
@@ -369,7 +376,7 @@ class DistributedHFCheckpointer:
         adapter = state_dict.get(ADAPTER_KEY)
         training = {k: v for k, v in state_dict.items() if k not in (MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG_KEY)}
         if weights is None and adapter is None:
-            raise CheckpointError(f"save_checkpoint: nothing to save: no {MODEL_KEY!r} or {ADAPTER_KEY!r} in {sorted(state_dict)}")
+            raise CheckpointArgumentError(f"save_checkpoint: nothing to save: no {MODEL_KEY!r} or {ADAPTER_KEY!r} in {sorted(state_dict)}", key="state_dict")
         folder = self.source_folder
         weights_plan = on_all_ranks(lambda: self._plan_weights(weights), self.process_group) if weights is not None else None
         adapter_plan = on_all_ranks(lambda: self._plan_adapter(adapter, state_dict), self.process_group) if adapter is not None else None
@@ -431,9 +438,10 @@ class DistributedHFCheckpointer:
         ranks = {s.shape[0] for k, s in specs.items() if k.endswith("lora_A.weight")}
         alpha = (state_dict.get(ADAPTER_CONFIG_KEY) or {}).get("lora_alpha")
         if len(ranks) != 1 or alpha is None:
-            raise CheckpointError(
+            raise CheckpointArgumentError(
                 f"save_checkpoint: an adapter needs one LoRA rank (found {sorted(ranks)}) and "
-                f"state_dict[{ADAPTER_CONFIG_KEY!r}]['lora_alpha']"
+                f"state_dict[{ADAPTER_CONFIG_KEY!r}]['lora_alpha']",
+                key=ADAPTER_CONFIG_KEY,
             )
         config = peft_adapter_config(sorted(specs), ranks.pop(), alpha, self._base_model_id())
         return key_map, specs, destinations, file_layout, config
@@ -503,7 +511,7 @@ def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | Non
         return [checkpoint_files["filename_format"].format(str(i).zfill(5), str(count).zfill(5)) for i in range(1, count + 1)]
     if hasattr(checkpoint_files, "__iter__"):  # omegaconf ListConfig
         return [str(f) for f in checkpoint_files] or None
-    raise CheckpointError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names")
+    raise CheckpointArgumentError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names", key="checkpoint_files")
 
 
 _MAX_CONFIG_BYTES = 16 * 2**20  # real configs are a few KB
@@ -511,18 +519,19 @@ _MAX_CONFIG_BYTES = 16 * 2**20  # real configs are a few KB
 
 def _read_config(folder: Folder) -> ModelConfig:
     if not folder.exists(CONFIG_FILE):
-        raise CheckpointFormatError(f"{folder.describe(CONFIG_FILE)}: missing; the model's dimensions come from it")
+        raise CheckpointNotFoundError(f"{folder.describe(CONFIG_FILE)}: missing; the model's dimensions come from it", file=folder.describe(CONFIG_FILE))
     size = folder.size(CONFIG_FILE)
     if size > _MAX_CONFIG_BYTES:
-        raise CheckpointFormatError(f"{folder.describe(CONFIG_FILE)}: {size} bytes is too large for a config.json")
+        raise CheckpointFormatError(f"{folder.describe(CONFIG_FILE)}: {size} bytes is too large for a config.json", file=folder.describe(CONFIG_FILE))
     return ModelConfig.from_json(folder.read(CONFIG_FILE, 0, size), folder.describe(CONFIG_FILE))
 
 
 def _check_materialized(state_dict: dict[str, Any]) -> None:
     meta = [key for key, value in state_dict.items() if isinstance(value, torch.Tensor) and value.is_meta]
     if meta:
-        raise CheckpointError(
-            f"{len(meta)} model tensors are on the meta device (e.g. {meta[0]}): call model.to_empty(device=...) first"
+        raise CheckpointArgumentError(
+            f"{len(meta)} model tensors are on the meta device (e.g. {meta[0]}): call model.to_empty(device=...) first",
+            key=meta[0],
         )
 
 

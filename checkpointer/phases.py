@@ -61,4 +61,4 @@ def verify_hashes(folder: Folder, manifest: dict[str, Any], names: list[str], gr
     bad = [(unit, digest) for unit, digest in zip(units, actual) if digest != unit.expected]
     if bad:
         more = len({unit.name for unit, _ in bad} - {bad[0][0].name})
-        raise CheckpointFormatError(mismatch(folder, *bad[0]) + (f" (and {more} more files)" if more else ""))
+        raise CheckpointFormatError(mismatch(folder, *bad[0]) + (f" (and {more} more files)" if more else ""), file=folder.describe(bad[0][0].name))

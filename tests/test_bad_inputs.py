@@ -28,7 +28,14 @@ from safetensors.torch import load_file, save_file
 from safetensors_files import write_raw
 
 from checkpointer import DistributedHFCheckpointer
-from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError
+from checkpointer.errors import (
+    CheckpointAccessError,
+    CheckpointArgumentError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.format.model_config import ModelConfig
@@ -443,7 +450,7 @@ def bad_token(folder: Path, ws: Workspace) -> Broken:
     return Broken(f"hf://{ws.hub_repo}", {"repo": ws.hub_repo}, env={"HF_TOKEN": BAD_TOKEN})
 
 
-F, M, E = CheckpointFormatError, CheckpointMismatchError, CheckpointError
+F, M, A, N = CheckpointFormatError, CheckpointMismatchError, CheckpointArgumentError, CheckpointNotFoundError
 CORPUS: list[Bad] = [
     # safetensors files
     Bad("truncated_shard", truncated_shard, F, r"<file>: tensor '<key>' .*truncated"),
@@ -467,7 +474,7 @@ CORPUS: list[Bad] = [
     Bad("index_names_absolute", _index_naming(lambda ws: str(ws.outside / "x.safetensors")), F, r"<index>: file name '<name>' is not a relative path.*only name files inside it"),
     Bad("shard_symlink_outside", shard_symlink_outside, F, r"<file>: a symlink leading outside .*<outside>.*copy the file in"),
     Bad("shard_symlink_loop", shard_symlink_loop, F, r"<file>: cannot be resolved \(.*loop.*\); replace it with the file"),
-    Bad("missing_shard", missing_shard, F, r"<file>: missing: model.safetensors.index.json names this shard"),
+    Bad("missing_shard", missing_shard, N, r"<file>: missing: model.safetensors.index.json names this shard"),
     Bad("key_in_two_shards", key_in_two_shards, F, r"tensor '<key>' is in both <first> and <second>: .*copy or download them again"),
     Bad("index_key_missing_from_file", index_key_missing_from_file, F, r"<index>: tensor '<key>' is assigned to <shard> but that file lacks it; .*copy or download them again"),
     # the checkpoint against the model
@@ -476,7 +483,7 @@ CORPUS: list[Bad] = [
     Bad("shape_mismatch", shape_mismatch, M, r"shape mismatch: <tune_key> has shape <model_shape> in the model but <key> in <shard> has <file_shape>"),
     Bad("wrong_model_type", wrong_model_type, M, r"<config> has model_type '<hf_type>', which is not a QWEN2 model: pass model_type=.*<right>"),
     # config.json
-    Bad("missing_config", missing_config, F, r"<config>: missing"),
+    Bad("missing_config", missing_config, N, r"<config>: missing"),
     Bad("config_not_json", config_not_json, F, r"<config>: not valid JSON"),
     Bad("config_missing_field", config_missing_field, F, r"<config>: required field 'hidden_size' is missing"),
     Bad("config_zero_heads", _config_with(num_attention_heads=0), F, r"<config>: num_attention_heads is 0; it must be a positive integer"),
@@ -489,16 +496,16 @@ CORPUS: list[Bad] = [
     Bad("bit_flip_with_verify_checksums", bit_flip, F, r"<file>: xxh3_128 .* differs .* the file is corrupt", start="saved"),
     Bad("manifest_not_json", manifest_not_json, F, r"<manifest>: not valid JSON", start="saved"),
     # saving: refused before anything is written
-    Bad("save_non_tensor_value", _save_with({"norm.scale": [1.0, 2.0]}), E, r"\['<key>'\] is a list, not a tensor"),
+    Bad("save_non_tensor_value", _save_with({"norm.scale": [1.0, 2.0]}), A, r"\['<key>'\] is a list, not a tensor"),
     Bad("save_unknown_key", _save_with({"extra.weight": torch.zeros(2)}), M, r"no Hugging Face name is known for torchtune key '<key>'"),
     Bad("save_wrong_model_type", save_wrong_model_type, M, r"config\.json has model_type '<hf_type>', which is not a QWEN2 model"),
     # locations
-    Bad("url_missing_slash", _location("s3:/x"), E, r"checkpoint_dir='<source>': did you mean s3://"),
-    Bad("url_unknown_scheme", _location(output_dir="nosuchproto://bucket/runs"), E, r"output_dir='<output>': fsspec knows no protocol 'nosuchproto'"),
-    Bad("url_hub_without_namespace", _location("hf://repo"), E, r"checkpoint_dir='<source>': expected hf://"),
-    Bad("hub_missing_repo", _location("hf://tester/no-such-repo"), E, r"<source>: repository tester/no-such-repo not found"),
-    Bad("hub_missing_revision", _location("hf://{repo}@no-such-revision"), E, r"revision 'no-such-revision' not found in <repo>: name an existing branch, tag or commit"),
-    Bad("hub_bad_token", bad_token, E, r"not authorized \(401\): set HF_TOKEN"),
+    Bad("url_missing_slash", _location("s3:/x"), A, r"checkpoint_dir='<source>': did you mean s3://"),
+    Bad("url_unknown_scheme", _location(output_dir="nosuchproto://bucket/runs"), A, r"output_dir='<output>': fsspec knows no protocol 'nosuchproto'"),
+    Bad("url_hub_without_namespace", _location("hf://repo"), A, r"checkpoint_dir='<source>': expected hf://"),
+    Bad("hub_missing_repo", _location("hf://tester/no-such-repo"), N, r"<source>: repository tester/no-such-repo not found"),
+    Bad("hub_missing_revision", _location("hf://{repo}@no-such-revision"), N, r"revision 'no-such-revision' not found in <repo>: name an existing branch, tag or commit"),
+    Bad("hub_bad_token", bad_token, CheckpointAccessError, r"not authorized \(401\): set HF_TOKEN"),
 ]
 
 

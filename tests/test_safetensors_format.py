@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from safetensors_files import write_raw
 
 from checkpointer.dcp.storage_reader import tensor_bytes
-from checkpointer.errors import CheckpointFormatError
+from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError
 from checkpointer.format.file_layout import parse_size, plan_file_layout
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_header
@@ -95,8 +95,9 @@ def test_sizes_follow_hugging_face_units():
     assert parse_size("20KB") == 20_000
     assert parse_size("1GiB") == 2**30
     assert parse_size(123) == 123
-    with pytest.raises(Exception, match="max_shard_size"):
+    with pytest.raises(CheckpointArgumentError, match="max_shard_size") as info:
         parse_size("five gigs")
+    assert isinstance(info.value, ValueError) and info.value.key == "max_shard_size"
 
 
 def test_file_layout_follows_the_base_weight_map_or_splits_by_size():

@@ -25,7 +25,7 @@ import torch
 from places import upload_to_hub
 from saves import save_steps
 
-from checkpointer import CheckpointError, CheckpointFormatError, DistributedHFCheckpointer
+from checkpointer import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, DistributedHFCheckpointer
 from checkpointer.dcp.training_state import METADATA_FILE, TRAINING_STATE_DIR
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.train.builders import build_model_from_dir
@@ -135,7 +135,7 @@ def test_a_pickled_metadata_file_is_never_read(resumable: Path, tiny_llama3: Pat
     (folder / ".metadata").write_bytes(pickle.dumps(_CreatesMarker(marker)))
     assert _resume(tiny_llama3, resumable)["progress"]["step"] == 3
     (folder / METADATA_FILE).unlink()
-    with pytest.raises(CheckpointFormatError, match=f"{METADATA_FILE}: missing: this is not a checkpointer training state"):
+    with pytest.raises(CheckpointNotFoundError, match=f"{METADATA_FILE}: missing: this is not a checkpointer training state"):
         _resume(tiny_llama3, resumable)
     assert not marker.exists(), "the pickled .metadata was unpickled"
     pickle.loads((folder / ".metadata").read_bytes())

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from checkpointer.errors import CheckpointError, CheckpointFormatError
+from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.format.manifest import MANIFEST_FILE, files_of, parse_manifest
@@ -132,12 +132,12 @@ class Checkpoint:
         try:
             return json.loads(self.read_bytes(path))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFormatError(f"{self.describe(path)}: not valid JSON ({e})") from None
+            raise CheckpointFormatError(f"{self.describe(path)}: not valid JSON ({e})", file=self.describe(path)) from None
 
     def config(self) -> dict[str, Any] | None:
         config = self.read_json(CONFIG_FILE)
         if config is not None and not isinstance(config, dict):
-            raise CheckpointFormatError(f"{self.describe(CONFIG_FILE)}: not a JSON object")
+            raise CheckpointFormatError(f"{self.describe(CONFIG_FILE)}: not a JSON object", file=self.describe(CONFIG_FILE))
         return config
 
     def manifest(self) -> dict[str, Any] | None:
@@ -155,9 +155,10 @@ class Checkpoint:
     def weights(self) -> CheckpointFiles:
         """The Hugging Face weights, headers validated (raises at the first problem)."""
         if not self.has_weights:
-            raise CheckpointError(
+            raise CheckpointNotFoundError(
                 f"{self.describe()}: no Hugging Face weights here (no {INDEX_FILE} or {SINGLE_FILE}): check the path; "
-                "a checkpoint holding only an adapter becomes weights with `checkpointer export`"
+                "a checkpoint holding only an adapter becomes weights with `checkpointer export`",
+                url=self.describe(),
             )
         return read_checkpoint_files(self.folder)
 
@@ -167,9 +168,10 @@ class Checkpoint:
             return self.weights()
         if ADAPTER_FILE in self.files:
             return read_checkpoint_files(self.folder, [ADAPTER_FILE])
-        raise CheckpointError(
+        raise CheckpointNotFoundError(
             f"{self.describe()}: no weights here (no {INDEX_FILE}, {SINGLE_FILE} or {ADAPTER_FILE}); "
-            "check the path, or see what it holds with `checkpointer inspect`"
+            "check the path, or see what it holds with `checkpointer inspect`",
+            url=self.describe(),
         )
 
 
@@ -219,10 +221,10 @@ def _refuse_replacing(destination: Location, overwrite: bool) -> None:
     if path is None or not path.exists():
         return
     if not path.is_dir():
-        raise CheckpointError(f"--to {path}: a file is in the way; remove it or choose another destination")
+        raise CheckpointArgumentError(f"--to {path}: a file is in the way; remove it or choose another destination", file=str(path), key="--to")
     if not any(path.iterdir()):
         return
     if not (path / MANIFEST_FILE).is_file():
-        raise CheckpointError(f"--to {path}: the folder exists and checkpointer did not write it; choose another destination (or remove it yourself)")
+        raise CheckpointArgumentError(f"--to {path}: the folder exists and checkpointer did not write it; choose another destination (or remove it yourself)", file=str(path), key="--to")
     if not overwrite:
-        raise CheckpointError(f"--to {path}: the folder exists; pass --overwrite to replace it whole, or choose another destination")
+        raise CheckpointArgumentError(f"--to {path}: the folder exists; pass --overwrite to replace it whole, or choose another destination", file=str(path), key="--to")

@@ -24,7 +24,13 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from checkpointer.cli.common import Checkpoint, Outcome, Timer, base_location, dtypes_name, publish_built
 from checkpointer.dcp.hf_io import quiet_dcp, write_hf_tensors
 from checkpointer.dcp.training_state import METADATA_FILE, JsonMetadataReader, WeightsOnlyLoadPlanner
-from checkpointer.errors import CheckpointError, CheckpointMismatchError
+from checkpointer.errors import (
+    CheckpointArgumentError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointUnsupportedError,
+)
 from checkpointer.format.file_layout import FileLayout, plan_file_layout
 from checkpointer.format.hf_files import CONFIG_FILE
 from checkpointer.format.hf_output import copy_support_files, saved_config, write_index, write_json
@@ -56,11 +62,12 @@ def dcp_reader(folder: Path, where: str, trust_pickle: bool) -> FileSystemReader
     if (folder / METADATA_FILE).is_file():
         return JsonMetadataReader(folder)
     if not (folder / PICKLED_METADATA).is_file():
-        raise CheckpointError(f"{where}: no DCP metadata ({METADATA_FILE} or {PICKLED_METADATA}): is this a DCP checkpoint folder?")
+        raise CheckpointNotFoundError(f"{where}: no DCP metadata ({METADATA_FILE} or {PICKLED_METADATA}): is this a DCP checkpoint folder?", url=where)
     if not trust_pickle:
-        raise CheckpointError(
+        raise CheckpointArgumentError(
             f"{where}/{PICKLED_METADATA}: DCP's default metadata is a Python pickle, and unpickling an untrusted file "
-            "runs whatever code it holds. If you trust whoever wrote this checkpoint, rerun with --trust-pickle"
+            "runs whatever code it holds. If you trust whoever wrote this checkpoint, rerun with --trust-pickle",
+            file=f"{where}/{PICKLED_METADATA}", key="--trust-pickle",
         )
     return FileSystemReader(folder)
 
@@ -143,19 +150,20 @@ def _config_source(source: Checkpoint, options: ExportOptions) -> Checkpoint:
     if options.base:
         base = Checkpoint.open(base_location(options.base), "--base", options.storage_options)
         if CONFIG_FILE not in base.files:
-            raise CheckpointError(f"{base.describe()}: no {CONFIG_FILE}: --base must be a Hugging Face model folder or repo")
+            raise CheckpointNotFoundError(f"{base.describe()}: no {CONFIG_FILE}: --base must be a Hugging Face model folder or repo", url=base.describe(), key="--base")
         return base
     if CONFIG_FILE in source.files:
         return source
-    raise CheckpointError(
+    raise CheckpointArgumentError(
         f"{source.describe()}: a DCP checkpoint has no {CONFIG_FILE}: pass --base with the base model "
-        "(its config.json gives the dimensions; its tokenizer files are copied)"
+        "(its config.json gives the dimensions; its tokenizer files are copied)",
+        url=source.describe(), key="--base",
     )
 
 
 def _model_type(options: ExportOptions, where: str) -> str:
     if not options.model_type:
-        raise CheckpointError(f"{where}: DCP checkpoints hold torchtune keys: pass --model-type (one of {', '.join(sorted(KEY_MAPS))})")
+        raise CheckpointArgumentError(f"{where}: DCP checkpoints hold torchtune keys: pass --model-type (one of {', '.join(sorted(KEY_MAPS))})", url=where, key="--model-type")
     return options.model_type
 
 
@@ -166,12 +174,13 @@ def model_keys(metadata: Metadata, key_map: KeyMap, where: str) -> dict[str, str
     keys = nested if any(_known(key_map, k) for k in nested) else {k: k for k in tensors}
     adapter = sorted(k for k in keys if is_adapter_key(k))
     if adapter:
-        raise CheckpointError(
+        raise CheckpointUnsupportedError(
             f"{where}: holds LoRA parameters ({adapter[0]}, ...): save merged weights, or the adapter with "
-            "DistributedHFCheckpointer (then `checkpointer export` merges it)"
+            "DistributedHFCheckpointer (then `checkpointer export` merges it)",
+            url=where,
         )
     if not keys:
-        raise CheckpointError(f"{where}: the DCP checkpoint holds no tensors")
+        raise CheckpointFormatError(f"{where}: the DCP checkpoint holds no tensors", url=where)
     return keys
 
 

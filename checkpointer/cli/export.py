@@ -18,7 +18,7 @@ from checkpointer.cli.common import Checkpoint, Outcome, Timer, base_location, d
 from checkpointer.cli.dcp_export import DCP_METADATA_FILES, export_dcp, has_dcp
 from checkpointer.cli.rewrite import plan_rewrite, rewrite
 from checkpointer.dcp.storage_reader import read_tensor
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError
 from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, lora_scale, merge_lora, peft_pairs
@@ -45,17 +45,19 @@ def export(checkpoint: str, options: ExportOptions) -> Outcome:
     """Write plain Hugging Face weights for the intermediate checkpoint at ``checkpoint``."""
     source = Checkpoint.open(checkpoint, "CHECKPOINT", options.storage_options)
     if source.has_weights:
-        raise CheckpointError(
+        raise CheckpointArgumentError(
             f"{source.describe()} already holds Hugging Face weights (an adapter in {ADAPTER_DIR}/ beside them is already "
-            f"merged in): to copy or re-split them use `checkpointer consolidate {checkpoint} --to DEST`"
+            f"merged in): to copy or re-split them use `checkpointer consolidate {checkpoint} --to DEST`",
+            url=source.describe(),
         )
     if ADAPTER_FILE in source.files:
         return export_adapter(source, options)
     if has_dcp(source):
         return export_dcp(source, options)
-    raise CheckpointError(
+    raise CheckpointNotFoundError(
         f"{source.describe()}: nothing to export: expected {ADAPTER_FILE} (a LoRA checkpoint) or DCP metadata "
-        f"({' or '.join(DCP_METADATA_FILES)}); see what it holds with `checkpointer inspect {checkpoint}`"
+        f"({' or '.join(DCP_METADATA_FILES)}); see what it holds with `checkpointer inspect {checkpoint}`",
+        url=source.describe(),
     )
 
 
@@ -64,7 +66,7 @@ def export_adapter(source: Checkpoint, options: ExportOptions) -> Outcome:
     timer = Timer()
     config = source.read_json(ADAPTER_CONFIG_FILE)
     if not isinstance(config, dict):
-        raise CheckpointError(f"{source.describe(ADAPTER_CONFIG_FILE)}: missing or not a JSON object; PEFT adapters carry one")
+        raise CheckpointFormatError(f"{source.describe(ADAPTER_CONFIG_FILE)}: missing or not a JSON object; PEFT adapters carry one", file=source.describe(ADAPTER_CONFIG_FILE))
     scale = lora_scale(config, source.describe(ADAPTER_CONFIG_FILE))
     base = Checkpoint.open(base_location(_base_name(source, config, options)), "--base", options.storage_options)
     adapter = read_checkpoint_files(source.folder, [ADAPTER_FILE])
@@ -83,7 +85,7 @@ def export_adapter(source: Checkpoint, options: ExportOptions) -> Outcome:
 def _base_name(source: Checkpoint, config: dict[str, Any], options: ExportOptions) -> str:
     name = options.base or config.get("base_model_name_or_path")
     if not name:
-        raise CheckpointError(f"{source.describe(ADAPTER_CONFIG_FILE)} names no base model: pass --base with the base model's folder, URL or hf://ns/repo")
+        raise CheckpointArgumentError(f"{source.describe(ADAPTER_CONFIG_FILE)} names no base model: pass --base with the base model's folder, URL or hf://ns/repo", file=source.describe(ADAPTER_CONFIG_FILE), key="--base")
     return str(name)
 
 
@@ -113,5 +115,5 @@ def _merger(adapter: CheckpointFiles, weights: CheckpointFiles, scale: float, wh
         elif len(weight.shape) != 2 or a.shape != (b.shape[-1], weight.shape[1]) or b.shape[0] != weight.shape[0]:
             problems.append(f"{key} {weight.shape} cannot take lora_A {a.shape} and lora_B {b.shape}")
     if problems:
-        raise CheckpointError(f"{where} does not fit the base (is --base the model it was trained on?): " + "; ".join(problems[:5]))
+        raise CheckpointMismatchError(f"{where} does not fit the base (is --base the model it was trained on?): " + "; ".join(problems[:5]), url=where)
     return _Merger(adapter, pairs, scale)

@@ -8,7 +8,7 @@ from typing import Any
 
 from checkpointer.cli.common import Checkpoint, Outcome, Timer, is_repo_id, model_types
 from checkpointer.cli.verify import check
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointArgumentError, CheckpointError, CheckpointFormatError
 from checkpointer.format.model_card import card_info
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE
 from checkpointer.storage.factory import make_location
@@ -44,9 +44,10 @@ def push(
 def _local_folder(local: str, to: str) -> Path:
     location = make_location(local, "LOCAL")
     if not isinstance(location, LocalLocation):
-        raise CheckpointError(
+        raise CheckpointArgumentError(
             f"LOCAL={local!r} is not a folder on this machine: push uploads a local folder; "
-            f"to publish from another place use `checkpointer consolidate {local} --to {to}`"
+            f"to publish from another place use `checkpointer consolidate {local} --to {to}`",
+            key="LOCAL",
         )
     return location.path
 
@@ -54,18 +55,19 @@ def _local_folder(local: str, to: str) -> Path:
 def _hub_url(to: str, revision: str | None) -> HubUrl:
     url = parse_location(to, "REPO")
     if not isinstance(url, HubUrl):
-        raise CheckpointError(f"REPO={to!r}: push publishes to the Hub: give hf://namespace/repo (to write elsewhere use `checkpointer consolidate --to`)")
+        raise CheckpointArgumentError(f"REPO={to!r}: push publishes to the Hub: give hf://namespace/repo (to write elsewhere use `checkpointer consolidate --to`)", url=to, key="REPO")
     if revision and url.revision and revision != url.revision:
-        raise CheckpointError(f"REPO={to!r} names revision {url.revision!r} but --revision says {revision!r}: give one of them")
+        raise CheckpointArgumentError(f"REPO={to!r} names revision {url.revision!r} but --revision says {revision!r}: give one of them", url=to, key="--revision")
     return dataclasses.replace(url, revision=revision or url.revision)
 
 
 def _refuse_broken(checkpoint: Checkpoint, local: str) -> None:
     problems = check(checkpoint).problems
     if problems:
-        raise CheckpointError(
+        raise CheckpointFormatError(
             f"{local} is not whole ({len(problems)} problem(s); the first: {problems[0]}): "
-            f"run `checkpointer verify {local}` to list them, or push anyway with --no-verify"
+            f"run `checkpointer verify {local}` to list them, or push anyway with --no-verify",
+            url=str(local),
         )
 
 

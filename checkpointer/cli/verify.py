@@ -12,7 +12,7 @@ from checkpointer.cli.common import Checkpoint, Outcome, Timer, human_size
 from checkpointer.cli.dcp_export import PICKLED_METADATA, has_dcp
 from checkpointer.dcp.storage_reader import read_tensor
 from checkpointer.dcp.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointError, CheckpointNotFoundError
 from checkpointer.format.digests import mismatch, units_to_verify
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, scan_checkpoint_files
 from checkpointer.format.manifest import MANIFEST_FILE, recorded_files
@@ -112,7 +112,7 @@ def _check_adapter_config(adapter: Checkpoint, findings: Findings) -> None:
     try:
         config = adapter.read_json(ADAPTER_CONFIG_FILE)
         if config is None:
-            raise CheckpointError(f"{adapter.describe(ADAPTER_CONFIG_FILE)}: missing: PEFT cannot load the adapter without it")
+            raise CheckpointNotFoundError(f"{adapter.describe(ADAPTER_CONFIG_FILE)}: missing: PEFT cannot load the adapter without it", file=adapter.describe(ADAPTER_CONFIG_FILE))
         lora_scale(config, adapter.describe(ADAPTER_CONFIG_FILE))
     except CheckpointError as e:
         findings.problems.append(str(e))

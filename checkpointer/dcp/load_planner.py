@@ -16,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
+from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.local_shards import LocalShard, local_shard
@@ -75,7 +76,7 @@ class HFLoadPlanner(LoadPlanner):
         return central_plan
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        raise RuntimeError(f"{read_item.dest_index.fqn}: Hugging Face checkpoints hold tensors only")
+        raise CheckpointArgumentError(f"{read_item.dest_index.fqn}: Hugging Face checkpoints hold tensors only", key=read_item.dest_index.fqn)
 
     def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
         return self.targets[read_item.dest_index.index]

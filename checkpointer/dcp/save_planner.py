@@ -23,8 +23,9 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.safetensors import TensorSpec
+from checkpointer.mapping.boxes import Box, exact_cover
 from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.local_shards import LocalShard, local_shard
 from checkpointer.mapping.matching import Destination
@@ -99,18 +100,12 @@ class HFSavePlanner(SavePlanner):
 def _check_coverage(specs: dict[str, TensorSpec], chunks: dict[str, list[ChunkStorageMetadata]]) -> None:
     """Every element of every HF tensor is written exactly once (no holes, no overlaps)."""
     for name, spec in specs.items():
-        covered = sum(math.prod(c.sizes) for c in chunks[name])
+        boxes = [Box(tuple(c.offsets), tuple(c.sizes)) for c in chunks[name]]
+        covered = sum(box.numel for box in boxes)
         numel = math.prod(spec.shape)
-        if covered != numel or not _disjoint(chunks[name]):
-            raise CheckpointError(
+        if covered != numel or not exact_cover(boxes, tuple(spec.shape)):
+            raise CheckpointMismatchError(
                 f"{name}: the ranks' shards cover {covered} of its {numel} elements "
-                "(a key missing on some rank, or overlapping shards): refusing to write an incomplete file"
+                "(a key missing on some rank, or overlapping shards): refusing to write an incomplete file",
+                key=name,
             )
-
-
-def _disjoint(chunks: list[ChunkStorageMetadata]) -> bool:
-    boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in chunks)
-    for (a_off, a_size), (b_off, b_size) in zip(boxes, boxes[1:]):
-        if all(bo < ao + asz and ao < bo + bsz for ao, asz, bo, bsz in zip(a_off, a_size, b_off, b_size)):
-            return False
-    return True

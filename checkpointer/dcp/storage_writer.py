@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from checkpointer.dcp.storage_reader import tensor_bytes
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointError, CheckpointMismatchError, CheckpointTransportError, CheckpointUnsupportedError
 from checkpointer.format.digests import Digests, check_tiling, digest_of
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.safetensors import TensorEntry
@@ -55,14 +55,14 @@ def box_offset(entry: TensorEntry, offsets: tuple[int, ...], numel: int) -> int:
         return entry.start
     row_elems = entry.row_bytes // entry.dtype.itemsize
     if any(offsets[1:]) or (row_elems and numel % row_elems):
-        raise NotImplementedError(f"{entry.name}: writing boxes that split rows (tensor parallel) is not supported")
+        raise CheckpointUnsupportedError(f"{entry.name}: writing boxes that split rows (tensor parallel) is not supported", key=entry.name)
     return entry.start + offsets[0] * entry.row_bytes
 
 
 def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
     """``pwrite`` a whole tensor, converted to ``entry``'s dtype, at its offset in an open file (from :func:`create_files`)."""
     if tuple(tensor.shape) != entry.shape:
-        raise CheckpointError(f"{entry.file}: tensor {entry.name!r} has shape {tuple(tensor.shape)}, its header says {entry.shape}")
+        raise CheckpointMismatchError(f"{entry.file}: tensor {entry.name!r} has shape {tuple(tensor.shape)}, its header says {entry.shape}", file=entry.file, key=entry.name)
     return _pwritev_all(fd, byte_runs(tensor.detach().to(device="cpu", dtype=entry.dtype)), entry.start)
 
 
@@ -120,9 +120,10 @@ class SafetensorsWriter(StorageWriter):
             written = _pwritev_all(fds[entry.file], pieces, offset)
         except OSError as e:
             hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-            raise CheckpointError(
+            raise CheckpointTransportError(
                 f"{self.folder / entry.file}: writing {entry.name} ({data.numel() * entry.dtype.itemsize} bytes at "
-                f"offset {offset}) failed: {e.strerror}{hint}; the previous checkpoint is untouched"
+                f"offset {offset}) failed: {e.strerror}{hint}; the previous checkpoint is untouched",
+                file=str(self.folder / entry.file), key=entry.name,
             ) from e
         _start_writeback(fds[entry.file], offset, written)
         self.bytes_written += written

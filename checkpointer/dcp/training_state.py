@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
 
-from checkpointer.errors import CheckpointFormatError
+from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.runtime.distributed import dcp_errors, is_distributed, rank
 
 TRAINING_STATE_DIR = "training_state"
@@ -45,7 +45,7 @@ METADATA_FILE = ".metadata.json"
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointFormatError(f"{METADATA_FILE}: unknown dtype {name!r}")
+        raise CheckpointFormatError(f"{METADATA_FILE}: unknown dtype {name!r}", file=METADATA_FILE, key=name)
     return dtype
 
 
@@ -122,8 +122,10 @@ def parse_metadata_json(text: str | bytes, where: str) -> Metadata:
     """DCP metadata from the text of a ``.metadata.json`` (``where`` names it in errors)."""
     try:
         return metadata_from_json(json.loads(text))
+    except CheckpointFormatError:
+        raise  # names what is wrong already (a ValueError too)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointFormatError(f"{where}: invalid training state metadata ({e})") from None
+        raise CheckpointFormatError(f"{where}: invalid training state metadata ({e})", file=where) from None
 
 
 class JsonMetadataReader(FileSystemReader):
@@ -145,7 +147,7 @@ class JsonMetadataReader(FileSystemReader):
         try:
             text = path.read_bytes()
         except FileNotFoundError:
-            raise CheckpointFormatError(f"{path}: missing: this is not a checkpointer training state") from None
+            raise CheckpointNotFoundError(f"{path}: missing: this is not a checkpointer training state", file=str(path)) from None
         return parse_metadata_json(text, str(path))
 
 
@@ -160,7 +162,8 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             raise CheckpointFormatError(
                 f"{TRAINING_STATE_DIR}: entry {read_item.dest_index.fqn!r} is a pickle of something other than plain data "
                 f"({found.group(0) if found else 'refused by weights_only loading'}); checkpointer never writes such "
-                "entries, so this training state was altered: do not load it"
+                "entries, so this training state was altered: do not load it",
+                key=read_item.dest_index.fqn,
             ) from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element

@@ -85,10 +85,10 @@ def check_tiling(where: str, ranges: Sequence[Range], size: int) -> list[Range]:
     end = 0
     for offset, length, _ in ordered:
         if offset != end or length < 0:
-            raise CheckpointFormatError(f"{where}: the digests cover bytes up to {end}, then start at {offset}: they do not tile the file")
+            raise CheckpointFormatError(f"{where}: the digests cover bytes up to {end}, then start at {offset}: they do not tile the file", file=where)
         end = offset + length
     if end != size and not (size == 0 and not ordered):
-        raise CheckpointFormatError(f"{where}: the digests cover {end} bytes of {size}")
+        raise CheckpointFormatError(f"{where}: the digests cover {end} bytes of {size}", file=where)
     return ordered
 
 
@@ -97,9 +97,12 @@ def units_to_verify(folder: Folder, name: str, record: dict[str, Any], size: int
     ranges = record.get(ALGORITHM)
     if isinstance(ranges, list):
         try:
-            tiles = check_tiling(folder.describe(name), [tuple(r) for r in ranges], size)
+            listed = [(int(o), int(n), str(d)) for o, n, d in ranges]
         except (TypeError, ValueError):
-            raise CheckpointFormatError(f"{folder.describe(name)}: its {ALGORITHM} digests are not [offset, length, digest] lists") from None
+            raise CheckpointFormatError(
+                f"{folder.describe(name)}: its {ALGORITHM} digests are not [offset, length, digest] lists", file=folder.describe(name)
+            ) from None
+        tiles = check_tiling(folder.describe(name), listed, size)
         return [Unit(name, offset, length, ALGORITHM, digest) for offset, length, digest in tiles]
     if record.get(LEGACY_ALGORITHM):
         return [Unit(name, 0, size, LEGACY_ALGORITHM, str(record[LEGACY_ALGORITHM]).lower())]

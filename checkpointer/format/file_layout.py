@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.hf_files import SINGLE_FILE
 from checkpointer.format.safetensors import TensorEntry, TensorSpec, build_header
 
@@ -23,7 +23,7 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
     if not match or match.group(2).upper() not in _UNITS:
-        raise CheckpointError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'")
+        raise CheckpointArgumentError(f"max_shard_size {size!r} is not a size like '5GB' or '500MB'", key="max_shard_size")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 

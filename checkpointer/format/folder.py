@@ -12,7 +12,7 @@ import posixpath
 from pathlib import Path
 from typing import Protocol
 
-from checkpointer.errors import CheckpointFormatError
+from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 
 
 class Folder(Protocol):
@@ -52,10 +52,11 @@ def check_relative_name(name: str, folder: str) -> str:
     """A file name from an index must stay inside its folder."""
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name:
         raise CheckpointFormatError(
-            f"{folder}: file name {name!r} is not a relative path inside the folder; a checkpoint may only name files inside it"
+            f"{folder}: file name {name!r} is not a relative path inside the folder; a checkpoint may only name files inside it",
+            file=folder,
         )
     if ".." in name.split("/") or posixpath.normpath(name).startswith(".."):
-        raise CheckpointFormatError(f"{folder}: file name {name!r} leaves the folder; a checkpoint may only name files inside it")
+        raise CheckpointFormatError(f"{folder}: file name {name!r} leaves the folder; a checkpoint may only name files inside it", file=folder)
     return name
 
 
@@ -80,11 +81,12 @@ class LocalFolder:
         try:
             resolved = path.resolve()
         except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
-            raise CheckpointFormatError(f"{self.describe(name)}: cannot be resolved ({e}); replace it with the file") from None
+            raise CheckpointFormatError(f"{self.describe(name)}: cannot be resolved ({e}); replace it with the file", file=self.describe(name)) from None
         if not resolved.is_relative_to(self._real_root):
             raise CheckpointFormatError(
                 f"{self.describe(name)}: a symlink leading outside {self.root} (to {resolved}); "
-                "only files inside the checkpoint folder are read: copy the file in instead of linking to it"
+                "only files inside the checkpoint folder are read: copy the file in instead of linking to it",
+                file=self.describe(name),
             )
         return path
 
@@ -95,7 +97,7 @@ class LocalFolder:
         try:
             return self.path(name).stat().st_size
         except FileNotFoundError:
-            raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+            raise CheckpointNotFoundError(f"{self.describe(name)}: file not found", file=self.describe(name)) from None
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         buffer = bytearray(length)
@@ -111,7 +113,8 @@ class LocalFolder:
             if n == 0:
                 raise CheckpointFormatError(
                     f"{self.describe(name)}: truncated: wanted bytes up to {offset + len(out)}, "
-                    f"the file ends at {offset + done}"
+                    f"the file ends at {offset + done}",
+                    file=self.describe(name),
                 )
             done += n
 
@@ -120,7 +123,7 @@ class LocalFolder:
             try:
                 self._fds[name] = os.open(self.path(name), os.O_RDONLY)
             except FileNotFoundError:
-                raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+                raise CheckpointNotFoundError(f"{self.describe(name)}: file not found", file=self.describe(name)) from None
         return self._fds[name]
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from checkpointer.errors import CheckpointFormatError
+from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.folder import Folder, check_relative_name
 from checkpointer.format.safetensors import Header, TensorEntry, header_length, parse_header
 
@@ -70,15 +70,16 @@ def _parse_index(text: bytes, where: str) -> tuple[dict[str, str], dict[str, Any
     try:
         raw = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
+        raise CheckpointFormatError(f"{where}: not valid JSON ({e})", file=where) from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointFormatError(
             f"{where}: no 'weight_map' object mapping tensor names to file names; "
-            "copy or download the index again, or delete it and name the weight files with checkpoint_files"
+            "copy or download the index again, or delete it and name the weight files with checkpoint_files",
+            file=where,
         )
     if not weight_map:
-        raise CheckpointFormatError(f"{where}: 'weight_map' is empty, so the checkpoint has no weights; copy or download the index again")
+        raise CheckpointFormatError(f"{where}: 'weight_map' is empty, so the checkpoint has no weights; copy or download the index again", file=where)
     for name in set(weight_map.values()):
         check_relative_name(name, where)
     metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
@@ -90,7 +91,7 @@ def read_index(folder: Folder) -> tuple[dict[str, str], dict[str, Any]]:
     where = folder.describe(INDEX_FILE)
     size = folder.size(INDEX_FILE)
     if size > 256 * 2**20:
-        raise CheckpointFormatError(f"{where}: {size} bytes is too large for an index file")
+        raise CheckpointFormatError(f"{where}: {size} bytes is too large for an index file", file=where)
     return _parse_index(folder.read(INDEX_FILE, 0, size), where)
 
 
@@ -111,9 +112,10 @@ def _no_weights(where: str, pickles: list[str]) -> CheckpointFormatError:
         return CheckpointFormatError(
             f"{where}: no {INDEX_FILE} or {SINGLE_FILE}, only {' and '.join(pickles)}: weights are read only from "
             "safetensors (unpickling can run code); convert them once, e.g. with transformers: "
-            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)",
+            url=where,
         )
-    return CheckpointFormatError(f"{where}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files")
+    return CheckpointFormatError(f"{where}: no {INDEX_FILE} or {SINGLE_FILE}; name the weight files with checkpoint_files", url=where)
 
 
 def scan_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None = None) -> tuple[CheckpointFiles, list[str]]:
@@ -123,20 +125,29 @@ def scan_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None
     problem: a missing file, a bad or truncated header, a tensor in two files, an index that
     does not match the files. A missing or unreadable index still raises.
     """
+    files, problems = _scan(folder, checkpoint_files)
+    return files, [problem.message for problem in problems]
+
+
+def _scan(folder: Folder, checkpoint_files: Sequence[str] | None) -> tuple[CheckpointFiles, list[CheckpointError]]:
+    """The readable files and every problem, as the error each would raise."""
     files, weight_map, metadata = _choose_files(folder, checkpoint_files)
-    problems: list[str] = []
+    problems: list[CheckpointError] = []
     headers: dict[str, Header] = {}
     for name in files:
         if weight_map is not None and not folder.exists(name):
             problems.append(
-                f"{folder.describe(name)}: missing: {INDEX_FILE} names this shard but it does not exist; "
-                "copy or download the whole checkpoint again"
+                CheckpointNotFoundError(
+                    f"{folder.describe(name)}: missing: {INDEX_FILE} names this shard but it does not exist; "
+                    "copy or download the whole checkpoint again",
+                    file=folder.describe(name),
+                )
             )
             continue
         try:
             headers[name] = read_header(folder, name)
-        except CheckpointFormatError as e:
-            problems.append(str(e))
+        except (CheckpointFormatError, CheckpointNotFoundError) as e:
+            problems.append(e)
     tensors = _tensors_of(folder, headers, problems)
     if weight_map is not None:
         problems += weight_map_problems(folder, {k: f for k, f in weight_map.items() if f in headers}, tensors)
@@ -145,38 +156,51 @@ def scan_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None
 
 def read_checkpoint_files(folder: Folder, checkpoint_files: Sequence[str] | None = None) -> CheckpointFiles:
     """Discover and validate the weight files of the checkpoint in ``folder``."""
-    files, problems = scan_checkpoint_files(folder, checkpoint_files)
+    files, problems = _scan(folder, checkpoint_files)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise CheckpointFormatError(problems[0] + more)
+        raise problems[0].with_message(problems[0].message + more)
     return files
 
 
-def _tensors_of(folder: Folder, headers: dict[str, Header], problems: list[str]) -> dict[str, TensorEntry]:
+def _tensors_of(folder: Folder, headers: dict[str, Header], problems: list[CheckpointError]) -> dict[str, TensorEntry]:
     tensors: dict[str, TensorEntry] = {}
     for header in headers.values():
         for key, entry in header.tensors.items():
             if key in tensors:
                 problems.append(
-                    f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}: "
-                    f"which copy to load is ambiguous; {_REFETCH_FILES}"
+                    CheckpointFormatError(
+                        f"{folder.describe()}: tensor {key!r} is in both {tensors[key].file} and {entry.file}: "
+                        f"which copy to load is ambiguous; {_REFETCH_FILES}",
+                        url=folder.describe(),
+                        file=entry.file,
+                        key=key,
+                    )
                 )
                 continue
             tensors[key] = entry
     return tensors
 
 
-def weight_map_problems(folder: Folder, weight_map: dict[str, str], tensors: dict[str, TensorEntry]) -> list[str]:
+def weight_map_problems(folder: Folder, weight_map: dict[str, str], tensors: dict[str, TensorEntry]) -> list[CheckpointError]:
     """Where the index and the files disagree: keys missing from their file, in another file, or not indexed."""
     where = folder.describe(INDEX_FILE)
-    problems = []
+    problems: list[CheckpointError] = []
     for key, name in weight_map.items():
         if key not in tensors:
-            problems.append(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it; {_REFETCH_FILES}")
+            problems.append(
+                CheckpointFormatError(f"{where}: tensor {key!r} is assigned to {name} but that file lacks it; {_REFETCH_FILES}", file=where, key=key)
+            )
         elif tensors[key].file != name:
-            problems.append(f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}; {_REFETCH_FILES}")
+            problems.append(
+                CheckpointFormatError(
+                    f"{where}: tensor {key!r} is assigned to {name} but found in {tensors[key].file}; {_REFETCH_FILES}", file=where, key=key
+                )
+            )
     for key in sorted(set(tensors) - set(weight_map)):
-        problems.append(f"{where}: tensor {key!r} in {tensors[key].file} is not in the index; {_REFETCH_FILES}")
+        problems.append(
+            CheckpointFormatError(f"{where}: tensor {key!r} in {tensors[key].file} is not in the index; {_REFETCH_FILES}", file=where, key=key)
+        )
     return problems
 
 
@@ -196,5 +220,5 @@ def files_to_fetch(available: set[str], read_index: Callable[[], bytes], where: 
         raise _no_weights(where, [name for name in PICKLE_WEIGHTS if name in available])
     missing = [name for name in weights if name not in available]
     if missing:
-        raise CheckpointFormatError(f"{where}/{missing[0]}: missing: the checkpoint names this file but it does not exist")
+        raise CheckpointNotFoundError(f"{where}/{missing[0]}: missing: the checkpoint names this file but it does not exist", url=where, file=f"{where}/{missing[0]}")
     return weights + support

@@ -49,9 +49,9 @@ def parse_manifest(text: bytes, where: str) -> dict[str, Any]:
     try:
         manifest = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: not valid JSON ({e})") from None
+        raise CheckpointFormatError(f"{where}: not valid JSON ({e})", file=where) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
-        raise CheckpointFormatError(f"{where}: not a checkpointer manifest of format {FORMAT_VERSION}")
+        raise CheckpointFormatError(f"{where}: not a checkpointer manifest of format {FORMAT_VERSION}", file=where)
     return manifest
 
 
@@ -69,7 +69,8 @@ def check_against_manifest(folder: Folder, manifest: dict[str, Any], names: list
         if expected is not None and folder.size(name) != expected:
             raise CheckpointFormatError(
                 f"{folder.describe(name)}: {folder.size(name)} bytes, but {MANIFEST_FILE} recorded {expected}: "
-                "the file was truncated or replaced"
+                "the file was truncated or replaced",
+                file=folder.describe(name),
             )
 
 

@@ -86,11 +86,11 @@ class ModelConfig:
                 ),
             )
         except KeyError as e:
-            raise CheckpointFormatError(f"{source}: required field {e.args[0]!r} is missing") from None
+            raise CheckpointFormatError(f"{source}: required field {e.args[0]!r} is missing", file=source, key=e.args[0]) from None
         except _BadField as e:
-            raise CheckpointFormatError(f"{source}: {e}") from None
+            raise CheckpointFormatError(f"{source}: {e}", file=source, key=e.field) from None
         except (TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{source}: invalid value: {e}") from None
+            raise CheckpointFormatError(f"{source}: invalid value: {e}", file=source) from None
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "config.json") -> ModelConfig:
@@ -98,14 +98,18 @@ class ModelConfig:
         try:
             raw = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointFormatError(f"{source}: not valid JSON ({e})") from None
+            raise CheckpointFormatError(f"{source}: not valid JSON ({e})", file=source) from None
         if not isinstance(raw, dict):
-            raise CheckpointFormatError(f"{source}: expected a JSON object, found {type(raw).__name__}")
+            raise CheckpointFormatError(f"{source}: expected a JSON object, found {type(raw).__name__}", file=source)
         return cls.from_dict(raw, source)
 
 
 class _BadField(ValueError):
     """A field of the config has a value of the wrong kind; the message names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def _count(raw: dict[str, Any], name: str, default: int | None = None) -> int:
@@ -116,7 +120,7 @@ def _count(raw: dict[str, Any], name: str, default: int | None = None) -> int:
             raise KeyError(name)
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _BadField(f"{name} is {value!r}; it must be a positive integer")
+        raise _BadField(name, f"{name} is {value!r}; it must be a positive integer")
     return value
 
 
@@ -126,7 +130,7 @@ def _positive(raw: dict[str, Any], name: str, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _BadField(f"{name} is {value!r}; it must be a positive number")
+        raise _BadField(name, f"{name} is {value!r}; it must be a positive number")
     return float(value)
 
 
@@ -134,7 +138,7 @@ def _flag(raw: dict[str, Any], name: str) -> bool:
     """A true/false field, false when absent or null."""
     value = raw.get(name)
     if value is not None and not isinstance(value, bool):
-        raise _BadField(f"{name} is {value!r}; it must be true or false")
+        raise _BadField(name, f"{name} is {value!r}; it must be true or false")
     return bool(value)
 
 

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointFormatError, CheckpointUnsupportedError
 
 PEFT_PREFIX = "base_model.model."  # PEFT's name prefix for the wrapped model
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -47,14 +47,14 @@ def lora_scale(config: dict[str, Any], where: str) -> float:
     Refuses what a plain merge cannot reproduce (DoRA, per-module rank or alpha patterns).
     """
     if config.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA adapters can be merged")
+        raise CheckpointUnsupportedError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; only LoRA adapters can be merged", file=where)
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern") if config.get(k)]
     if unsupported:
-        raise CheckpointError(f"{where}: {', '.join(unsupported)} cannot be merged here; merge with peft's merge_and_unload()")
+        raise CheckpointUnsupportedError(f"{where}: {', '.join(unsupported)} cannot be merged here; merge with peft's merge_and_unload()", file=where)
     try:
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{where}: needs integer 'r' and number 'lora_alpha'") from None
+        raise CheckpointFormatError(f"{where}: needs integer 'r' and number 'lora_alpha'", file=where) from None
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -64,10 +64,10 @@ def peft_pairs(adapter_keys: Iterable[str], where: str) -> dict[str, tuple[str, 
     for key in adapter_keys:
         module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if not module or kind not in ("A.weight", "B.weight"):
-            raise CheckpointError(f"{where}: {key!r} is not a LoRA weight (expected ...lora_A.weight / ...lora_B.weight)")
+            raise CheckpointFormatError(f"{where}: {key!r} is not a LoRA weight (expected ...lora_A.weight / ...lora_B.weight)", file=where, key=key)
         pairs.setdefault(f"{module}.weight", {})[kind[0]] = key
     unpaired = sorted(k for k, pair in pairs.items() if len(pair) != 2)
     if unpaired:
-        raise CheckpointError(f"{where}: {unpaired[0]} has only one of lora_A and lora_B")
+        raise CheckpointFormatError(f"{where}: {unpaired[0]} has only one of lora_A and lora_B", file=where, key=unpaired[0])
     return {base: (pair["A"], pair["B"]) for base, pair in pairs.items()}
 

@@ -80,17 +80,19 @@ class Header:
 def header_length(prefix: bytes, file: str, file_size: int) -> int:
     """Decode and check the 8-byte length prefix of ``file``."""
     if file_size == 0:
-        raise CheckpointFormatError(f"{file}: the file is empty (0 bytes): it was never written completely; {REFETCH}")
+        raise CheckpointFormatError(f"{file}: the file is empty (0 bytes): it was never written completely; {REFETCH}", file=file)
     if len(prefix) < 8 or file_size < 8:
-        raise CheckpointFormatError(f"{file}: truncated: {file_size} bytes is too short for a safetensors file; {REFETCH}")
+        raise CheckpointFormatError(f"{file}: truncated: {file_size} bytes is too short for a safetensors file; {REFETCH}", file=file)
     (length,) = struct.unpack("<Q", prefix[:8])
     if length > MAX_HEADER_BYTES:
         raise CheckpointFormatError(
-            f"{file}: header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt or hostile file)"
+            f"{file}: header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt or hostile file)",
+            file=file,
         )
     if 8 + length > file_size:
         raise CheckpointFormatError(
-            f"{file}: header length {length} runs past the end of the file ({file_size} bytes): truncated or corrupt; {REFETCH}"
+            f"{file}: header length {length} runs past the end of the file ({file_size} bytes): truncated or corrupt; {REFETCH}",
+            file=file,
         )
     return length
 
@@ -105,9 +107,9 @@ def parse_header(header_json: bytes, file: str, file_size: int, where: str | Non
     try:
         raw = json.loads(header_json.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: header is not valid JSON ({e}): not a safetensors file, or corrupt; {REFETCH}") from None
+        raise CheckpointFormatError(f"{where}: header is not valid JSON ({e}): not a safetensors file, or corrupt; {REFETCH}", file=where) from None
     if not isinstance(raw, dict):
-        raise CheckpointFormatError(f"{where}: header is not a JSON object")
+        raise CheckpointFormatError(f"{where}: header is not a JSON object", file=where)
     metadata = _parse_metadata(raw.pop(METADATA_KEY, None), where)
     tensors = {name: _parse_entry(name, info, file, data_start, where) for name, info in raw.items()}
     _check_tiling(tensors.values(), where, data_start, file_size)
@@ -118,11 +120,12 @@ def _parse_metadata(raw: object, file: str) -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise CheckpointFormatError(f"{file}: {METADATA_KEY} is {_a(raw)}, not an object of strings")
+        raise CheckpointFormatError(f"{file}: {METADATA_KEY} is {_a(raw)}, not an object of strings", file=file)
     for key, value in raw.items():
         if not isinstance(value, str):
             raise CheckpointFormatError(
-                f"{file}: {METADATA_KEY}[{key!r}] is {_a(value)}, not a string (safetensors metadata maps strings to strings)"
+                f"{file}: {METADATA_KEY}[{key!r}] is {_a(value)}, not a string (safetensors metadata maps strings to strings)",
+                file=file, key=key,
             )
     return dict(raw)
 
@@ -136,24 +139,25 @@ def _a(value: object) -> str:
 def _parse_entry(name: str, info: object, file: str, data_start: int, location: str) -> TensorEntry:
     where = f"{location}: tensor {name!r}"
     if not isinstance(info, dict):
-        raise CheckpointFormatError(f"{where}: entry is not a JSON object")
+        raise CheckpointFormatError(f"{where}: entry is not a JSON object", file=location, key=name)
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise CheckpointFormatError(f"{where}: unknown dtype {dtype_name!r} (safetensors dtypes: {', '.join(DTYPES)})")
+        raise CheckpointFormatError(f"{where}: unknown dtype {dtype_name!r} (safetensors dtypes: {', '.join(DTYPES)})", file=location, key=name)
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise CheckpointFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise CheckpointFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers", file=location, key=name)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise CheckpointFormatError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
+        raise CheckpointFormatError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end", file=location, key=name)
     dtype = DTYPES[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != expected:
         raise CheckpointFormatError(
-            f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} x {dtype_name} needs {expected}: corrupt header; {REFETCH}"
+            f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} x {dtype_name} needs {expected}: corrupt header; {REFETCH}",
+            file=location, key=name,
         )
     return TensorEntry(name, file, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
@@ -165,17 +169,20 @@ def _check_tiling(entries: Iterable[TensorEntry], file: str, data_start: int, fi
         if entry.end > file_size:
             raise CheckpointFormatError(
                 f"{file}: tensor {entry.name!r} (data_offsets [{entry.start - data_start}, {entry.end - data_start}]) "
-                f"runs past the end of the file ({file_size} bytes): truncated or corrupt; {REFETCH}"
+                f"runs past the end of the file ({file_size} bytes): truncated or corrupt; {REFETCH}",
+                file=file, key=entry.name,
             )
         if entry.start != position:
             problem = "overlaps the previous tensor" if entry.start < position else "leaves a gap before it"
             raise CheckpointFormatError(
-                f"{file}: tensor {entry.name!r} at data offset {entry.start - data_start} {problem}: corrupt header; {REFETCH}"
+                f"{file}: tensor {entry.name!r} at data offset {entry.start - data_start} {problem}: corrupt header; {REFETCH}",
+                file=file, key=entry.name,
             )
         position = entry.end
     if position < file_size:
         raise CheckpointFormatError(
-            f"{file}: {file_size - position} unexpected bytes after the last tensor: corrupt; {REFETCH}"
+            f"{file}: {file_size - position} unexpected bytes after the last tensor: corrupt; {REFETCH}",
+            file=file,
         )
 
 
@@ -205,7 +212,7 @@ def build_header(
     offset = 0
     for spec in ordered:
         if spec.dtype not in DTYPE_NAMES:
-            raise CheckpointFormatError(f"{file}: tensor {spec.name!r}: dtype {spec.dtype} cannot be stored")
+            raise CheckpointFormatError(f"{file}: tensor {spec.name!r}: dtype {spec.dtype} cannot be stored", file=file, key=spec.name)
         header[spec.name] = {
             "dtype": DTYPE_NAMES[spec.dtype],
             "shape": list(spec.shape),

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from checkpointer.errors import CheckpointError, CheckpointMismatchError
+from checkpointer.errors import CheckpointArgumentError, CheckpointMismatchError
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.format.peft import PEFT_PREFIX
 from checkpointer.mapping.row_runs import RowRun, identity_runs, rope_runs
@@ -84,7 +84,8 @@ class KeyMap:
         if rule is None:
             raise CheckpointMismatchError(
                 f"{self.name}: no Hugging Face name is known for torchtune key {tune_key!r}; "
-                "is model_type right for this model?"
+                "is model_type right for this model?",
+                key=tune_key,
             )
         parts = tuple(r.tune.format(*layer) for r in self._by_hf[rule.hf])
         return Target(rule.hf.format(*layer), rule, parts)
@@ -187,7 +188,7 @@ def get_key_map(model_type: object, config: ModelConfig) -> KeyMap:
     """The key_map for a torchtune model type (a name like ``"LLAMA3_2"`` or a ``ModelType``)."""
     name = str(getattr(model_type, "name", model_type)).upper()
     if name not in KEY_MAPS:
-        raise CheckpointError(f"model_type {model_type!r} is not supported; choose one of {sorted(KEY_MAPS)}")
+        raise CheckpointArgumentError(f"model_type {model_type!r} is not supported; choose one of {sorted(KEY_MAPS)}", key="model_type")
     return KEY_MAPS[name](config)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointArgumentError, CheckpointMismatchError, CheckpointUnsupportedError
 
 
 @dataclass(frozen=True)
@@ -33,23 +33,24 @@ def local_shard(key: str, value: object) -> LocalShard:
     if isinstance(value, DTensor):
         for placement in value.placements:
             if type(placement) not in (Shard, Replicate):
-                raise CheckpointError(
-                    f"{key}: DTensor placement {placement} is not supported (only Shard and Replicate)"
+                raise CheckpointUnsupportedError(
+                    f"{key}: DTensor placement {placement} is not supported (only Shard and Replicate)",
+                    key=key,
                 )
         shape, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
         local = value.to_local()
         if tuple(local.shape) != tuple(shape):
-            raise CheckpointError(f"{key}: local shard shape {tuple(local.shape)} differs from its DTensor layout {shape}")
+            raise CheckpointMismatchError(f"{key}: local shard shape {tuple(local.shape)} differs from its DTensor layout {shape}", key=key)
         return LocalShard(local, tuple(offsets), tuple(value.shape))
     if isinstance(value, torch.Tensor):
         return LocalShard(value, (0,) * value.dim(), tuple(value.shape))
-    raise CheckpointError(f"{key}: expected a tensor, found {type(value).__name__}")
+    raise CheckpointArgumentError(f"{key}: expected a tensor, found {type(value).__name__}", key=key)
 
 
 def global_spec(key: str, value: object) -> tuple[torch.dtype, tuple[int, ...]]:
     """The dtype and global shape of a tensor or DTensor; refuses anything else."""
     if not isinstance(value, torch.Tensor):
-        raise CheckpointError(f"state_dict['model'][{key!r}] is a {type(value).__name__}, not a tensor")
+        raise CheckpointArgumentError(f"state_dict['model'][{key!r}] is a {type(value).__name__}, not a tensor", key=key)
     return value.dtype, tuple(value.shape)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpointer.errors import CheckpointArgumentError
+
 
 @dataclass(frozen=True)
 class RowRun:
@@ -43,7 +45,7 @@ def identity_runs(start: int, stop: int, hf_offset: int = 0) -> list[RowRun]:
 def rope_runs(start: int, stop: int, head_dim: int, hf_offset: int = 0) -> list[RowRun]:
     """Pieces for tune rows ``[start, stop)`` of a RoPE-permuted projection."""
     if head_dim % 2:
-        raise ValueError(f"head_dim {head_dim} must be even for a RoPE permutation")
+        raise CheckpointArgumentError(f"head_dim {head_dim} must be even for a RoPE permutation", key="head_dim")
     runs: list[RowRun] = []
     first_full = -(-start // head_dim) * head_dim
     last_full = stop // head_dim * head_dim

@@ -2,19 +2,21 @@
 
 DCP already does this for its own plan/read/write steps (as a ``CheckpointException``,
 a ``BaseException``); :func:`dcp_errors` turns that into a :class:`CheckpointError`.
-:func:`on_all_ranks` does the same for our steps outside DCP.
+:func:`on_all_ranks` does the same for our steps outside DCP. Errors travel as objects
+(pickled between our own processes), so every rank raises the failing rank's class with
+its fields; no class is looked up by name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from typing import Callable, Iterator, TypeVar
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from checkpointer import errors
 from checkpointer.errors import CheckpointError
 
 T = TypeVar("T")
@@ -43,22 +45,34 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
         dist.barrier(group)
 
 
-def _error_class(name: str) -> type[CheckpointError]:
-    cls = getattr(errors, name, CheckpointError)
-    return cls if isinstance(cls, type) and issubclass(cls, CheckpointError) else CheckpointError
+Failure = tuple[int, CheckpointError]  # (the rank that failed, its error as it travels)
 
 
-def _raise_first(failures: list[tuple[int, str, str]], local: BaseException | None, world: int) -> None:
-    failing_rank, class_name, message = failures[0]
+def portable(error: BaseException) -> CheckpointError:
+    """``error`` as it can travel to the other ranks: itself when it is a CheckpointError that
+    survives pickling (class and fields intact), else a CheckpointError with its message and fields."""
+    if isinstance(error, CheckpointError):
+        try:
+            return pickle.loads(pickle.dumps(error))
+        except Exception:  # noqa: BLE001 - an unpicklable error still travels, as its base class
+            pass
+    fields = {name: getattr(error, name, None) for name in ("url", "file", "key")}
+    return CheckpointError(str(error), **fields)
+
+
+def _raise_first(failures: list[Failure], local: BaseException | None, world: int) -> None:
+    """Raise the lowest failing rank's error, prefixed with ``[rank N]`` when there are several ranks."""
+    failing_rank, error = min(failures, key=lambda failure: failure[0])
     prefix = f"[rank {failing_rank}] " if world > 1 else ""
-    raise _error_class(class_name)(prefix + message) from local
+    raise error.with_message(prefix + error.message) from local
 
 
 def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
     """Run ``step`` on every rank; if it fails anywhere, raise the same error everywhere.
 
-    The error is the lowest failing rank's, prefixed with ``[rank N]``, of its class when
-    that is a CheckpointError subclass; the local exception, if any, is its cause.
+    The error is the lowest failing rank's, prefixed with ``[rank N]``: of its class, with
+    its fields, when it is a CheckpointError, else a CheckpointError with its message (also
+    on one process). The local exception, if any, is its cause.
     """
     local_error: BaseException | None = None
     result: T | None = None
@@ -66,10 +80,12 @@ def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) 
         result = step()
     except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
         local_error = e
-    report = None if local_error is None else (rank(group), type(local_error).__name__, str(local_error))
+    report = None if local_error is None else (rank(group), portable(local_error))
     if not is_distributed(group):
-        if local_error is not None:
+        if isinstance(local_error, CheckpointError):
             raise local_error
+        if report is not None:
+            _raise_first([report], local_error, 1)
         return result  # type: ignore[return-value]
     reports: list = [None] * world_size(group)
     dist.all_gather_object(reports, report, group=group)
@@ -91,7 +107,7 @@ def all_gather(value: T, group: dist.ProcessGroup | None = None) -> list[T]:
 def on_rank_zero(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
     """Run ``step`` on rank 0 only; every rank returns its (picklable) result or raises its error."""
     if not is_distributed(group):
-        return step()
+        return on_all_ranks(step, group)
     payload: list = [None]
     local_error: BaseException | None = None
     if rank(group) == 0:
@@ -99,11 +115,11 @@ def on_rank_zero(step: Callable[[], T], group: dist.ProcessGroup | None = None) 
             payload = [("ok", step())]
         except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
             local_error = e
-            payload = [("error", 0, type(e).__name__, str(e))]
+            payload = [("error", portable(e))]
     source = dist.get_global_rank(group, 0) if group is not None else 0
     dist.broadcast_object_list(payload, src=source, group=group)
     if payload[0][0] == "error":
-        _raise_first([payload[0][1:]], local_error, world_size(group))
+        _raise_first([(0, payload[0][1])], local_error, world_size(group))
     return payload[0][1]
 
 
@@ -114,6 +130,8 @@ def dcp_errors(group: dist.ProcessGroup | None = None) -> Iterator[None]:
         yield
     except CheckpointException as e:
         failures = sorted(e.failures.items())
-        details = [(r, type(exc).__name__, str(exc)) for r, (exc, _trace) in failures]
-        original = failures[0][1][0] if failures else None
+        if not failures:
+            raise CheckpointError(str(e)) from None
+        details = [(r, portable(exc)) for r, (exc, _trace) in failures]
+        original = failures[0][1][0]
         _raise_first(details, original if isinstance(original, Exception) else None, world_size(group))

@@ -16,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-from checkpointer.errors import CheckpointError, CheckpointFormatError
+from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, CheckpointTransportError
 from checkpointer.format.folder import Folder, LocalFolder, check_relative_name
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE
@@ -59,7 +59,7 @@ class FsspecFolder:
             try:
                 self._sizes[name] = with_retries(lambda: self.fs.size(self._path(name)), f"size of {self.describe(name)}")
             except FileNotFoundError:
-                raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+                raise CheckpointNotFoundError(f"{self.describe(name)}: file not found", url=self.url, file=self.describe(name)) from None
         return self._sizes[name]
 
     def read(self, name: str, offset: int, length: int) -> bytes:
@@ -70,12 +70,13 @@ class FsspecFolder:
                 lambda: self.fs.cat_file(self._path(name), start=offset, end=offset + length), f"reading {self.describe(name)}"
             )
         except FileNotFoundError:
-            raise CheckpointFormatError(f"{self.describe(name)}: file not found") from None
+            raise CheckpointNotFoundError(f"{self.describe(name)}: file not found", url=self.url, file=self.describe(name)) from None
         except Exception as e:  # noqa: BLE001 - transient errors were retried; report what is left
-            raise CheckpointError(f"{self.describe(name)}: reading {length} bytes at {offset} failed after retries ({e})") from e
+            raise CheckpointTransportError(f"{self.describe(name)}: reading {length} bytes at {offset} failed after retries ({e})", url=self.url, file=self.describe(name)) from e
         if len(data) != length:
             raise CheckpointFormatError(
-                f"{self.describe(name)}: truncated: wanted {length} bytes at {offset}, got {len(data)}"
+                f"{self.describe(name)}: truncated: wanted {length} bytes at {offset}, got {len(data)}",
+                url=self.url, file=self.describe(name),
             )
         return data
 
@@ -101,7 +102,7 @@ class FsspecLocation:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         except (ImportError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{url}: cannot open this location: {e}") from None
+            raise CheckpointTransportError(f"{url}: cannot open this location: {e}", url=url) from None
 
     def describe(self, name: str = "") -> str:
         return f"{self.url}/{name}" if name else self.url
@@ -122,7 +123,7 @@ class FsspecLocation:
         try:
             available = remote.names()
         except FileNotFoundError:
-            raise CheckpointError(f"{self.url}: no such folder") from None
+            raise CheckpointNotFoundError(f"{self.url}: no such folder", url=self.url) from None
         return files_to_fetch(available, lambda: remote.read(INDEX_FILE, 0, remote.size(INDEX_FILE)), self.url, checkpoint_files)
 
     def _download(self, names: list[str], target: Path) -> None:
@@ -182,7 +183,7 @@ class FsspecLocation:
         prefix = self.root.rstrip("/") + "/"
         files = {n[len(prefix) :]: info.get("size") or 0 for n, info in sorted(found.items()) if n.startswith(prefix) and info.get("type") == "file"}
         if not files:
-            raise CheckpointError(f"{self.url}: no such folder, or it is empty")
+            raise CheckpointNotFoundError(f"{self.url}: no such folder, or it is empty", url=self.url)
         return files
 
     def _remove_markers(self, markers: list[str]) -> None:
@@ -235,5 +236,5 @@ class FsspecLocation:
 
     def remove(self, name: str) -> None:
         if not CHECKPOINT_NAME.match(name):
-            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint")
+            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint", url=self.url, file=self.describe(name))
         with_retries(lambda: self.fs.rm(f"{self.root}/{name}", recursive=True), f"removing {self.describe(name)}")

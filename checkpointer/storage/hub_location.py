@@ -30,7 +30,13 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNot
 from huggingface_hub.utils import build_hf_headers, http_backoff
 
 from checkpointer.dcp.training_state import TRAINING_STATE_DIR
-from checkpointer.errors import CheckpointError, CheckpointFormatError
+from checkpointer.errors import (
+    CheckpointAccessError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointTransportError,
+)
 from checkpointer.format.digests import hash_chunks
 from checkpointer.format.folder import Folder, LocalFolder, check_relative_name, local_files
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
@@ -57,20 +63,22 @@ _DOWNLOAD_THREADS = 8
 def _hub_error(url: HubUrl, error: Exception) -> CheckpointError:
     """A clear message for the Hub's errors (never echoing the token)."""
     if isinstance(error, GatedRepoError):
-        return CheckpointError(f"{url}: {url.repo_id} is gated: accept its terms on the Hub and set HF_TOKEN")
+        return CheckpointAccessError(f"{url}: {url.repo_id} is gated: accept its terms on the Hub and set HF_TOKEN", url=str(url))
     if isinstance(error, RevisionNotFoundError):
-        return CheckpointError(
+        return CheckpointNotFoundError(
             f"{url}: revision {url.revision!r} not found in {url.repo_id}: name an existing branch, tag or commit "
-            f"after '@' (a '/' in it written %2F)"
+            f"after '@' (a '/' in it written %2F)",
+            url=str(url),
         )
     if isinstance(error, RepositoryNotFoundError):
-        return CheckpointError(
-            f"{url}: repository {url.repo_id} not found (or it is private and HF_TOKEN does not grant access)"
+        return CheckpointNotFoundError(
+            f"{url}: repository {url.repo_id} not found (or it is private and HF_TOKEN does not grant access)",
+            url=str(url),
         )
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status in (401, 403):
-        return CheckpointError(f"{url}: not authorized ({status}): set HF_TOKEN to a token with access to {url.repo_id}")
-    return CheckpointError(f"{url}: {type(error).__name__}: {error}")
+        return CheckpointAccessError(f"{url}: not authorized ({status}): set HF_TOKEN to a token with access to {url.repo_id}", url=str(url))
+    return CheckpointTransportError(f"{url}: {type(error).__name__}: {error}", url=str(url))
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ class HubFolder:
 
     def size(self, name: str) -> int:
         if name not in self.sizes:
-            raise CheckpointFormatError(f"{self.describe(name)}: file not found at commit {self.sha}")
+            raise CheckpointNotFoundError(f"{self.describe(name)}: file not found at commit {self.sha}", url=str(self.url), file=self.describe(name))
         return self.sizes[name]
 
     def read(self, name: str, offset: int, length: int) -> bytes:
@@ -124,11 +132,12 @@ class HubFolder:
         try:
             response = http_backoff("GET", link, headers=headers, max_retries=4, base_wait_time=0.5)
         except Exception as e:  # noqa: BLE001 - transient errors were retried; report what is left
-            raise CheckpointError(f"{self.describe(name)}: reading {length} bytes at {offset} failed after retries ({e})") from e
+            raise CheckpointTransportError(f"{self.describe(name)}: reading {length} bytes at {offset} failed after retries ({e})", url=str(self.url), file=self.describe(name)) from e
         if response.status_code != 206 or len(response.content) != length:
             raise CheckpointFormatError(
                 f"{self.describe(name)}: ranged read of {length} bytes at {offset} answered {response.status_code} "
-                f"with {len(response.content)} bytes"
+                f"with {len(response.content)} bytes",
+                url=str(self.url), file=self.describe(name),
             )
         return response.content
 
@@ -226,7 +235,8 @@ class HubLocation:
             local.resolve().unlink(missing_ok=True)  # never leave a corrupt blob in the cache
             raise CheckpointFormatError(
                 f"{self.url}/{path}: downloaded bytes hash to {actual[:16]}... but the Hub reports {wanted[:16]}...: "
-                "corrupted in transit; the cached copy was removed, try again"
+                "corrupted in transit; the cached copy was removed, try again",
+                url=str(self.url), file=f"{self.url}/{path}",
             )
 
     def _open_cached(self, revision: str) -> Folder:
@@ -235,7 +245,7 @@ class HubLocation:
             self.url.repo_id, repo_path(self.url, CONFIG_FILE), revision=revision, repo_type=self.url.repo_type
         )
         if not isinstance(config, str):
-            raise CheckpointError(f"{self.url}: not in the local Hugging Face cache at revision {revision}")
+            raise CheckpointNotFoundError(f"{self.url}: not in the local Hugging Face cache at revision {revision}", url=str(self.url))
         folder = Path(config).parent
         snapshot = folder.parents[len(Path(self.url.subfolder).parts) - 1] if self.url.subfolder else folder
         return LocalFolder(folder, trusted_root=snapshot.parent.parent)
@@ -356,7 +366,7 @@ class HubLocation:
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise CheckpointError(f"{self.url}/{path}: the Hub answered {response.status_code}")
+            raise CheckpointTransportError(f"{self.url}/{path}: the Hub answered {response.status_code}", url=str(self.url), file=f"{self.url}/{path}")
         return response.content
 
     def fetch_folder(self, path: str, group=None) -> Path:
@@ -367,13 +377,13 @@ class HubLocation:
         prefix = f"{folder}/" if folder else ""
         paths = sorted(f for f in files if f.startswith(prefix))
         if not paths:
-            raise CheckpointError(f"{where}: no such folder at commit {sha}")
+            raise CheckpointNotFoundError(f"{where}: no such folder at commit {sha}", url=where)
         on_all_ranks(lambda: self._download(sha, paths, files) if local_rank(group) == 0 else None, group)
         cached = on_all_ranks(
             lambda: try_to_load_from_cache(self.url.repo_id, paths[0], revision=sha, repo_type=self.url.repo_type), group
         )
         if not isinstance(cached, str):
-            raise CheckpointError(f"{where}: download incomplete (not in the Hugging Face cache)")
+            raise CheckpointTransportError(f"{where}: download incomplete (not in the Hugging Face cache)", url=where)
         return Path(cached[: -len(paths[0])]) / folder
 
     def list_files(self) -> dict[str, int]:
@@ -385,13 +395,13 @@ class HubLocation:
         prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
         files = {p[len(prefix) :]: f.size for p, f in sorted(remote.items()) if p.startswith(prefix)}
         if not files:
-            raise CheckpointError(f"{self.url}: no files there")
+            raise CheckpointNotFoundError(f"{self.url}: no files there", url=str(self.url))
         return files
 
     def remove(self, name: str) -> None:
         """On the Hub a checkpoint is a tag; removing it drops the tag (history keeps the files)."""
         if not CHECKPOINT_NAME.match(name):
-            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint")
+            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint", url=str(self.url), file=self.describe(name))
         self.api.delete_tag(self.url.repo_id, tag=_tag(name), repo_type=self.url.repo_type)
 
 

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointError, CheckpointNotFoundError
 from checkpointer.format.folder import Folder, LocalFolder, local_files
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.storage.location import CHECKPOINT_NAME, fresh_dir
@@ -24,7 +24,7 @@ class LocalLocation:
 
     def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: no such folder")
+            raise CheckpointNotFoundError(f"{self.path}: no such folder", url=str(self.path))
         return LocalFolder(self.path)
 
     def staging_dir(self, name: str) -> Path:
@@ -44,7 +44,7 @@ class LocalLocation:
 
     def list_files(self) -> dict[str, int]:
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path}: no such folder")
+            raise CheckpointNotFoundError(f"{self.path}: no such folder", url=str(self.path))
         return local_files(self.path)
 
     def checkpoint(self, name: str) -> LocalLocation:
@@ -73,6 +73,6 @@ class LocalLocation:
     def remove(self, name: str) -> None:
         target = self.path / name
         if not CHECKPOINT_NAME.match(name) or target.is_symlink() or target.resolve().parent != self.path.resolve():
-            raise CheckpointError(f"{target}: refusing to remove something that is not a checkpoint folder of {self.path}")
+            raise CheckpointError(f"{target}: refusing to remove something that is not a checkpoint folder of {self.path}", url=str(self.path), file=str(target))
         shutil.rmtree(target)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol, TypeVar
 
 import torch.distributed as dist
 
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointTransportError
 from checkpointer.format.folder import Folder, local_files, make_dirs
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.format.manifest import MANIFEST_FILE
@@ -47,7 +47,7 @@ def kept_on_failure(what: str, folder: Path, upload: Callable[[], T], explain: C
     try:
         return upload()
     except Exception as e:
-        raise CheckpointError(f"{what} failed ({explain(e)}); the complete checkpoint is kept at {folder}") from e
+        raise CheckpointTransportError(f"{what} failed ({explain(e)}); the complete checkpoint is kept at {folder}", file=str(folder)) from e
 
 
 def upload_order(folder: Path) -> dict[str, int]:

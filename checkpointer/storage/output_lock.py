@@ -45,7 +45,8 @@ class OutputLock:
             os.close(fd)
             raise CheckpointError(
                 f"{self.path.parent}: another job is writing checkpoints here ({holder}); "
-                "use another output_dir or stop that job"
+                "use another output_dir or stop that job",
+                url=str(self.path.parent), file=str(self.path),
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)

@@ -56,7 +56,8 @@ def replace_folder(staging: Path, final: Path) -> None:
     if final.is_symlink() or (final.exists() and not (final / MANIFEST_FILE).is_file()):
         raise CheckpointError(
             f"{final}: exists and was not written by checkpointer; refusing to replace it "
-            f"(the new checkpoint is complete in {staging}; move one of them)"
+            f"(the new checkpoint is complete in {staging}; move one of them)",
+            file=str(final),
         )
     old = final.parent / f".{final.name}.replaced"
     if old.exists():

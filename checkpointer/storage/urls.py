@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointArgumentError
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
@@ -61,13 +61,13 @@ def parse_location(value: str | Path, argument: str = "location") -> ParsedLocat
         return LocalPath(value)
     text = str(value).strip()
     if not text:
-        raise CheckpointError(f"{argument} is empty")
+        raise CheckpointArgumentError(f"{argument} is empty", key=argument)
     if text.startswith("hf://"):
         return _parse_hub(text, argument)
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(/*)", text)
     if scheme and len(scheme.group(1)) > 1:  # one letter would be a Windows drive
         if scheme.group(2) != "//":
-            raise CheckpointError(f"{argument}={text!r}: did you mean {scheme.group(1)}://...? (URLs need '://')")
+            raise CheckpointArgumentError(f"{argument}={text!r}: did you mean {scheme.group(1)}://...? (URLs need '://')", url=text, key=argument)
         return _parse_fsspec(text, scheme.group(1).lower(), argument)
     return LocalPath(Path(text).expanduser())
 
@@ -80,11 +80,11 @@ def _parse_fsspec(text: str, protocol: str, argument: str) -> FsspecUrl:
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
-        raise CheckpointError(f"{argument}={text!r}: fsspec knows no protocol {protocol!r}") from None
+        raise CheckpointArgumentError(f"{argument}={text!r}: fsspec knows no protocol {protocol!r}", url=text, key=argument) from None
     except ImportError as e:
-        raise CheckpointError(f"{argument}={text!r}: the {protocol!r} protocol needs a package: {e}") from None
+        raise CheckpointArgumentError(f"{argument}={text!r}: the {protocol!r} protocol needs a package: {e}", url=text, key=argument) from None
     if not text.split("://", 1)[1].strip("/"):
-        raise CheckpointError(f"{argument}={text!r}: no bucket or path after {protocol}://")
+        raise CheckpointArgumentError(f"{argument}={text!r}: no bucket or path after {protocol}://", url=text, key=argument)
     return FsspecUrl(protocol, text.rstrip("/"))
 
 
@@ -94,18 +94,18 @@ def _parse_hub(text: str, argument: str) -> HubUrl:
     if parts and parts[0] in _REPO_TYPES:
         repo_type = _REPO_TYPES[parts.pop(0)]
     if len(parts) < 2:
-        raise CheckpointError(f"{argument}={text!r}: expected hf://[datasets/]namespace/repo[@revision][/subfolder]")
+        raise CheckpointArgumentError(f"{argument}={text!r}: expected hf://[datasets/]namespace/repo[@revision][/subfolder]", url=text, key=argument)
     namespace, repo = parts[0], parts[1]
     revision = None
     if "@" in repo:
         repo, revision = repo.split("@", 1)
         revision = unquote(revision)
         if not revision:
-            raise CheckpointError(f"{argument}={text!r}: empty revision after '@'")
+            raise CheckpointArgumentError(f"{argument}={text!r}: empty revision after '@'", url=text, key=argument)
     for part in (namespace, repo):
         if not _REPO_PART.match(part) or ".." in part:
-            raise CheckpointError(f"{argument}={text!r}: {part!r} is not a valid repo namespace or name")
+            raise CheckpointArgumentError(f"{argument}={text!r}: {part!r} is not a valid repo namespace or name", url=text, key=argument)
     subfolder = "/".join(parts[2:])
     if any(p in ("", ".", "..") for p in parts[2:]):
-        raise CheckpointError(f"{argument}={text!r}: subfolder {subfolder!r} is not a clean relative path")
+        raise CheckpointArgumentError(f"{argument}={text!r}: subfolder {subfolder!r} is not a clean relative path", url=text, key=argument)
     return HubUrl(f"{namespace}/{repo}", repo_type, revision, subfolder)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from checkpointer.errors import CheckpointArgumentError
 from checkpointer.runtime.distributed import is_distributed
 
 
@@ -43,9 +44,9 @@ class GlobalBatches:
 
     def __init__(self, dataset_size: int, global_batch_size: int, batch_size: int, rank: int, world: int, seed: int):
         if global_batch_size < world:
-            raise ValueError(f"global_batch_size {global_batch_size} is smaller than the {world} ranks")
+            raise CheckpointArgumentError(f"global_batch_size {global_batch_size} is smaller than the {world} ranks", key="global_batch_size")
         if dataset_size < global_batch_size:
-            raise ValueError(f"the dataset has {dataset_size} examples, fewer than one global batch of {global_batch_size}")
+            raise CheckpointArgumentError(f"the dataset has {dataset_size} examples, fewer than one global batch of {global_batch_size}", key="global_batch_size")
         self.dataset_size, self.global_batch_size, self.batch_size = dataset_size, global_batch_size, batch_size
         self.rank, self.world, self.seed = rank, world, seed
         self._cached_order: tuple[int | None, torch.Tensor] = (None, torch.empty(0, dtype=torch.long))

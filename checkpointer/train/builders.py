@@ -44,7 +44,8 @@ with LoRA, each adapted ``X.weight`` also gets ``X.lora_a.weight`` and ``X.lora_
 Sliding-window attention is not implemented for LLAMA*/MISTRAL/QWEN* (nor in torchtune): they
 are exact only for sequences no longer than the window, and building with a longer
 ``max_seq_len`` warns. Configs a builder cannot honour (another RoPE scaling, partial rotary,
-other activations, biases the key layout has no room for) raise ``ValueError`` naming the field.
+other activations, biases the key layout has no room for) raise ``CheckpointArgumentError`` (a
+``ValueError``) naming the field.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from torchtune.modules import (
 )
 from torchtune.modules.peft import LoRALinear
 
+from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.model_config import ModelConfig
 
 MAX_SEQ_LEN_CAP = 4096  # default max_seq_len: the config's max_position_embeddings, at most this
@@ -93,7 +95,7 @@ class LoraSpec:
     def __post_init__(self) -> None:
         unknown = set(self.lora_attn_modules) - set(LORA_ATTN_MODULES)
         if unknown:
-            raise ValueError(f"unknown lora_attn_modules {sorted(unknown)}; choose from {LORA_ATTN_MODULES}")
+            raise CheckpointArgumentError(f"unknown lora_attn_modules {sorted(unknown)}; choose from {LORA_ATTN_MODULES}", key="lora_attn_modules")
         object.__setattr__(self, "lora_attn_modules", tuple(self.lora_attn_modules))
 
 
@@ -110,13 +112,13 @@ def build_model(
     """Build the torchtune model of ``model_type`` (a ``ModelType`` name) with ``config``'s dimensions.
 
     ``max_seq_len`` (the RoPE cache length) defaults to ``max_position_embeddings`` capped at
-    ``MAX_SEQ_LEN_CAP``. Raises ValueError for an unknown model type or an unsupported config.
+    ``MAX_SEQ_LEN_CAP``. Raises CheckpointArgumentError (a ValueError) for an unknown model type or an unsupported config.
     """
     name = str(getattr(model_type, "name", model_type)).upper()  # also ModelType members, "llama3"
     try:
         builder = REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model type {name!r}; supported: {', '.join(REGISTRY)}") from None
+        raise CheckpointArgumentError(f"unknown model type {name!r}; supported: {', '.join(REGISTRY)}", key="model_type") from None
     if max_seq_len is None:
         max_seq_len = min(config.max_position_embeddings, MAX_SEQ_LEN_CAP)
     return builder(config, max_seq_len, lora)
@@ -162,7 +164,7 @@ def _reject(model_type: str, problems: dict[str, bool]) -> None:
     """Raise ValueError listing every description in ``problems`` whose flag is True."""
     bad = [what for what, is_bad in problems.items() if is_bad]
     if bad:
-        raise ValueError(f"{model_type}: config not supported by this builder: {'; '.join(bad)}")
+        raise CheckpointArgumentError(f"{model_type}: config not supported by this builder: {'; '.join(bad)}", key="config")
 
 
 def _rope_type(config: ModelConfig) -> str | None:
@@ -174,7 +176,7 @@ def _check_rope(model_type: str, config: ModelConfig, supported: Iterable[str | 
     kind, supported = _rope_type(config), tuple(supported)
     if kind not in supported:
         names = ", ".join("none" if k is None else repr(k) for k in supported)
-        raise ValueError(f"{model_type}: rope_type {kind!r} is not supported (supported: {names})")
+        raise CheckpointArgumentError(f"{model_type}: rope_type {kind!r} is not supported (supported: {names})", key="rope_type")
     _reject(
         model_type,
         {f"partial_rotary_factor {config.partial_rotary_factor} != 1": config.partial_rotary_factor != 1},
@@ -365,7 +367,7 @@ def _llama3_rope(config: ModelConfig, max_seq_len: int) -> nn.Module:
     fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [f for f in fields if scaling.get(f) is None]
     if missing:
-        raise ValueError(f"rope_type 'llama3' needs {', '.join(missing)} in the rope parameters")
+        raise CheckpointArgumentError(f"rope_type 'llama3' needs {', '.join(missing)} in the rope parameters", key="rope_scaling")
     return Llama3ScaledRoPE(
         config.head_dim,
         max_seq_len=max_seq_len,

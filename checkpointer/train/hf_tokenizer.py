@@ -39,6 +39,8 @@ from torchtune.data._utils import truncate
 from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from checkpointer.errors import ChatTemplateError, CheckpointArgumentError, CheckpointNotFoundError
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -46,10 +48,6 @@ LEGACY_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # transformers' named special tokens, passed to every chat template (``special_tokens_map``)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-class ChatTemplateError(ValueError):
-    """The folder has no chat template, or the template cannot give per-message token spans."""
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -152,7 +150,7 @@ def _message_dict(message: Message | Mapping[str, Any]) -> dict[str, Any]:
     """A message as chat templates see it: ``{"role", "content": str}``; keys holding None are dropped."""
     if isinstance(message, Message):
         if any(item["type"] != "text" for item in message.content):
-            raise ValueError(f"only text messages can be rendered with a chat template, got {message!r}")
+            raise CheckpointArgumentError(f"only text messages can be rendered with a chat template, got {message!r}", key="messages")
         return {"role": message.role, "content": message.text_content}
     return {key: value for key, value in message.items() if value is not None}
 
@@ -200,7 +198,7 @@ class HFChatTokenizer(ModelTokenizer, Transform):
         """Read ``tokenizer.json``, ``tokenizer_config.json`` and the chat template from the local folder ``path``."""
         folder = Path(path)
         if not (folder / TOKENIZER_FILE).is_file():
-            raise FileNotFoundError(f"{folder} has no {TOKENIZER_FILE}: expected a local Hugging Face tokenizer folder")
+            raise CheckpointNotFoundError(f"{folder} has no {TOKENIZER_FILE}: expected a local Hugging Face tokenizer folder", file=str(folder / TOKENIZER_FILE))
         config = _read_json(folder / CONFIG_FILE)
         template = read_chat_template(folder, config)
         tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
@@ -253,7 +251,7 @@ class HFChatTokenizer(ModelTokenizer, Transform):
         if self._template is None:
             raise ChatTemplateError(f"{self.template_name}: the tokenizer folder has no chat template")
         if not messages:
-            raise ValueError("cannot apply a chat template to an empty conversation")
+            raise CheckpointArgumentError("cannot apply a chat template to an empty conversation", key="messages")
         try:
             return self._template.render(
                 **self.special_tokens_map,
