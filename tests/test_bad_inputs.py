@@ -3,8 +3,9 @@
 ``CORPUS`` is one table. Each entry breaks a fresh copy of a tiny valid checkpoint (or
 names a bad location), says which exact error class must be raised, and gives a regex
 that must match the message; ``<name>`` in the regex stands for a file or key the
-builder reports (escaped), so every message is checked to name what is broken. All
-cases run in ONE spawn of 2 processes, each rank looping over the whole table.
+builder reports (escaped), so every message is checked to name what is broken (and the
+error's ``file`` field names the file too). All cases run in ONE spawn of 2 processes,
+each rank looping over the whole table (a module fixture); each case is its own test.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from checkpointer.format.model_config import ModelConfig
 from checkpointer.mapping.key_maps import get_key_map
 from checkpointer.storage.output_lock import LOCK_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
+from checkpointer.testing.pytest_plugin import hub_environment
 
 MODEL_TYPE = "LLAMA3"  # the type of the tiny_llama3 checkpoint every case starts from
 BAD_TOKEN = "hf_bad_token_never_printed_0123456789"
@@ -567,12 +569,13 @@ def attempt_every_case(rank: int, world: int, cases: list[dict[str, Any]]) -> di
         try:
             with _environment(case["env"]):
                 _attempt(case, mesh)
-            error, message = "no error", ""
+            error, message, fields = "no error", "", {}
         except Exception as e:  # noqa: BLE001 - a raw exception is a finding, reported like the others
-            error, message = type(e).__name__, str(e)
+            error, message, fields = type(e).__name__, str(e), {name: getattr(e, name, None) for name in ("url", "file", "key")}
         outcomes[case["name"]] = {
             "error": error,
             "message": message,
+            "fields": fields,
             "seconds": time.perf_counter() - started,
             "rss_growth_mb": _peak_rss_mb() - rss,
         }
@@ -592,12 +595,14 @@ def _problems(bad: Bad, broken: Broken, outcomes: list[dict[str, Any]], secrets:
     """Everything wrong with how the ranks handled ``bad`` (empty when all is well)."""
     first = outcomes[0]
     problems = []
-    if any((o["error"], o["message"]) != (first["error"], first["message"]) for o in outcomes):
-        problems.append(f"ranks disagree: {[(o['error'], o['message']) for o in outcomes]}")
+    if any((o["error"], o["message"], o["fields"]) != (first["error"], first["message"], first["fields"]) for o in outcomes):
+        problems.append(f"ranks disagree: {[(o['error'], o['message'], o['fields']) for o in outcomes]}")
     if first["error"] != bad.error.__name__:
         problems.append(f"expected {bad.error.__name__}, got {first['error']}: {first['message']}")
     elif not re.search(_expected(bad, broken.names), first["message"], re.DOTALL):
         problems.append(f"message {first['message']!r} does not match {_expected(bad, broken.names)!r}")
+    if "file" in broken.names and first["fields"].get("file") != broken.names["file"]:
+        problems.append(f"the error's file field is {first['fields'].get('file')!r}, not {broken.names['file']!r}")
     problems += [f"took {o['seconds']:.1f} s" for o in outcomes if o["seconds"] > CASE_LIMIT_S]
     problems += [f"peak memory grew {o['rss_growth_mb']:.0f} MB" for o in outcomes if o["rss_growth_mb"] > RSS_LIMIT_MB]
     problems += [f"a token appears in {first['message']!r}" for s in secrets if s in first["message"]]
@@ -611,29 +616,35 @@ def test_corpus_is_large_and_names_are_unique() -> None:
     assert len(names) >= 25 and len(set(names)) == len(names)
 
 
-def test_every_bad_input_is_refused_clearly_on_every_rank(
-    tiny_llama3: Path, saved_llama3: Path, hub_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
-    repo = unique_repo("bad-inputs")
-    upload_to_hub(tiny_llama3, repo)
-    (tmp_path / "outside").mkdir()
-    ws = Workspace(tmp_path / "outside", repo)
-    starts = {"base": tiny_llama3, "saved": saved_llama3}
-    built: list[tuple[Bad, Broken]] = []
-    for bad in CORPUS:
-        folder = tmp_path / "cases" / bad.name
-        shutil.copytree(starts[bad.start], folder)
-        built.append((bad, bad.build(folder, ws)))
-    cases = [_case(bad, broken, tiny_llama3, tmp_path / "out" / bad.name) for bad, broken in built]
+@pytest.fixture(scope="module")
+def corpus_problems(tiny_llama3: Path, saved_llama3: Path, local_hub: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """Every case built, then attempted in ONE spawn of 2 ranks: each case's problems, by name."""
+    tmp_path = tmp_path_factory.mktemp("bad-inputs")
+    with pytest.MonkeyPatch.context() as monkeypatch, hub_environment(monkeypatch, local_hub, tmp_path / "hf_home") as hub:
+        monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
+        repo = unique_repo("bad-inputs")
+        upload_to_hub(tiny_llama3, repo)
+        (tmp_path / "outside").mkdir()
+        ws = Workspace(tmp_path / "outside", repo)
+        starts = {"base": tiny_llama3, "saved": saved_llama3}
+        built: list[tuple[Bad, Broken]] = []
+        for bad in CORPUS:
+            folder = tmp_path / "cases" / bad.name
+            shutil.copytree(starts[bad.start], folder)
+            built.append((bad, bad.build(folder, ws)))
+        cases = [_case(bad, broken, tiny_llama3, tmp_path / "out" / bad.name) for bad, broken in built]
 
-    started = time.perf_counter()
-    results = run_on_ranks(attempt_every_case, 2, cases, timeout=240, pg_timeout=CASE_LIMIT_S)
-    total = time.perf_counter() - started
+        started = time.perf_counter()
+        results = run_on_ranks(attempt_every_case, 2, cases, timeout=240, pg_timeout=CASE_LIMIT_S)
+        total = time.perf_counter() - started
 
-    secrets = [hub_env.token, BAD_TOKEN]
-    report = {bad.name: _problems(bad, broken, [r[bad.name] for r in results], secrets) for bad, broken in built}
+        secrets = [hub.token, BAD_TOKEN]
+        report = {bad.name: _problems(bad, broken, [r[bad.name] for r in results], secrets) for bad, broken in built}
     timings = ", ".join(f"{name} {max(r[name]['seconds'] for r in results):.2f}s" for name in report)
     print(f"\n{len(cases)} cases on 2 ranks in {total:.1f} s: {timings}")
-    failed = "\n".join(f"{name}: {'; '.join(p)}" for name, p in report.items() if p)
-    assert not failed, f"\n{failed}"
+    return report
+
+
+@pytest.mark.parametrize("bad", CORPUS, ids=lambda bad: bad.name)
+def test_bad_input_is_refused_clearly_on_every_rank(bad: Bad, corpus_problems: dict[str, list[str]]) -> None:
+    assert not corpus_problems[bad.name], "; ".join(corpus_problems[bad.name])

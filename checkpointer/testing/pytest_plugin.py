@@ -5,6 +5,7 @@ Load with ``pytest_plugins = ["checkpointer.testing.pytest_plugin"]`` in a ``con
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -27,16 +28,25 @@ def local_hub() -> Iterator[LocalHub]:
         yield hub
 
 
+@contextlib.contextmanager
+def hub_environment(monkeypatch: pytest.MonkeyPatch, hub: LocalHub, hf_home: Path) -> Iterator[LocalHub]:
+    """``hub`` without faults, with huggingface_hub pointed at it and ``hf_home`` as ``HF_HOME``, for a block."""
+    hub.clear_faults()
+    use_local_hub(monkeypatch, hub, hf_home)
+    try:
+        yield hub
+    finally:
+        hub.clear_faults()
+        from huggingface_hub import HfFileSystem
+
+        HfFileSystem.clear_instance_cache()
+
+
 @pytest.fixture
 def hub_env(local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[LocalHub]:
     """``local_hub``, with huggingface_hub pointed at it and a fresh ``HF_HOME``; yields the hub."""
-    local_hub.clear_faults()
-    use_local_hub(monkeypatch, local_hub, tmp_path / "hf_home")
-    yield local_hub
-    local_hub.clear_faults()
-    from huggingface_hub import HfFileSystem
-
-    HfFileSystem.clear_instance_cache()
+    with hub_environment(monkeypatch, local_hub, tmp_path / "hf_home") as hub:
+        yield hub
 
 
 class S3Server:
