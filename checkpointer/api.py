@@ -417,7 +417,7 @@ class DistributedHFCheckpointer:
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
         if self.save_dtype is not None:
             model_specs = {k: (converted(self.save_dtype, dt), s) for k, (dt, s) in model_specs.items()}
-        specs, destinations = plan_for_save(self.key_map, model_specs)
+        specs, destinations = plan_for_save(self.key_map, model_specs, self._base_weight_map or ())
         return specs, destinations, plan_file_layout(specs, self._base_weight_map, self.max_shard_size)
 
     def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> tuple[IOStats, Digests]:

@@ -1,8 +1,8 @@
 """A DCP LoadPlanner that reads Hugging Face tensors straight into this rank's shards.
 
-For each torchtune tensor in the state dict it asks the key_map which HF rows hold the
-local shard's rows and emits one ReadItem per contiguous HF block. The destination of
-each item is a view of the local shard (``row_runs.local_view``), registered by number
+For each torchtune tensor in the state dict it asks the key_map which HF boxes hold the
+local shard's elements (``pieces.shard_pieces``: row runs, or whole experts) and emits one
+ReadItem per box. The destination of each item is a view of the local shard, registered by number
 in ``dest_index.index``; the storage reader copies the HF block into it, converting
 dtype on the way. No full tensor is ever built.
 """
@@ -20,8 +20,8 @@ from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.local_shards import LocalShard, local_shard
-from checkpointer.mapping.matching import Source, match_for_load
-from checkpointer.mapping.row_runs import local_view
+from checkpointer.mapping.matching import match_for_load
+from checkpointer.mapping.pieces import Piece, Placement, shard_pieces
 
 
 class HFLoadPlanner(LoadPlanner):
@@ -31,10 +31,11 @@ class HFLoadPlanner(LoadPlanner):
         self.key_map = key_map
         self.targets: list[torch.Tensor] = []
         self.state_dict: dict[str, Any] = {}
-        self.sources: dict[str, Source] = {}
+        self.sources: dict[str, Placement] = {}
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         files: CheckpointFiles = metadata.storage_data  # type: ignore[union-attr]
+        self.key_map = self.key_map.for_hf_keys(files.tensors)
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
         self.sources = match_for_load(self.key_map, shapes, files.tensors, files.folder.describe())
         self.state_dict = state_dict
@@ -45,28 +46,18 @@ class HFLoadPlanner(LoadPlanner):
         return LoadPlan(items)
 
     def _items(self, key: str, shard: LocalShard) -> list[ReadItem]:
-        if shard.local.numel() == 0:
-            return []
-        source = self.sources[key]
-        if shard.local.dim() == 0:
-            return [self._item(key, shard, source, (), (), shard.local)]
-        start = shard.first_row
-        items = []
-        for run in self.key_map.runs(key, start, start + shard.rows, source.part_offset):
-            storage_offsets = (run.hf_row, *shard.offsets[1:])
-            lengths = (run.count, *shard.local.shape[1:])
-            items.append(self._item(key, shard, source, storage_offsets, lengths, local_view(shard.local, run, start)))
-        return items
+        return [self._item(key, shard, piece) for piece in shard_pieces(self.key_map, self.sources[key], shard)]
 
-    def _item(self, key: str, shard: LocalShard, source: Source, storage_offsets, lengths, target) -> ReadItem:
-        self.targets.append(target)
+    def _item(self, key: str, shard: LocalShard, piece: Piece) -> ReadItem:
+        self.targets.append(piece.view)
+        zeros = torch.Size([0] * len(piece.lengths))
         return ReadItem(
             type=LoadItemType.TENSOR,
             dest_index=MetadataIndex(key, torch.Size(shard.offsets), len(self.targets) - 1),
-            dest_offsets=torch.Size([0] * len(lengths)),
-            storage_index=MetadataIndex(source.entry.name, torch.Size([0] * len(lengths))),
-            storage_offsets=torch.Size(storage_offsets),
-            lengths=torch.Size(lengths),
+            dest_offsets=zeros,
+            storage_index=MetadataIndex(piece.hf_key, zeros),
+            storage_offsets=torch.Size(piece.offsets),
+            lengths=torch.Size(piece.lengths),
         )
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:

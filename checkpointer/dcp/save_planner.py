@@ -28,14 +28,13 @@ from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.boxes import Box, exact_cover
 from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.local_shards import LocalShard, local_shard
-from checkpointer.mapping.matching import Destination
-from checkpointer.mapping.row_runs import local_view
+from checkpointer.mapping.pieces import Placement, shard_pieces
 
 
 class HFSavePlanner(SavePlanner):
     """Plans writes of local shards as boxes of the HF tensors in ``specs``."""
 
-    def __init__(self, key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Destination]):
+    def __init__(self, key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Placement]):
         self.key_map = key_map
         self.specs = specs
         self.destinations = destinations
@@ -51,16 +50,9 @@ class HFSavePlanner(SavePlanner):
         return SavePlan(items)
 
     def _items(self, key: str, shard: LocalShard) -> list[WriteItem]:
-        if shard.local.numel() == 0:
-            return []
-        destination = self.destinations[key]
-        spec = self.specs[destination.hf_key]
-        if shard.local.dim() == 0:
-            return [self._item(spec, (), (), shard.local)]
-        start = shard.first_row
         return [
-            self._item(spec, (run.hf_row, *shard.offsets[1:]), (run.count, *shard.local.shape[1:]), local_view(shard.local, run, start))
-            for run in self.key_map.runs(key, start, start + shard.rows, destination.part_offset)
+            self._item(self.specs[piece.hf_key], piece.offsets, piece.lengths, piece.view)
+            for piece in shard_pieces(self.key_map, self.destinations[key], shard)
         ]
 
     def _item(self, spec: TensorSpec, offsets: tuple[int, ...], sizes: tuple[int, ...], view: torch.Tensor) -> WriteItem:

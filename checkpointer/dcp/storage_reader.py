@@ -106,12 +106,18 @@ class SafetensorsReader(StorageReader):
         """Copy the box ``item`` names from ``entry`` into ``target``."""
         rows = item.lengths[0] if item.lengths else 1
         first_row = item.storage_offsets[0] if item.storage_offsets else 0
-        offset = entry.start + first_row * entry.row_bytes
-        full_rows = tuple(item.lengths[1:]) == entry.shape[1:]
-        if full_rows and target.dtype == entry.dtype and target.is_contiguous() and target.device.type == "cpu":
-            self.files.folder.read_into(entry.file, offset, tensor_bytes(target))
-            self.bytes_read += target.numel() * target.element_size()
+        offset = entry.contiguous_box(tuple(item.storage_offsets), tuple(item.lengths))
+        if offset is not None:  # one run of bytes: read it as is
+            if target.dtype == entry.dtype and target.is_contiguous() and target.device.type == "cpu":
+                self.files.folder.read_into(entry.file, offset, tensor_bytes(target))
+                self.bytes_read += target.numel() * target.element_size()
+                return
+            block = scratch.block(tuple(item.lengths), entry.dtype)
+            self.files.folder.read_into(entry.file, offset, tensor_bytes(block))
+            self.bytes_read += block.numel() * block.element_size()
+            target.copy_(block.view(target.shape))
             return
+        offset = entry.start + first_row * entry.row_bytes
         block = scratch.block((rows, *entry.shape[1:]) if entry.shape else (), entry.dtype)
         self.files.folder.read_into(entry.file, offset, tensor_bytes(block))
         self.bytes_read += block.numel() * block.element_size()

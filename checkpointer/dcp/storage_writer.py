@@ -49,14 +49,12 @@ def create_files(folder: Path, layout: FileLayout) -> None:
             f.truncate(layout.sizes[name])
 
 
-def box_offset(entry: TensorEntry, offsets: tuple[int, ...], numel: int) -> int:
-    """The file offset of a box of whole rows of ``entry`` starting at row ``offsets[0]``."""
-    if not entry.shape:
-        return entry.start
-    row_elems = entry.row_bytes // entry.dtype.itemsize
-    if any(offsets[1:]) or (row_elems and numel % row_elems):
+def box_offset(entry: TensorEntry, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> int:
+    """The file offset of a box of ``entry`` whose bytes are one run (whole rows, or one expert's rows)."""
+    offset = entry.contiguous_box(offsets, lengths)
+    if offset is None:
         raise CheckpointUnsupportedError(f"{entry.name}: writing boxes that split rows (tensor parallel) is not supported", key=entry.name)
-    return entry.start + offsets[0] * entry.row_bytes
+    return offset
 
 
 def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
@@ -114,7 +112,7 @@ class SafetensorsWriter(StorageWriter):
         data = planner.resolve_data(item).detach().to(device="cpu", dtype=entry.dtype)
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
-        offset = box_offset(entry, tuple(item.index.offset), data.numel())
+        offset = box_offset(entry, tuple(item.index.offset), tuple(item.tensor_data.chunk.sizes))
         pieces = byte_runs(data)
         try:
             written = _pwritev_all(fds[entry.file], pieces, offset)

@@ -50,6 +50,14 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
     query_pre_attn_scalar: float | None = None
     partial_rotary_factor: float = 1.0
+    # Mixture of experts (Qwen3-MoE, Mixtral); num_experts 0 for dense models.
+    num_experts: int = 0  # ``num_experts`` (Qwen) or ``num_local_experts`` (Mixtral)
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # each expert's hidden size (Mixtral: intermediate_size)
+    norm_topk_prob: bool | None = None  # renormalise the top-k routing weights (absent: the architecture decides)
+    router_aux_loss_coef: float = 0.0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -84,6 +92,7 @@ class ModelConfig:
                 partial_rotary_factor=float(
                     rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
                 ),
+                **_moe_fields(raw),
             )
         except KeyError as e:
             raise CheckpointFormatError(f"{source}: required field {e.args[0]!r} is missing", file=source, key=e.args[0]) from None
@@ -102,6 +111,22 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise CheckpointFormatError(f"{source}: expected a JSON object, found {type(raw).__name__}", file=source)
         return cls.from_dict(raw, source)
+
+
+def _moe_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of a config (none for a dense model)."""
+    experts = raw.get("num_experts") or raw.get("num_local_experts")
+    if not experts:
+        return {}
+    return {
+        "num_experts": _count({"num_experts": experts}, "num_experts"),
+        "num_experts_per_tok": _count(raw, "num_experts_per_tok"),
+        "moe_intermediate_size": _count(raw, "moe_intermediate_size", _count(raw, "intermediate_size")),
+        "norm_topk_prob": _optional(bool, raw.get("norm_topk_prob")),
+        "router_aux_loss_coef": float(raw.get("router_aux_loss_coef") or 0.0),
+        "decoder_sparse_step": _count(raw, "decoder_sparse_step", 1),
+        "mlp_only_layers": tuple(int(i) for i in raw.get("mlp_only_layers") or ()),
+    }
 
 
 class _BadField(ValueError):

@@ -4,6 +4,13 @@ A key_map is a declarative table of :class:`Rule` s, one per tensor kind, with `
 standing for the layer index. A rule may say that rows are RoPE-permuted within each
 head, or that the tensor is one part of a fused Hugging Face tensor (Phi-3's
 ``qkv_proj`` and ``gate_up_proj``: parts are stacked along dim 0 in rule order).
+
+Mixture-of-experts tensors are stacked in torchtune (``[E, F, D]``, dim 0 the expert) and
+stored either as one Hugging Face tensor per expert (``experts`` = :data:`PER_EXPERT`, the
+HF pattern's last ``{}`` is the expert index) or as one fused 3-D tensor (:data:`STACKED`,
+parts such as gate and up joined along dim 1 within each expert). A key map may carry
+*variants*: alternative rules for some tune keys, chosen by the keys a checkpoint holds
+(:meth:`KeyMap.for_hf_keys`), so that a fused checkpoint loads and saves back fused.
 :data:`KEY_MAPS` is the registry by torchtune model type name; no code branches on
 model types.
 """
@@ -25,6 +32,8 @@ from checkpointer.mapping.row_runs import RowRun, identity_runs, rope_runs
 _LAYER_INDEX = re.compile(r"\.(\d+)(?=\.)")
 
 PartRows = Callable[[ModelConfig], int]
+PER_EXPERT = "per_expert"  # one HF tensor [F, D] per expert for a stacked tune tensor [E, F, D]
+STACKED = "stacked"  # one HF tensor [E, F, D] (parts joined along dim 1) for a stacked tune tensor
 
 
 @dataclass(frozen=True)
@@ -34,12 +43,20 @@ class Rule:
     ``rope``: rows are permuted within each head of ``head_dim`` rows.
     ``part_rows``: this tensor is one part of a fused HF tensor; the function gives its
     row count from the config (used only when no model is at hand to tell the shapes).
+    ``experts``: the tune tensor's dim 0 is the expert: :data:`PER_EXPERT` or :data:`STACKED`
+    (its rows, and the rows of its parts, are then those of one expert: tune dim 1).
     """
 
     tune: str
     hf: str
     rope: bool = False
     part_rows: PartRows | None = None
+    experts: str | None = None
+
+    @property
+    def part_dim(self) -> int:
+        """The tune dimension along which parts of a fused HF tensor are joined (rows within an expert)."""
+        return 1 if self.experts else 0
 
 
 def _abstract(key: str) -> tuple[str, tuple[str, ...]]:
@@ -47,11 +64,24 @@ def _abstract(key: str) -> tuple[str, tuple[str, ...]]:
     return _LAYER_INDEX.sub(".{}", key), tuple(_LAYER_INDEX.findall(key))
 
 
+def _fill(pattern: str, indices: tuple[str, ...]) -> str:
+    """``pattern`` with its first ``{}`` s replaced by ``indices``; any further ``{}`` stay (the expert)."""
+    pieces = pattern.split("{}")
+    filled = "".join(p + i for p, i in zip(pieces, indices))
+    rest = pieces[len(indices) :]
+    return filled + "{}".join(rest) if rest else filled
+
+
+def expert_key(hf_key: str, expert: int) -> str:
+    """The per-expert HF key of ``expert`` in a target key that still has its expert ``{}``."""
+    return hf_key.replace("{}", str(expert))
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a torchtune tensor lives in the Hugging Face checkpoint."""
 
-    hf_key: str
+    hf_key: str  # for PER_EXPERT rules, with ``{}`` left for the expert (see :func:`expert_key`)
     rule: Rule
     parts: tuple[str, ...]  # the tune keys stacked into hf_key, in order (one for unfused tensors)
 
@@ -66,11 +96,14 @@ class KeyMap:
         config: ModelConfig,
         ignored_hf: Iterable[str] = (),
         tied: dict[str, str] | None = None,
+        variants: Iterable[Iterable[Rule]] = (),
     ):
         self.name = name
         self.tied = dict(tied or {})  # HF key that may be absent -> the HF key it is tied to
         self.config = config
         self.rules = tuple(rules)
+        self.variants = tuple(tuple(v) for v in variants)
+        self._ignored_hf = tuple(ignored_hf)
         self._by_tune = {r.tune: r for r in self.rules}
         self._by_hf: dict[str, list[Rule]] = {}
         for rule in self.rules:
@@ -87,14 +120,25 @@ class KeyMap:
                 "is model_type right for this model?",
                 key=tune_key,
             )
-        parts = tuple(r.tune.format(*layer) for r in self._by_hf[rule.hf])
-        return Target(rule.hf.format(*layer), rule, parts)
+        parts = tuple(_fill(r.tune, layer) for r in self._by_hf[rule.hf])
+        return Target(_fill(rule.hf, layer), rule, parts)
 
     def tune_keys(self, hf_key: str) -> list[str] | None:
         """The torchtune keys stored in ``hf_key`` (several for a fused tensor), or None if unknown."""
         pattern, layer = _abstract(hf_key)
         rules = self._by_hf.get(pattern)
-        return [r.tune.format(*layer) for r in rules] if rules else None
+        return [_fill(r.tune, layer) for r in rules] if rules else None
+
+    def for_hf_keys(self, hf_keys: Iterable[str]) -> KeyMap:
+        """This key map with the variant whose HF keys the checkpoint holds (itself when none is held)."""
+        patterns = {_abstract(key)[0] for key in hf_keys}
+        own = {rule.hf for rule in self.rules}
+        for variant in self.variants:
+            if patterns & ({rule.hf for rule in variant} - own):
+                replaced = {rule.tune for rule in variant}
+                rules = [r for r in self.rules if r.tune not in replaced] + list(variant)
+                return KeyMap(self.name, rules, self.config, self._ignored_hf, self.tied)
+        return self
 
     def is_ignored(self, hf_key: str) -> bool:
         """HF keys that carry no weights for torchtune (e.g. cached RoPE frequencies)."""
@@ -105,9 +149,9 @@ class KeyMap:
         rule = self.target(tune_key).rule
         return rule.part_rows(self.config) if rule.part_rows else None
 
-    def runs(self, tune_key: str, start: int, stop: int, part_offset: int = 0) -> list[RowRun]:
-        """Pieces for tune rows ``[start, stop)`` of ``tune_key``; ``part_offset`` is its first HF row."""
-        if self.target(tune_key).rule.rope:
+    def runs(self, rule: Rule, start: int, stop: int, part_offset: int = 0) -> list[RowRun]:
+        """Pieces for tune rows ``[start, stop)`` of a tensor of ``rule``; ``part_offset`` is its first HF row."""
+        if rule.rope:
             return rope_runs(start, stop, self.config.head_dim, part_offset)
         return identity_runs(start, stop, part_offset)
 
@@ -142,10 +186,16 @@ def register_key_map(
     ignored_hf: Iterable[str] = (),
     tied: dict[str, str] | None = None,
     hf_model_types: Iterable[str] = (),
+    variants: Iterable[Iterable[Rule]] = (),
 ) -> None:
-    """Add a model type to the registry (``hf_model_types``: the config.json ``model_type`` values it serves)."""
+    """Add a model type to the registry (``hf_model_types``: the config.json ``model_type`` values it serves).
+
+    ``variants``: alternative rules for some tune keys, for checkpoints stored another way
+    (see :meth:`KeyMap.for_hf_keys`).
+    """
     rules, ignored_hf, tied = tuple(rules), tuple(ignored_hf), dict(tied or _TIED_OUTPUT)
-    KEY_MAPS[name] = lambda config: KeyMap(name, rules, config, ignored_hf, tied)
+    variants = tuple(tuple(v) for v in variants)
+    KEY_MAPS[name] = lambda config: KeyMap(name, rules, config, ignored_hf, tied, variants)
     with_rule = frozenset(r.hf for r in rules)
     ignored = tuple(re.compile(p) for p in ignored_hf)
     _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types), rules)
@@ -279,6 +329,33 @@ _PHI3 = [
     _OUTPUT,
 ]
 
+
+def _expert_rows(c: ModelConfig) -> int:
+    return c.moe_intermediate_size or c.intermediate_size
+
+
+def _moe(hf_block: str, router: str, gate: str, up: str, down: str) -> list[Rule]:
+    """A mixture-of-experts feed-forward stored one tensor per expert, as transformers' ``save_pretrained`` writes it."""
+    experts = _H + hf_block + ".experts.{}."
+    return [
+        Rule(_L + "mlp.router.weight", _H + f"{hf_block}.{router}.weight"),
+        Rule(_L + "mlp.experts.gate_proj", experts + f"{gate}.weight", experts=PER_EXPERT),
+        Rule(_L + "mlp.experts.up_proj", experts + f"{up}.weight", experts=PER_EXPERT),
+        Rule(_L + "mlp.experts.down_proj", experts + f"{down}.weight", experts=PER_EXPERT),
+    ]
+
+
+# The fused layout transformers 5 holds in memory (``experts.gate_up_proj [E, 2F, D]``, gate rows first).
+_FUSED_EXPERTS = [
+    Rule(_L + "mlp.router.weight", _H + "mlp.gate.weight"),
+    Rule(_L + "mlp.experts.gate_proj", _H + "mlp.experts.gate_up_proj", part_rows=_expert_rows, experts=STACKED),
+    Rule(_L + "mlp.experts.up_proj", _H + "mlp.experts.gate_up_proj", part_rows=_expert_rows, experts=STACKED),
+    Rule(_L + "mlp.experts.down_proj", _H + "mlp.experts.down_proj", experts=STACKED),
+]
+_MOE_NORMS_FINAL = [*_NORMS, _FINAL_NORM, _OUTPUT]
+_QWEN3_MOE = [_EMBED, *_attention(rope=False, qk_norm=True), *_moe("mlp", "gate", "gate_proj", "up_proj", "down_proj"), *_MOE_NORMS_FINAL]
+_MIXTRAL = [_EMBED, *_attention(rope=True), *_moe("block_sparse_moe", "gate", "w1", "w3", "w2"), *_MOE_NORMS_FINAL]
+
 for _name in ("LLAMA2", "LLAMA3", "LLAMA3_2"):
     register_key_map(_name, _LLAMA, _ROTARY_CACHE, hf_model_types=["llama"])
 register_key_map("MISTRAL", _LLAMA, _ROTARY_CACHE, hf_model_types=["mistral"])
@@ -287,6 +364,8 @@ register_key_map("GEMMA2", _GEMMA2, _ROTARY_CACHE, hf_model_types=["gemma2"])
 register_key_map("QWEN2", _QWEN2, _ROTARY_CACHE, hf_model_types=["qwen2"])
 register_key_map("QWEN3", _QWEN3, _ROTARY_CACHE, hf_model_types=["qwen3"])
 register_key_map("PHI3_MINI", _PHI3, _ROTARY_CACHE, hf_model_types=["phi3"])
+register_key_map("QWEN3_MOE", _QWEN3_MOE, _ROTARY_CACHE, hf_model_types=["qwen3_moe"], variants=[_FUSED_EXPERTS])
+register_key_map("MIXTRAL", _MIXTRAL, _ROTARY_CACHE, hf_model_types=["mixtral"], variants=[_FUSED_EXPERTS])
 
 
 # ---- LoRA adapters in PEFT's format ----------------------------------------------------------
@@ -308,7 +387,7 @@ def adapter_key_map(base: KeyMap) -> KeyMap:
     """
     rules = []
     for rule in base.rules:
-        if not rule.tune.endswith(".weight") or rule.part_rows:
+        if not rule.tune.endswith(".weight") or rule.part_rows or rule.experts:
             continue
         tune, hf = rule.tune.removesuffix(".weight"), PEFT_PREFIX + rule.hf.removesuffix(".weight")
         rules.append(Rule(f"{tune}.lora_a.weight", f"{hf}.lora_A.weight"))

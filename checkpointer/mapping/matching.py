@@ -7,24 +7,28 @@ naming the key, the file and both shapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 
 from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.hf_files import CONFIG_FILE
 from checkpointer.format.safetensors import TensorEntry, TensorSpec
-from checkpointer.mapping.key_maps import KEY_MAPS, KeyMap, hf_model_types_for, key_maps_for_hf_model_type
+from checkpointer.mapping.key_maps import (
+    KEY_MAPS,
+    PER_EXPERT,
+    KeyMap,
+    Target,
+    expert_key,
+    hf_model_types_for,
+    key_maps_for_hf_model_type,
+)
+from checkpointer.mapping.pieces import Placement
 
 _MAX_LISTED = 12
 
-
-@dataclass(frozen=True)
-class Source:
-    """Where to read a torchtune tensor: an HF tensor and the first HF row of its part."""
-
-    entry: TensorEntry
-    part_offset: int = 0
+Source = Placement  # where to read a torchtune tensor
+Destination = Placement  # where to write one
 
 
 def _fail(problems: list[str], what: str) -> None:
@@ -49,6 +53,30 @@ def model_type_problems(key_map: KeyMap, where: str = "") -> list[str]:
     return [f"{config} has model_type {hf_type!r}, which is not a {key_map.name} model: pass model_type={listed}"]
 
 
+def _part_rows(target: Target, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Rows of each part along the dimension they are joined on (1 if a part has no such dim)."""
+    dim = target.rule.part_dim
+    return {p: shapes[p][dim] if len(shapes[p]) > dim else 1 for p in target.parts}
+
+
+def _hf_shape(target: Target, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of the HF tensor (of each expert's, for a per-expert rule) that ``target`` 's parts make."""
+    parts = [tuple(shapes[p]) for p in target.parts]
+    if not target.rule.experts:
+        return _fused_shape(parts)
+    if len({s[:1] for s in parts}) != 1:
+        return (-1,)
+    per_expert = _fused_shape([s[1:] for s in parts])
+    return per_expert if target.rule.experts == PER_EXPERT else (*parts[0][:1], *per_expert)
+
+
+def _hf_keys(target: Target, experts: int) -> list[str]:
+    """The HF keys of ``target``: one per expert for a per-expert rule."""
+    if target.rule.experts == PER_EXPERT:
+        return [expert_key(target.hf_key, e) for e in range(experts)]
+    return [target.hf_key]
+
+
 def _part_offsets(parts: tuple[str, ...], rows: dict[str, int]) -> dict[str, int]:
     offsets, position = {}, 0
     for part in parts:
@@ -65,6 +93,7 @@ def match_for_load(
     ``model_shapes`` holds global shapes of the model's tensors; ``tensors`` the
     checkpoint's; ``where`` names the checkpoint in messages.
     """
+    key_map = key_map.for_hf_keys(tensors)
     problems: list[str] = model_type_problems(key_map, where)
     sources: dict[str, Source] = {}
     used: set[str] = set()
@@ -74,40 +103,62 @@ def match_for_load(
         except CheckpointMismatchError as e:
             problems.append(str(e))
             continue
-        hf_key = target.hf_key
-        if hf_key not in tensors and key_map.tied.get(hf_key) in tensors and key_map.config.tie_word_embeddings:
-            hf_key = key_map.tied[hf_key]
-        entry = tensors.get(hf_key)
-        if entry is None:
-            problems.append(f"missing key: {key} (stored as {target.hf_key}) is not in {where}")
-            continue
-        used.add(hf_key)
         missing_parts = [p for p in target.parts if p not in model_shapes]
         if missing_parts:
-            problems.append(f"{entry.file}: {hf_key} also holds {missing_parts}, which the model lacks")
+            problems.append(f"{target.hf_key} also holds {missing_parts}, which the model lacks")
             continue
         head_dim = key_map.config.head_dim
         if target.rule.rope and (not shape or shape[0] % head_dim):
             problems.append(f"{key}: shape {tuple(shape)} is not whole heads of head_dim {head_dim} (config.json)")
             continue
-        offsets = _part_offsets(target.parts, {p: model_shapes[p][0] if model_shapes[p] else 1 for p in target.parts})
-        expected = _fused_shape([model_shapes[p] for p in target.parts])
-        if expected != entry.shape:
-            problems.append(
-                f"shape mismatch: {key} has shape {tuple(shape)} in the model but {hf_key} in "
-                f"{entry.file} has {entry.shape}"
-                + (f" (parts {list(target.parts)})" if len(target.parts) > 1 else "")
-            )
-            continue
-        sources[key] = Source(entry, offsets[key])
+        found, ok = _matched_keys(key_map, key, target, model_shapes, tensors, where, problems)
+        used.update(found)
+        if ok:
+            offsets = _part_offsets(target.parts, _part_rows(target, model_shapes))
+            sources[key] = Source(found[0] if len(found) == 1 else target.hf_key, target.rule, offsets[key])
     for hf_key, entry in tensors.items():
         if hf_key in used or key_map.is_ignored(hf_key) or _is_spare_tied_copy(key_map, hf_key, tensors):
             continue
         known = key_map.tune_keys(hf_key)
         why = f"the model has no {known}" if known else f"{key_map.name} does not use it"
+        if known and known[0] in model_shapes:
+            why = f"the model's {known[0]} has {model_shapes[known[0]][0]} experts (num_experts in config.json)"
         problems.append(f"unexpected key: {hf_key} in {entry.file} ({why})")
     _fail(problems, f"the checkpoint at {where} does not match the {key_map.name} model")
     return sources
+
+
+def _matched_keys(
+    key_map: KeyMap,
+    key: str,
+    target: Target,
+    model_shapes: dict[str, tuple[int, ...]],
+    tensors: dict[str, TensorEntry],
+    where: str,
+    problems: list[str],
+) -> tuple[list[str], bool]:
+    """The HF keys in the file that hold ``key`` (one per expert for a per-expert rule), and whether all match."""
+    shape = model_shapes[key]
+    expected = _hf_shape(target, model_shapes)
+    experts = f" (the model has {shape[0]} experts: num_experts in config.json)" if target.rule.experts else ""
+    found, bad = [], []
+    for stored in _hf_keys(target, shape[0] if shape else 0):
+        hf_key = stored
+        if hf_key not in tensors and key_map.tied.get(hf_key) in tensors and key_map.config.tie_word_embeddings:
+            hf_key = key_map.tied[hf_key]
+        entry = tensors.get(hf_key)
+        if entry is None:
+            bad.append(f"missing key: {key} (stored as {stored}) is not in {where}{experts}")
+        elif expected != entry.shape:
+            parts = f" (parts {list(target.parts)})" if len(target.parts) > 1 else ""
+            bad.append(
+                f"shape mismatch: {key} has shape {tuple(shape)} in the model but {hf_key} in "
+                f"{entry.file} has {entry.shape}{parts}{experts}"
+            )
+        if entry is not None:
+            found.append(hf_key)
+    problems += bad
+    return found, not bad
 
 
 def _is_spare_tied_copy(key_map: KeyMap, hf_key: str, tensors: dict[str, TensorEntry]) -> bool:
@@ -126,21 +177,19 @@ def _fused_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return (sum(s[0] for s in shapes), *tails.pop())
 
 
-@dataclass(frozen=True)
-class Destination:
-    """Where a torchtune tensor is written: an HF tensor and the first HF row of its part."""
-
-    hf_key: str
-    part_offset: int = 0
-
-
 def plan_for_save(
-    key_map: KeyMap, model_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    key_map: KeyMap, model_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], base_keys: Iterable[str] = ()
 ) -> tuple[dict[str, TensorSpec], dict[str, Destination]]:
-    """The HF tensors to write (dtype, global shape) and where each model tensor goes."""
+    """The HF tensors to write (dtype, global shape) and where each model tensor goes.
+
+    ``base_keys``: the HF keys of the base checkpoint, whose layout (per-expert or fused
+    experts) the save keeps.
+    """
+    key_map = key_map.for_hf_keys(base_keys)
     problems: list[str] = model_type_problems(key_map)
     specs: dict[str, TensorSpec] = {}
     destinations: dict[str, Destination] = {}
+    shapes = {key: shape for key, (_, shape) in model_specs.items()}
     for key in model_specs:
         try:
             target = key_map.target(key)
@@ -151,17 +200,18 @@ def plan_for_save(
         if missing:
             problems.append(f"{key} is stored fused in {target.hf_key} with {missing}, which the state dict lacks")
             continue
-        parts = [model_specs[p] for p in target.parts]
-        if len({dtype for dtype, _ in parts}) != 1:
+        dtypes = {model_specs[p][0] for p in target.parts}
+        if len(dtypes) != 1:
             problems.append(f"the parts of {target.hf_key} ({list(target.parts)}) have different dtypes")
             continue
-        shape = _fused_shape([s for _, s in parts])
+        shape = _hf_shape(target, shapes)
         if shape == (-1,):
             problems.append(f"the parts of {target.hf_key} ({list(target.parts)}) have incompatible shapes")
             continue
-        specs[target.hf_key] = TensorSpec(target.hf_key, parts[0][0], shape)
-        offsets = _part_offsets(target.parts, {p: model_specs[p][1][0] for p in target.parts})
-        destinations[key] = Destination(target.hf_key, offsets[key])
+        for hf_key in _hf_keys(target, shapes[key][0] if shapes[key] else 0):
+            specs[hf_key] = TensorSpec(hf_key, next(iter(dtypes)), shape)
+        offsets = _part_offsets(target.parts, _part_rows(target, shapes))
+        destinations[key] = Destination(target.hf_key, target.rule, offsets[key])
     _fail(problems, f"the state dict cannot be saved as {key_map.name}")
     return specs, destinations
 
@@ -170,7 +220,9 @@ def model_specs_from_checkpoint(
     key_map: KeyMap, tensors: dict[str, TensorEntry], where: str
 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """The torchtune tensors (dtype, shape) a checkpoint holds, for loading without a model."""
+    key_map = key_map.for_hf_keys(tensors)
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    experts: dict[str, int] = {}  # per-expert tune key -> the number of experts seen
     problems: list[str] = model_type_problems(key_map, where)
     for hf_key, entry in tensors.items():
         keys = key_map.tune_keys(hf_key)
@@ -180,14 +232,19 @@ def model_specs_from_checkpoint(
             continue
         if hf_key in key_map.tied and key_map.config.tie_word_embeddings:
             continue
-        rows = [key_map.part_rows(k) or entry.shape[0] for k in keys]
-        if sum(rows) != entry.shape[0]:
+        rule = key_map.target(keys[0]).rule
+        lead, shape = (entry.shape[:1], entry.shape[1:]) if rule.experts and rule.experts != PER_EXPERT else ((), entry.shape)
+        rows = [key_map.part_rows(k) or shape[0] for k in keys]
+        if sum(rows) != shape[0]:
             problems.append(
-                f"shape mismatch: {hf_key} in {entry.file} has {entry.shape[0]} rows but the config's "
+                f"shape mismatch: {hf_key} in {entry.file} has {shape[0]} rows but the config's "
                 f"dimensions give {rows} for {keys}"
             )
             continue
         for key, n in zip(keys, rows):
-            specs[key] = (entry.dtype, (n, *entry.shape[1:]))
+            if rule.experts == PER_EXPERT:
+                experts[key] = experts.get(key, 0) + 1
+                lead = (experts[key],)
+            specs[key] = (entry.dtype, (*lead, n, *shape[1:]))
     _fail(problems, f"the checkpoint at {where} does not match {key_map.name}")
     return specs
