@@ -67,7 +67,11 @@ VARIANTS = [
     variant("GEMMA2", sliding_window=8),  # shorter than the 16 test tokens: the window matters
     variant("PHI3_MINI"),  # MHA, untied
     variant("PHI3_MINI", tied=True, num_key_value_heads=2),
+    variant("QWEN3_MOE"),  # 8 experts, top 2, norm_topk_prob
+    variant("QWEN3_MOE", norm_topk_prob=False),
+    variant("MIXTRAL"),  # 8 experts, top 2, interleaved RoPE
 ]
+MOE_TYPES = {"QWEN3_MOE", "MIXTRAL"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +130,25 @@ def _phi3_to_tune(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
     return phi3_hf_to_tune(sd, **_dims(config))
 
 
+def _experts_to_tune(
+    dense: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]], block: str, names: tuple[str, str, str]
+) -> Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]:
+    """Stack each layer's per-expert ``names`` (gate, up, down) and take the router; ``dense`` converts the rest."""
+
+    def convert(sd: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+        prefix = re.compile(rf"model\.layers\.(\d+)\.{block}\.")
+        out = dense({k: v for k, v in sd.items() if not prefix.match(k)}, config)
+        for i in range(config.num_hidden_layers):
+            hf = f"model.layers.{i}.{block}"
+            out[f"layers.{i}.mlp.router.weight"] = sd[f"{hf}.gate.weight"]
+            for tune, name in zip(("gate_proj", "up_proj", "down_proj"), names):
+                experts = [sd[f"{hf}.experts.{e}.{name}.weight"] for e in range(config.num_experts)]
+                out[f"layers.{i}.mlp.experts.{tune}"] = torch.stack(experts)
+        return out
+
+    return convert
+
+
 TO_TUNE: dict[str, Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]] = {
     "LLAMA2": _llama_to_tune,
     "LLAMA3": _llama_to_tune,
@@ -136,6 +159,8 @@ TO_TUNE: dict[str, Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, to
     "QWEN3": _qwen3_to_tune,
     "GEMMA2": _gemma2_to_tune,
     "PHI3_MINI": _phi3_to_tune,
+    "QWEN3_MOE": _experts_to_tune(_qwen3_to_tune, "mlp", ("gate_proj", "up_proj", "down_proj")),
+    "MIXTRAL": _experts_to_tune(_llama_to_tune, "block_sparse_moe", ("w1", "w3", "w2")),
 }
 
 
@@ -280,7 +305,7 @@ def test_lora_adds_adapters_and_keeps_logits(
     ckpt = checkpoints(v)
     lora = LoraSpec(
         ("q_proj", "v_proj", "output_proj"),
-        apply_lora_to_mlp=True,
+        apply_lora_to_mlp=v.model_type not in MOE_TYPES,  # LoRA on experts is refused
         apply_lora_to_output=not ckpt.config.tie_word_embeddings,
         lora_rank=4,
     )

@@ -165,3 +165,55 @@ def test_python_launch_without_torchrun(tiny_models, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert "step 2 loss" in done.stdout
     assert (tmp_path / "out" / "epoch_0" / MANIFEST_FILE).exists()
+
+
+def _moe_run(recipe: str, config: str, base: Path, out: Path, metrics: Path, nproc: int, *extra: str) -> str:
+    return run_recipe(
+        recipe, config, nproc,
+        f"checkpointer.checkpoint_dir={base}", f"checkpointer.output_dir={out}", f"metrics_file={metrics}",
+        "epochs=1", "max_steps_per_epoch=4", "save_every_n_steps=2", *extra,
+    )  # fmt: skip
+
+
+def test_moe_trains_on_2_ranks_and_resumes_on_3(tiny_models, tmp_path):
+    """8 experts: whole experts per rank on 2 (4 + 4) and on 3 (3 + 3 + 2); the router aux loss is in the loss."""
+    base = tiny_models["qwen3_moe"]
+    _moe_run("full_finetune_distributed", "configs/tiny/moe_full.yaml", base, tmp_path / "out", tmp_path / "m.jsonl", 2)
+    expected = losses(tmp_path / "m.jsonl")
+    assert sorted(expected) == [1, 2, 3, 4] and expected[4] < expected[1]
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "out", out)
+    for name in ("step_4", "epoch_0"):
+        shutil.rmtree(out / name)
+    _moe_run("full_finetune_distributed", "configs/tiny/moe_full.yaml", base, out, tmp_path / "r.jsonl", 3, "checkpointer.resume_from_checkpoint=true")
+    resumed = losses(tmp_path / "r.jsonl")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):  # other ranks, other micro-batches: the load-balancing loss is not additive over them
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-3), (step, resumed[step], expected[step])
+    final = hf_logits(out / "epoch_0")
+    assert (final - hf_logits(tmp_path / "out" / "epoch_0")).abs().max() <= 1e-2
+    assert (final - hf_logits(base)).abs().max() > 1e-3  # it trained, and transformers loads the result
+
+
+def test_moe_lora_adapter_loads_in_peft_with_the_same_logits(tiny_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_models["qwen3_moe"]
+    _moe_run("lora_finetune_distributed", "configs/tiny/moe_lora.yaml", base, tmp_path / "out", tmp_path / "m.jsonl", 2, "max_steps_per_epoch=2")
+    final = tmp_path / "out" / "epoch_0"
+    adapter = final / "adapter"
+    assert set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    model = build_model_from_dir("QWEN3_MOE", base, lora=LoraSpec(("q_proj", "k_proj", "v_proj", "output_proj"), False, False, 4, 8.0))
+    checkpointer = DistributedHFCheckpointer(base, tmp_path / "unused", "QWEN3_MOE")
+    checkpointer.load_model(model)
+    checkpointer.load_adapter(model, adapter)
+    with torch.no_grad():
+        tune_logits = model(TOKENS)
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    peft_model = PeftModel.from_pretrained(hf, adapter).eval()
+    with torch.no_grad():
+        peft_logits = peft_model(TOKENS).logits
+    assert (peft_logits - tune_logits).abs().max() <= 1e-5
+    assert (hf_logits(final) - tune_logits).abs().max() <= 1e-5  # the merged weights published alongside
+    assert (tune_logits - hf_logits(base)).abs().max() > 1e-4  # the adapter changed something

@@ -26,6 +26,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gemma": ("GEMMA", {}),
     "gemma2": ("GEMMA2", {"max_shard_size": "30KB"}),
     "phi3_mini": ("PHI3_MINI", {"max_shard_size": "30KB"}),
+    # 8 experts per layer (uneven over 3 ranks), one tensor per expert as save_pretrained writes them
+    "qwen3_moe": ("QWEN3_MOE", {"max_shard_size": "100KB"}),
+    "mixtral": ("MIXTRAL", {}),
+    # fused 3-D experts (experts.gate_up_proj [E, 2F, D]), as transformers holds them
+    "qwen3_moe_fused": ("QWEN3_MOE", {"fused_experts": True, "max_shard_size": "100KB"}),
 }
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 7, 100, 64, 3, 12, 90, 41, 2], [1, 77, 21, 8, 8, 15, 99, 120, 4, 31, 60, 2]])

@@ -66,10 +66,8 @@ def _abstract(key: str) -> tuple[str, tuple[str, ...]]:
 
 def _fill(pattern: str, indices: tuple[str, ...]) -> str:
     """``pattern`` with its first ``{}`` s replaced by ``indices``; any further ``{}`` stay (the expert)."""
-    pieces = pattern.split("{}")
-    filled = "".join(p + i for p, i in zip(pieces, indices))
-    rest = pieces[len(indices) :]
-    return filled + "{}".join(rest) if rest else filled
+    first, *rest = pattern.split("{}")
+    return first + "".join((indices[i] if i < len(indices) else "{}") + piece for i, piece in enumerate(rest))
 
 
 def expert_key(hf_key: str, expert: int) -> str:
@@ -135,9 +133,7 @@ class KeyMap:
         own = {rule.hf for rule in self.rules}
         for variant in self.variants:
             if patterns & ({rule.hf for rule in variant} - own):
-                replaced = {rule.tune for rule in variant}
-                rules = [r for r in self.rules if r.tune not in replaced] + list(variant)
-                return KeyMap(self.name, rules, self.config, self._ignored_hf, self.tied)
+                return KeyMap(self.name, _with_variant(self.rules, variant), self.config, self._ignored_hf, self.tied)
         return self
 
     def is_ignored(self, hf_key: str) -> bool:
@@ -178,6 +174,7 @@ class _KeySet:
 
 
 _KEY_SETS: dict[str, _KeySet] = {}
+_VARIANT_KEY_SETS: dict[str, tuple[_KeySet, ...]] = {}  # the same model types stored another way
 
 
 def register_key_map(
@@ -196,9 +193,25 @@ def register_key_map(
     rules, ignored_hf, tied = tuple(rules), tuple(ignored_hf), dict(tied or _TIED_OUTPUT)
     variants = tuple(tuple(v) for v in variants)
     KEY_MAPS[name] = lambda config: KeyMap(name, rules, config, ignored_hf, tied, variants)
-    with_rule = frozenset(r.hf for r in rules)
     ignored = tuple(re.compile(p) for p in ignored_hf)
-    _KEY_SETS[name] = _KeySet(with_rule - set(tied), frozenset(tied), with_rule, ignored, frozenset(hf_model_types), rules)
+    _KEY_SETS[name] = _KeySet(*_hf_patterns(rules, tied), ignored, frozenset(hf_model_types), rules)
+    _VARIANT_KEY_SETS[name] = tuple(
+        _KeySet(*_hf_patterns(_with_variant(rules, v), tied), ignored, frozenset(hf_model_types), rules)
+        for v in variants
+    )
+
+
+def _hf_patterns(rules: tuple[Rule, ...], tied: dict[str, str]) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The required, optional (tied) and ruled HF key patterns of ``rules``."""
+    with_rule = frozenset(r.hf for r in rules)
+    return with_rule - set(tied), frozenset(tied), with_rule
+
+
+def _with_variant(rules: Iterable[Rule], variant: Iterable[Rule]) -> tuple[Rule, ...]:
+    """``rules`` with those of the tune keys that ``variant`` covers replaced by ``variant`` 's."""
+    variant = tuple(variant)
+    replaced = {rule.tune for rule in variant}
+    return (*(r for r in rules if r.tune not in replaced), *variant)
 
 
 def hf_model_types_for(name: str) -> frozenset[str]:
@@ -225,9 +238,11 @@ def model_types_for_keys(hf_keys: Iterable[str], tied: bool | None = None, hf_mo
     """
     keys = [(key, _abstract(key)[0]) for key in hf_keys]
     patterns = {pattern for _, pattern in keys}
+    layouts = [(name, key_set) for name, key_set in _KEY_SETS.items()]
+    layouts += [(name, key_set) for name, variants in _VARIANT_KEY_SETS.items() for key_set in variants]
     matches = {
         name: key_set
-        for name, key_set in _KEY_SETS.items()
+        for name, key_set in layouts
         if keys and all(key_set.known(k, p, tied) for k, p in keys) and key_set.required <= patterns
     }
     narrowed = [name for name, key_set in matches.items() if hf_model_type in key_set.hf_model_types]

@@ -119,7 +119,31 @@ TINY_CONFIGS: dict[str, Callable[..., Any]] = {
         original_max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 1.0},
     ),
+    # 8 experts (uneven over 3 ranks), top 2; every weight perturbed (see ``_PERTURB_ALL``).
+    "QWEN3_MOE": _make(
+        "Qwen3MoeConfig",
+        tie_word_embeddings=False,
+        head_dim=16,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        router_aux_loss_coef=0.01,
+        rope_parameters=_plain_rope(1_000_000.0),
+    ),
+    "MIXTRAL": _make(
+        "MixtralConfig",
+        tie_word_embeddings=False,
+        intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.01,
+        rope_parameters=_plain_rope(1_000_000.0),
+    ),
 }
+# Types whose every weight gets noise: transformers starts routers at zero or tiny values,
+# and with near-uniform routing a wrong router or expert order would not show in the logits.
+_PERTURB_ALL = frozenset({"QWEN3_MOE", "MIXTRAL"})
 
 
 def tiny_config(model_type: str, *, tied: bool | None = None, **overrides: Any) -> Any:
@@ -143,6 +167,7 @@ def write_tiny_model(
     tied: bool | None = None,
     max_shard_size: str | None = None,
     dtype: torch.dtype = torch.float32,
+    fused_experts: bool = False,
     **overrides: Any,
 ) -> pathlib.Path:
     """Write a tiny random ``model_type`` checkpoint (config, weights, tokenizer) to ``path``.
@@ -150,7 +175,9 @@ def write_tiny_model(
     ``tied`` overrides ``tie_word_embeddings``; ``overrides`` set other config fields. With a
     small ``max_shard_size`` (e.g. ``"20KB"``) the weights are split over several files and a
     ``model.safetensors.index.json``. Norm scales and biases get random noise (see
-    ``_perturb_constants``). Returns ``path``.
+    ``_perturb_constants``). ``fused_experts`` writes the tensors as transformers holds them
+    (``save_original_format=False``: mixture-of-experts weights as fused 3-D tensors such as
+    ``experts.gate_up_proj``) instead of one tensor per expert. Returns ``path``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -159,21 +186,26 @@ def write_tiny_model(
     with _seeded(seed):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _perturb_constants(model)
+        if model_type in _PERTURB_ALL:
+            _perturb_constants(model, dims=None)
     model = model.to(dtype).eval()
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if fused_experts:
+        kwargs["save_original_format"] = False
     model.save_pretrained(out, **kwargs)
     write_tiny_tokenizer(out, config.vocab_size, TINY_CHAT_TEMPLATE)
     return out
 
 
 @torch.no_grad()
-def _perturb_constants(model: torch.nn.Module, scale: float = 0.2) -> None:
+def _perturb_constants(model: torch.nn.Module, scale: float = 0.2, dims: int | None = 1) -> None:
     """Add noise to 1-D parameters (norm scales, biases), which transformers initialises to constants.
 
     With constant norms a swapped or misplaced norm would not change the logits; with noise it does.
+    ``dims=None`` perturbs every parameter.
     """
     for param in model.parameters():
-        if param.ndim == 1:
+        if dims is None or param.ndim == dims:
             param.add_(torch.randn_like(param), alpha=scale)
 
 

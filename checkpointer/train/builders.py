@@ -41,6 +41,17 @@ with LoRA, each adapted ``X.weight`` also gets ``X.lora_a.weight`` and ``X.lora_
   LLAMA, with ``output.weight`` unless the config ties embeddings; HF's fused
   ``qkv_proj``/``gate_up_proj`` split into ``{q,k,v}_proj`` and ``w1``/``w3``.
 
+- QWEN3_MOE: QWEN3's attention; every layer's ``mlp`` is a ``MoEFeedForward`` (``moe.py``):
+  ``layers.{i}.mlp.router.weight`` ``[E, D]`` (HF ``mlp.gate.weight``) and the stacked experts
+  ``layers.{i}.mlp.experts.{gate,up}_proj`` ``[E, F, D]`` and ``...down_proj`` ``[E, D, F]``
+  (HF ``mlp.experts.{e}.{gate,up,down}_proj.weight``, or fused ``mlp.experts.gate_up_proj``
+  ``[E, 2F, D]`` and ``mlp.experts.down_proj``). ``F`` is ``moe_intermediate_size``; top-k
+  weights renormalised when ``norm_topk_prob``. Dense layers between MoE layers
+  (``decoder_sparse_step``, ``mlp_only_layers``) and LoRA on experts are refused.
+- MIXTRAL: MISTRAL's attention (interleaved RoPE: q/k rows permuted) and the same MoE keys
+  (HF ``block_sparse_moe.gate`` and ``block_sparse_moe.experts.{e}.w1/w3/w2``; ``F`` is
+  ``intermediate_size``); top-k weights always renormalised.
+
 Sliding-window attention is not implemented for LLAMA*/MISTRAL/QWEN* (nor in torchtune): they
 are exact only for sequences no longer than the window, and building with a longer
 ``max_seq_len`` warns. Configs a builder cannot honour (another RoPE scaling, partial rotary,
@@ -76,6 +87,7 @@ from torchtune.modules.peft import LoRALinear
 
 from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.model_config import ModelConfig
+from checkpointer.train.moe import MoEFeedForward
 
 MAX_SEQ_LEN_CAP = 4096  # default max_seq_len: the config's max_position_embeddings, at most this
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -204,6 +216,8 @@ class _Arch:
     qkv_bias: bool = False
     output_bias: bool = False
     qk_norm: bool = False
+    moe: bool = False  # the feed-forward is a mixture of experts (``MoEFeedForward``)
+    norm_topk_prob: bool | None = None  # None: the config's ``norm_topk_prob`` (absent: false)
 
 
 class QkNormBeforeRopeAttention(MultiHeadAttention):
@@ -307,6 +321,23 @@ def _mlp(config: ModelConfig, lora: LoraSpec | None) -> FeedForward:
     )
 
 
+def _moe(model_type: str, config: ModelConfig, lora: LoraSpec | None, arch: _Arch) -> MoEFeedForward:
+    """The mixture-of-experts feed-forward of every layer (LoRA is for attention only)."""
+    _reject(
+        model_type,
+        {
+            "apply_lora_to_mlp (LoRA on experts)": lora is not None and lora.apply_lora_to_mlp,
+            f"decoder_sparse_step {config.decoder_sparse_step} (dense layers between MoE layers)": config.decoder_sparse_step != 1,
+            f"mlp_only_layers {list(config.mlp_only_layers)}": bool(config.mlp_only_layers),
+            "num_experts 0": not config.num_experts,
+        },
+    )
+    norm = arch.norm_topk_prob if arch.norm_topk_prob is not None else bool(config.norm_topk_prob)
+    return MoEFeedForward(
+        config.hidden_size, config.moe_intermediate_size or config.intermediate_size, config.num_experts, config.num_experts_per_tok, norm
+    )
+
+
 def _output(
     model_type: str, config: ModelConfig, tok_embeddings: nn.Embedding, lora: LoraSpec | None
 ) -> nn.Module | TiedLinear:
@@ -340,7 +371,7 @@ def _decoder(
     layers = nn.ModuleList(
         TransformerSelfAttentionLayer(
             attn=_attention(config, max_seq_len, lora, rope, arch),
-            mlp=_mlp(config, lora),
+            mlp=_moe(model_type, config, lora, arch) if arch.moe else _mlp(config, lora),
             sa_norm=RMSNorm(config.hidden_size, eps=eps),
             mlp_norm=RMSNorm(config.hidden_size, eps=eps),
         )
@@ -418,6 +449,21 @@ def _qwen3(config: ModelConfig, max_seq_len: int, lora: LoraSpec | None) -> Tran
         lora,
         _Arch(rope=_qwen_rope, qkv_bias=bias, output_bias=bias, qk_norm=True),
     )
+
+
+def _qwen3_moe(config: ModelConfig, max_seq_len: int, lora: LoraSpec | None) -> TransformerDecoder:
+    """QWEN3_MOE: QWEN3's attention with a mixture-of-experts feed-forward in every layer."""
+    _check_rope("QWEN3_MOE", config, (None,))
+    bias = bool(config.attention_bias)
+    arch = _Arch(rope=_qwen_rope, qkv_bias=bias, output_bias=bias, qk_norm=True, moe=True)
+    return _decoder("QWEN3_MOE", config, max_seq_len, lora, arch)
+
+
+def _mixtral(config: ModelConfig, max_seq_len: int, lora: LoraSpec | None) -> TransformerDecoder:
+    """MIXTRAL: Mistral's attention (interleaved RoPE) with experts; top-k weights always renormalised."""
+    _check_rope("MIXTRAL", config, (None,))
+    _reject("MIXTRAL", {"attention_bias": bool(config.attention_bias)})
+    return _decoder("MIXTRAL", config, max_seq_len, lora, _Arch(rope=_plain_rope, moe=True, norm_topk_prob=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,4 +582,6 @@ REGISTRY: dict[str, Builder] = {
     "GEMMA": _gemma,
     "GEMMA2": _gemma2,
     "PHI3_MINI": _phi3,
+    "QWEN3_MOE": _qwen3_moe,
+    "MIXTRAL": _mixtral,
 }

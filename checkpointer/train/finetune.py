@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from checkpointer.train.batches import GlobalBatches, TrainingProgress, global_s
 from checkpointer.train.builders import LoraSpec
 from checkpointer.train.fsdp import build_sharded_model, default_mesh, initialize_lora, reset_rope_buffers, shard_model
 from checkpointer.train.lora import merged_state_dict
+from checkpointer.train.moe import router_aux_loss
 
 log = logging.getLogger("checkpointer.recipe")
 IGNORE_INDEX = -100
@@ -110,6 +112,11 @@ class FinetuneRecipe:
         if self.lora:
             set_trainable_params(model, get_adapter_params(model))
         return model
+
+    @cached_property
+    def router_aux_loss_coef(self) -> float:
+        """The weight of the router's load-balancing loss (config.json ``router_aux_loss_coef``; 0 for dense models)."""
+        return ModelConfig.from_dict(self.checkpointer.config_dict).router_aux_loss_coef
 
     def _build_tokenizer(self):
         if self.cfg.get("tokenizer") and "_component_" in self.cfg.tokenizer:
@@ -200,6 +207,9 @@ class FinetuneRecipe:
             loss = sum(chunk.sum() for chunk in (logits if isinstance(logits, list) else [logits])) * 0.0
         else:
             loss = self.loss_fn(logits, labels) * count
+        aux = router_aux_loss(self.model)  # mixture-of-experts load balancing, weighted as transformers does
+        if aux is not None:
+            loss = loss + self.router_aux_loss_coef * aux * count
         loss.backward()
         return loss.detach(), count
 
