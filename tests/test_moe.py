@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from variants import TOKENS
 
 from checkpointer import DistributedHFCheckpointer
-from checkpointer.mapping.key_maps import get_key_map
 from checkpointer.format.model_config import ModelConfig
+from checkpointer.mapping.key_maps import get_key_map
 from checkpointer.testing.multiprocess import run_on_ranks
 from checkpointer.train.builders import build_model_from_dir
 from checkpointer.train.moe import router_aux_loss

@@ -1,7 +1,7 @@
 """A DCP SavePlanner that turns local shards into boxes of Hugging Face tensors.
 
-Each rank emits one WriteItem per contiguous block of HF rows that its shards hold
-(the same pieces as loading, in reverse). The coordinator removes duplicates of
+Each rank emits one WriteItem per HF box that its shards hold: a contiguous block of
+rows, or one whole expert (``pieces.shard_pieces``, the same pieces as loading, in reverse). The coordinator removes duplicates of
 replicated data, checks that the boxes cover every HF tensor exactly, and returns the
 plans; each rank then writes its own boxes in place (see ``storage_writer``).
 """
