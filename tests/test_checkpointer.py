@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from variants import TOKENS, VARIANTS, hf_logits
+from variants import TOKENS, VARIANTS, assert_same_tensors, hf_logits
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.format.hf_files import INDEX_FILE
@@ -40,6 +40,7 @@ def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
     assert saved == str(tmp_path / "epoch_3")
     assert (hf_logits(saved) - reference).abs().max() <= TOLERANCE
     _assert_same_split_as_base(base, tmp_path / "epoch_3")
+    assert_same_tensors(base, saved)
     assert checkpointer.last_save.bytes == checkpointer.last_load.bytes  # each byte read once, written once
 
     again = build_model_from_dir(model_type, saved)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from dist_workers import case, load_expecting_errors, load_forward_save_reload
-from variants import TOKENS, VARIANTS, hf_logits
+from variants import TOKENS, VARIANTS, assert_same_tensors, hf_logits
 
 from checkpointer.testing.multiprocess import run_on_ranks
 
@@ -36,6 +36,7 @@ def test_every_model_type_loads_and_saves_sharded(world, tiny_models, references
         saved = per_rank[0]["saved"]
         assert all(r["saved"] == saved for r in per_rank)
         assert (hf_logits(saved) - references[name]).abs().max() <= TOLERANCE, name
+        assert_same_tensors(tiny_models[name], saved)
 
 
 def _second_shard(folder) -> str:

@@ -48,3 +48,16 @@ def hf_logits(path: str | pathlib.Path, tokens: torch.Tensor = TOKENS) -> torch.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         return model(tokens).logits
+
+
+def assert_same_tensors(base: str | pathlib.Path, saved: str | pathlib.Path) -> None:
+    """Every tensor of the saved folder is bitwise the base's tensor of that name, and none is missing."""
+    from safetensors.torch import load_file
+
+    def tensors(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    ours, theirs = tensors(pathlib.Path(saved)), tensors(pathlib.Path(base))
+    assert ours.keys() == theirs.keys(), sorted(ours.keys() ^ theirs.keys())
+    differ = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
+    assert not differ, f"{saved}: {differ[:5]} differ from {base}"
