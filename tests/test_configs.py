@@ -31,7 +31,9 @@ def _load(path: Path):
 def test_there_are_configs_for_the_real_models():
     names = {p.relative_to(p.parents[1]).as_posix() for p in CONFIGS}
     for expected in ("llama3_2/1B_full.yaml", "llama3_2/3B_lora.yaml", "llama3_1/8B_lora.yaml", "qwen2_5/0.5B_full.yaml",
-                     "qwen2_5/7B_lora.yaml", "qwen3/8B_lora.yaml", "mistral/7B_lora.yaml", "phi3/mini_lora.yaml"):  # fmt: skip
+                     "qwen2_5/7B_lora.yaml", "qwen3/8B_lora.yaml", "mistral/7B_lora.yaml", "phi3/mini_lora.yaml",
+                     "qwen3_moe/30B_A3B_full.yaml", "qwen3_moe/30B_A3B_lora.yaml", "mixtral/8x7B_full.yaml",
+                     "mixtral/8x7B_lora.yaml", "tiny/moe_full.yaml", "tiny/moe_lora.yaml"):  # fmt: skip
         assert expected in names
 
 
