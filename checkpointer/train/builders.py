@@ -330,6 +330,7 @@ def _moe(model_type: str, config: ModelConfig, lora: LoraSpec | None, arch: _Arc
             f"decoder_sparse_step {config.decoder_sparse_step} (dense layers between MoE layers)": config.decoder_sparse_step != 1,
             f"mlp_only_layers {list(config.mlp_only_layers)}": bool(config.mlp_only_layers),
             "num_experts 0": not config.num_experts,
+            f"num_experts_per_tok {config.num_experts_per_tok} (1 to num_experts)": not 0 < config.num_experts_per_tok <= config.num_experts,
         },
     )
     norm = arch.norm_topk_prob if arch.norm_topk_prob is not None else bool(config.norm_topk_prob)
