@@ -22,7 +22,7 @@ from dist_workers import save_dcp
 from places import KINDS, place, unique_repo
 from safetensors import safe_open
 from safetensors.torch import save_file
-from variants import TOKENS, hf_logits
+from variants import TOKENS, assert_same_tensors, hf_logits
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.cli.main import main
@@ -329,6 +329,21 @@ def test_export_dcp_saved_on_two_ranks_with_fused_tensors(tmp_path, capsys):
     code, _, _ = run(capsys, "export", tmp_path / "dist_epoch_0", "--to", tmp_path / "hf", "--model-type", "PHI3_MINI", "--base", base, "--trust-pickle")
     assert code == 0
     assert (hf_logits(tmp_path / "hf") - hf_logits(base)).abs().max() <= TOLERANCE
+
+
+def test_export_dcp_of_a_moe_model_splits_experts_over_files(tmp_path, capsys):
+    """Saved on 3 ranks (8 experts: 3 + 3 + 2), exported into small files that each hold some of a layer's experts."""
+    base = write_tiny_model("MIXTRAL", tmp_path / "mixtral", max_shard_size="60KB")
+    run_on_ranks(save_dcp, 3, str(base), "MIXTRAL", str(tmp_path / "dist_epoch_0"), timeout=300)
+    code, _, _ = run(
+        capsys, "export", tmp_path / "dist_epoch_0", "--to", tmp_path / "hf", "--model-type", "MIXTRAL", "--base", base,
+        "--trust-pickle", "--max-shard-size", "60KB",
+    )  # fmt: skip
+    assert code == 0
+    weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    experts = {weight_map[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] for e in range(8)}
+    assert len(experts) > 1  # one stacked tensor, written into several files
+    assert_same_tensors(base, tmp_path / "hf")
 
 
 def test_export_dcp_with_json_metadata_needs_no_trust(base, tmp_path, capsys):

@@ -102,13 +102,13 @@ class HFPlan:
     files: FileLayout
 
     def keys_in(self, file: str) -> list[str]:
-        return [t for t, d in self.destinations.items() if self.files.entries[d.hf_key].file == file]
+        return [t for t, d in self.destinations.items() if any(self.files.entries[h].file == file for h in d.hf_keys)]
 
     def write(self, file: str, tensors: dict[str, torch.Tensor], out: Path) -> int:
         """Write the one file ``file`` from its torchtune ``tensors`` with the library's DCP writer."""
         one = self.files.subset(file)
         specs, destinations = {h: self.specs[h] for h in one.entries}, {t: self.destinations[t] for t in tensors}
-        write_hf_tensors(tensors, self.key_map, specs, destinations, one, out, lambda _: None, None)
+        write_hf_tensors(tensors, self.key_map, specs, destinations, one, out, lambda _: None, None, subset=True)
         return one.total_bytes
 
 

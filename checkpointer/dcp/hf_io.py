@@ -66,8 +66,11 @@ def write_hf_tensors(
     folder: Path,
     finish: Callable[[Path], None],
     group: dist.ProcessGroup | None,
+    subset: bool = False,
 ) -> tuple[IOStats, Digests]:
     """Write ``state_dict`` into the files ``file_layout`` describes, in ``folder``; ``finish`` runs last on rank 0.
+
+    ``subset``: ``state_dict`` may hold more than these files take (see ``HFSavePlanner``).
 
     Returns this rank's stats and, on rank 0, the digests of every file written (computed
     from memory by the ranks that wrote each box; empty on the other ranks).
@@ -77,7 +80,7 @@ def write_hf_tensors(
         dcp.save(
             state_dict,
             storage_writer=writer,
-            planner=HFSavePlanner(key_map, specs, destinations),
+            planner=HFSavePlanner(key_map, specs, destinations, subset),
             process_group=group,
             no_dist=not is_distributed(),
         )

@@ -32,12 +32,18 @@ from checkpointer.mapping.pieces import Placement, shard_pieces
 
 
 class HFSavePlanner(SavePlanner):
-    """Plans writes of local shards as boxes of the HF tensors in ``specs``."""
+    """Plans writes of local shards as boxes of the HF tensors in ``specs``.
 
-    def __init__(self, key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Placement]):
+    ``subset``: the state dict's tensors may also hold HF tensors beyond ``specs`` (an expert
+    tensor when one output file of an export holds only some of its experts); their pieces
+    are left out. ``specs`` must still be covered exactly.
+    """
+
+    def __init__(self, key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Placement], subset: bool = False):
         self.key_map = key_map
         self.specs = specs
         self.destinations = destinations
+        self.subset = subset
         self.views: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.state_dict: dict[str, Any] = {}
 
@@ -53,6 +59,7 @@ class HFSavePlanner(SavePlanner):
         return [
             self._item(self.specs[piece.hf_key], piece.offsets, piece.lengths, piece.view)
             for piece in shard_pieces(self.key_map, self.destinations[key], shard)
+            if not self.subset or piece.hf_key in self.specs
         ]
 
     def _item(self, spec: TensorSpec, offsets: tuple[int, ...], sizes: tuple[int, ...], view: torch.Tensor) -> WriteItem:

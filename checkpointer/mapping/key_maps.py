@@ -75,6 +75,11 @@ def expert_key(hf_key: str, expert: int) -> str:
     return hf_key.replace("{}", str(expert))
 
 
+def stored_keys(hf_key: str, rule: Rule, experts: int) -> list[str]:
+    """The HF keys a tensor of ``rule`` stored at ``hf_key`` occupies: one per expert for a per-expert rule."""
+    return [expert_key(hf_key, e) for e in range(experts)] if rule.experts == PER_EXPERT else [hf_key]
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a torchtune tensor lives in the Hugging Face checkpoint."""

@@ -19,9 +19,9 @@ from checkpointer.mapping.key_maps import (
     PER_EXPERT,
     KeyMap,
     Target,
-    expert_key,
     hf_model_types_for,
     key_maps_for_hf_model_type,
+    stored_keys,
 )
 from checkpointer.mapping.pieces import Placement
 
@@ -70,11 +70,9 @@ def _hf_shape(target: Target, shapes: dict[str, tuple[int, ...]]) -> tuple[int, 
     return per_expert if target.rule.experts == PER_EXPERT else (*parts[0][:1], *per_expert)
 
 
-def _hf_keys(target: Target, experts: int) -> list[str]:
-    """The HF keys of ``target``: one per expert for a per-expert rule."""
-    if target.rule.experts == PER_EXPERT:
-        return [expert_key(target.hf_key, e) for e in range(experts)]
-    return [target.hf_key]
+def _experts(target: Target, shape: tuple[int, ...]) -> int:
+    """The expert count of a tensor of ``target`` 's rule (its dim 0), 0 for other rules."""
+    return shape[0] if target.rule.experts and shape else 0
 
 
 def _part_offsets(parts: tuple[str, ...], rows: dict[str, int]) -> dict[str, int]:
@@ -115,7 +113,7 @@ def match_for_load(
         used.update(found)
         if ok:
             offsets = _part_offsets(target.parts, _part_rows(target, model_shapes))
-            sources[key] = Source(found[0] if len(found) == 1 else target.hf_key, target.rule, offsets[key])
+            sources[key] = Source(found[0] if len(found) == 1 else target.hf_key, target.rule, offsets[key], _experts(target, shape))
     for hf_key, entry in tensors.items():
         if hf_key in used or key_map.is_ignored(hf_key) or _is_spare_tied_copy(key_map, hf_key, tensors):
             continue
@@ -142,7 +140,7 @@ def _matched_keys(
     expected = _hf_shape(target, model_shapes)
     experts = f" (the model has {shape[0]} experts: num_experts in config.json)" if target.rule.experts else ""
     found, bad = [], []
-    for stored in _hf_keys(target, shape[0] if shape else 0):
+    for stored in stored_keys(target.hf_key, target.rule, _experts(target, shape)):
         hf_key = stored
         if hf_key not in tensors and key_map.tied.get(hf_key) in tensors and key_map.config.tie_word_embeddings:
             hf_key = key_map.tied[hf_key]
@@ -208,10 +206,11 @@ def plan_for_save(
         if shape == (-1,):
             problems.append(f"the parts of {target.hf_key} ({list(target.parts)}) have incompatible shapes")
             continue
-        for hf_key in _hf_keys(target, shapes[key][0] if shapes[key] else 0):
+        destination = Destination(target.hf_key, target.rule, 0, _experts(target, shapes[key]))
+        for hf_key in destination.hf_keys:
             specs[hf_key] = TensorSpec(hf_key, next(iter(dtypes)), shape)
         offsets = _part_offsets(target.parts, _part_rows(target, shapes))
-        destinations[key] = Destination(target.hf_key, target.rule, offsets[key])
+        destinations[key] = Destination(target.hf_key, target.rule, offsets[key], destination.experts)
     _fail(problems, f"the state dict cannot be saved as {key_map.name}")
     return specs, destinations
 

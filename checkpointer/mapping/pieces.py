@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpointer.mapping.key_maps import PER_EXPERT, KeyMap, Rule, expert_key
+from checkpointer.mapping.key_maps import PER_EXPERT, KeyMap, Rule, expert_key, stored_keys
 from checkpointer.mapping.local_shards import LocalShard
 from checkpointer.mapping.row_runs import local_view
 
@@ -23,12 +23,19 @@ from checkpointer.mapping.row_runs import local_view
 class Placement:
     """Where a torchtune tensor lives: its HF key, the rule that maps it, and its first HF row (fused parts).
 
-    For a per-expert rule ``hf_key`` keeps a ``{}`` for the expert index.
+    For a per-expert rule ``hf_key`` keeps a ``{}`` for the expert index; ``experts`` is the
+    tensor's expert count (0 for other rules).
     """
 
     hf_key: str
     rule: Rule
     part_offset: int = 0
+    experts: int = 0
+
+    @property
+    def hf_keys(self) -> list[str]:
+        """The HF keys the tensor occupies (one per expert for a per-expert rule)."""
+        return stored_keys(self.hf_key, self.rule, self.experts)
 
 
 @dataclass(frozen=True)
