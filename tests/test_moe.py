@@ -139,3 +139,23 @@ def test_bad_moe_checkpoints_are_refused_on_every_rank_naming_the_key(tiny_model
     assert "num_experts in config.json" in results[0]["config_more_experts"]
     assert "has 6 experts" in results[0]["config_fewer_experts"]
     assert "(8, 64, 64)" in results[0]["fused_fewer_experts"]  # the file's 8 experts
+
+
+@pytest.mark.parametrize(
+    "offsets,lengths",
+    [((0, 0, 0), (4, 6, 3)), ((2, 0, 0), (1, 6, 3)), ((2, 1, 0), (1, 2, 3)), ((1, 0, 0), (2, 6, 3)), ((3, 5, 1), (1, 1, 2)),
+     ((1, 1, 0), (2, 2, 3)), ((1, 0, 1), (1, 6, 2)), ((0, 2, 0), (2, 6 - 2, 3))],
+)  # fmt: skip
+def test_contiguous_box_is_exactly_the_boxes_whose_elements_are_one_run(offsets, lengths):
+    """The reader and writer move a box as one byte run only when its elements are consecutive in the file."""
+    from checkpointer.format.safetensors import TensorEntry
+
+    shape, start = (4, 6, 3), 100
+    entry = TensorEntry("t", "f", torch.float32, shape, start, start + 4 * 6 * 3 * 4)
+    index = torch.arange(4 * 6 * 3).view(shape)
+    for dim, (o, n) in enumerate(zip(offsets, lengths)):
+        index = index.narrow(dim, o, n)
+    flat = index.flatten()
+    consecutive = bool((flat.diff() == 1).all())
+    expected = start + int(flat[0]) * 4 if consecutive else None
+    assert entry.contiguous_box(offsets, lengths) == expected
