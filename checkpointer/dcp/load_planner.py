@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.mapping.key_maps import KeyMap
-from checkpointer.mapping.local_shards import LocalShard, local_shard
+from checkpointer.mapping.local_shards import LocalShard, local_boxes
 from checkpointer.mapping.matching import match_for_load
 from checkpointer.mapping.pieces import Piece, Placement, shard_pieces
 
@@ -42,7 +42,7 @@ class HFLoadPlanner(LoadPlanner):
 
     def create_local_plan(self) -> LoadPlan:
         self.targets = []
-        items = [item for key, value in self.state_dict.items() for item in self._items(key, local_shard(key, value))]
+        items = [item for key, value in self.state_dict.items() for box in local_boxes(key, value) for item in self._items(key, box)]
         return LoadPlan(items)
 
     def _items(self, key: str, shard: LocalShard) -> list[ReadItem]:

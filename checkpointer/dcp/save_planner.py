@@ -27,7 +27,7 @@ from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.boxes import Box, exact_cover
 from checkpointer.mapping.key_maps import KeyMap
-from checkpointer.mapping.local_shards import LocalShard, local_shard
+from checkpointer.mapping.local_shards import LocalShard, local_boxes
 from checkpointer.mapping.pieces import Placement, shard_pieces
 
 
@@ -52,7 +52,7 @@ class HFSavePlanner(SavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         self.views = {}
-        items = [item for key, value in self.state_dict.items() for item in self._items(key, local_shard(key, value))]
+        items = [item for key, value in self.state_dict.items() for box in local_boxes(key, value) for item in self._items(key, box)]
         return SavePlan(items)
 
     def _items(self, key: str, shard: LocalShard) -> list[WriteItem]:

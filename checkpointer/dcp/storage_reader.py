@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from checkpointer.format.box_runs import ByteRun, box_byte_runs, merge_runs
 from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorEntry
@@ -32,6 +33,24 @@ from checkpointer.runtime.failpoints import failpoint
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def span_bytes(runs: list[ByteRun]) -> int:
+    """The bytes the runs themselves hold (not the gaps between them)."""
+    return sum(length for _, length in runs)
+
+
+def _spans(runs: list[ByteRun], max_gap: int) -> list[tuple[ByteRun, list[ByteRun]]]:
+    """Runs grouped into file ranges to fetch, each with the runs it holds."""
+    grouped: list[tuple[ByteRun, list[ByteRun]]] = []
+    position = 0
+    for span in merge_runs(runs, max_gap):
+        end = position
+        while end < len(runs) and runs[end][0] < span[0] + span[1]:
+            end += 1
+        grouped.append((span, runs[position:end]))
+        position = end
+    return grouped
 
 
 def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:
@@ -103,27 +122,28 @@ class SafetensorsReader(StorageReader):
         return done
 
     def _read_item(self, entry: TensorEntry, item: ReadItem, target: torch.Tensor, scratch: _Scratch) -> None:
-        """Copy the box ``item`` names from ``entry`` into ``target``."""
-        rows = item.lengths[0] if item.lengths else 1
-        first_row = item.storage_offsets[0] if item.storage_offsets else 0
-        offset = entry.contiguous_box(tuple(item.storage_offsets), tuple(item.lengths))
-        if offset is not None:  # one run of bytes: read it as is
-            if target.dtype == entry.dtype and target.is_contiguous() and target.device.type == "cpu":
-                self.files.folder.read_into(entry.file, offset, tensor_bytes(target))
-                self.bytes_read += target.numel() * target.element_size()
-                return
-            block = scratch.block(tuple(item.lengths), entry.dtype)
-            self.files.folder.read_into(entry.file, offset, tensor_bytes(block))
-            self.bytes_read += block.numel() * block.element_size()
+        """Copy the box ``item`` names from ``entry`` into ``target``: only the box's bytes are read.
+
+        A box of whole rows (or one expert's rows) is one byte range; a column box is one range
+        per row, each read on its own (ranges nearer than the folder's ``merge_gap`` are fetched as one request).
+        """
+        lengths = tuple(item.lengths)
+        runs = box_byte_runs(entry, tuple(item.storage_offsets), lengths)
+        direct = target.dtype == entry.dtype and target.is_contiguous() and target.device.type == "cpu"
+        block = target if direct else scratch.block(lengths, entry.dtype)
+        out, filled = tensor_bytes(block), 0
+        for span, inside in _spans(runs, self.files.folder.merge_gap):
+            if len(inside) == 1:
+                self.files.folder.read_into(entry.file, span[0], out[filled : filled + span[1]])
+            else:
+                data, at = memoryview(self.files.folder.read(entry.file, span[0], span[1])), filled
+                for offset, length in inside:
+                    out[at : at + length] = data[offset - span[0] : offset - span[0] + length]
+                    at += length
+            filled += span_bytes(inside)
+            self.bytes_read += span[1]
+        if not direct:
             target.copy_(block.view(target.shape))
-            return
-        offset = entry.start + first_row * entry.row_bytes
-        block = scratch.block((rows, *entry.shape[1:]) if entry.shape else (), entry.dtype)
-        self.files.folder.read_into(entry.file, offset, tensor_bytes(block))
-        self.bytes_read += block.numel() * block.element_size()
-        for dim, (start, length) in enumerate(zip(item.storage_offsets[1:], item.lengths[1:]), start=1):
-            block = block.narrow(dim, start, length)
-        target.copy_(block.reshape(target.shape) if block.is_contiguous() else block.contiguous().view(target.shape))
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:

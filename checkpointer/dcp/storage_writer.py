@@ -8,8 +8,10 @@ rarely write into the same file at once (buffered writes to one file serialize o
 inode lock); writeback of each box is started as soon as it is written (Linux
 ``sync_file_range``), so the final fsync mostly finds it done. A box whose rows are
 scattered in memory (the transposed views of RoPE-permuted q/k heads) is written row by
-row with ``pwritev``, straight from the shard, without a contiguous copy. Each rank hashes
-every box from the memory it writes it from (xxh3, :mod:`checkpointer.format.digests`) and
+row with ``pwritev``, straight from the shard, without a contiguous copy. A box that splits
+rows (a tensor-parallel column block) lands as one byte run per row of the file
+(``format.box_runs``): one ``pwritev`` per run, the runs that touch merged. Each rank hashes
+every run from the memory it writes it from (xxh3, :mod:`checkpointer.format.digests`) and
 returns the digest with the box's write result; ``finish`` runs on the coordinator once
 every rank has written: it gathers the digests (:attr:`SafetensorsWriter.digests`, which
 must tile every file) and writes the index. There are no per-rank files, no consolidation
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +34,8 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from checkpointer.dcp.storage_reader import tensor_bytes
-from checkpointer.errors import CheckpointError, CheckpointMismatchError, CheckpointTransportError, CheckpointUnsupportedError
+from checkpointer.errors import CheckpointError, CheckpointMismatchError, CheckpointTransportError
+from checkpointer.format.box_runs import ByteRun, box_byte_runs
 from checkpointer.format.digests import Digests, check_tiling, digest_of
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.safetensors import TensorEntry
@@ -47,14 +51,6 @@ def create_files(folder: Path, layout: FileLayout) -> None:
         with open(folder / name, "wb") as f:
             f.write(header)
             f.truncate(layout.sizes[name])
-
-
-def box_offset(entry: TensorEntry, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> int:
-    """The file offset of a box of ``entry`` whose bytes are one run (whole rows, or one expert's rows)."""
-    offset = entry.contiguous_box(offsets, lengths)
-    if offset is None:
-        raise CheckpointUnsupportedError(f"{entry.name}: writing boxes that split rows (tensor parallel) is not supported", key=entry.name)
-    return offset
 
 
 def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
@@ -93,11 +89,13 @@ class SafetensorsWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         failpoint("save:write")
-        results, fds = [], {}
         order = _rotated(sorted(self.layout.headers), self.rank)
+        items = sorted(plan.items, key=lambda i: (order[self.layout.entries[i.index.fqn].file], i.index.offset))
+        boxes = [(item, self._file_runs(item)) for item in items]  # every box is checked before any byte is written
+        results, fds = [], {}
         try:
-            for item in sorted(plan.items, key=lambda i: (order[self.layout.entries[i.index.fqn].file], i.index.offset)):
-                results.append(self._write_item(item, planner, fds))
+            for item, runs in boxes:
+                results.append(self._write_item(item, runs, planner, fds))
             for fd in fds.values():
                 os.fsync(fd)
         finally:
@@ -107,28 +105,47 @@ class SafetensorsWriter(StorageWriter):
         future.set_result(results)
         return future
 
-    def _write_item(self, item: WriteItem, planner: SavePlanner, fds: dict[str, int]) -> WriteResult:
+    def _file_runs(self, item: WriteItem) -> list[ByteRun]:
+        entry = self.layout.entries.get(item.index.fqn)
+        if entry is None or item.tensor_data is None:
+            raise CheckpointMismatchError(
+                f"{self.folder}: the save plan names {item.index.fqn!r}, which the file layout does not hold", key=item.index.fqn
+            )
+        return box_byte_runs(entry, tuple(item.index.offset), tuple(item.tensor_data.chunk.sizes))
+
+    def _write_item(self, item: WriteItem, runs: list[ByteRun], planner: SavePlanner, fds: dict[str, int]) -> WriteResult:
+        """Write one box, run by run; its result holds ``(file, offset, length, digest)`` of each run."""
         entry = self.layout.entries[item.index.fqn]
         data = planner.resolve_data(item).detach().to(device="cpu", dtype=entry.dtype)
+        sizes = tuple(item.tensor_data.chunk.sizes)
+        if data.numel() != math.prod(sizes):
+            raise CheckpointMismatchError(
+                f"{entry.file}: the data for {entry.name!r} at {tuple(item.index.offset)} holds {data.numel()} elements, "
+                f"its box {sizes} holds {math.prod(sizes)}",
+                file=entry.file,
+                key=entry.name,
+            )
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
-        offset = box_offset(entry, tuple(item.index.offset), tuple(item.tensor_data.chunk.sizes))
-        pieces = byte_runs(data)
+        ranges = []
         try:
-            written = _pwritev_all(fds[entry.file], pieces, offset)
+            for (offset, length), pieces in zip(runs, split_pieces(byte_runs(data), runs)):
+                ranges.append((entry.file, offset, _pwritev_all(fds[entry.file], pieces, offset), digest_of(pieces)))
         except OSError as e:
             hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
             raise CheckpointTransportError(
                 f"{self.folder / entry.file}: writing {entry.name} ({data.numel() * entry.dtype.itemsize} bytes at "
-                f"offset {offset}) failed: {e.strerror}{hint}; the previous checkpoint is untouched",
+                f"offset {runs[0][0]}) failed: {e.strerror}{hint}; the previous checkpoint is untouched",
                 file=str(self.folder / entry.file), key=entry.name,
             ) from e
-        _start_writeback(fds[entry.file], offset, written)
+        written = sum(length for _, _, length, _ in ranges)
+        if runs:
+            _start_writeback(fds[entry.file], runs[0][0], runs[-1][0] + runs[-1][1] - runs[0][0])
         self.bytes_written += written
-        return WriteResult(index=item.index, size_in_bytes=written, storage_data=(entry.file, offset, written, digest_of(pieces)))
+        return WriteResult(index=item.index, size_in_bytes=written, storage_data=ranges)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        self.digests = file_digests(self.layout, [r.storage_data for rank_results in results for r in rank_results])
+        self.digests = file_digests(self.layout, [run for rank_results in results for r in rank_results for run in r.storage_data])
         self.on_finish(self.folder)
 
     def storage_meta(self):
@@ -176,6 +193,23 @@ def byte_runs(tensor: torch.Tensor) -> list[memoryview]:
 
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def split_pieces(pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> list[list[memoryview]]:
+    """``pieces`` (bytes back to back) cut at the run boundaries: the pieces of each run, without copies."""
+    pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
+    split, index, used = [], 0, 0  # ``used``: bytes of pending[index] already handed out
+    for _, length in runs:
+        batch, need = [], length
+        while need:
+            piece = pending[index][used : used + need]
+            batch.append(piece)
+            need -= len(piece)
+            used += len(piece)
+            if used == len(pending[index]):
+                index, used = index + 1, 0
+        split.append(batch)
+    return split
 
 
 def _pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:

@@ -15,8 +15,17 @@ from typing import Protocol
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 
 
+REMOTE_MERGE_GAP = 1 << 20  # about what one HTTP round trip costs, in bytes of transfer
+
+
 class Folder(Protocol):
-    """Read access to the files of one checkpoint folder."""
+    """Read access to the files of one checkpoint folder.
+
+    ``merge_gap``: byte ranges of one file at most this far apart are cheaper fetched as one
+    read (remote folders, where each request costs a round trip) than apart (local files: 0).
+    """
+
+    merge_gap: int
 
     def describe(self, name: str = "") -> str:
         """A human-readable location of ``name`` (or of the folder) for messages."""
@@ -66,6 +75,8 @@ class LocalFolder:
     Symlinks may point anywhere inside ``trusted_root`` (default: the folder itself); the
     Hugging Face cache, for example, links snapshot files to blobs two levels up.
     """
+
+    merge_gap = 0
 
     def __init__(self, root: str | os.PathLike, trusted_root: str | os.PathLike | None = None):
         self.root = Path(root)

@@ -1,19 +1,30 @@
-"""The part of a (possibly distributed) tensor that this rank holds, as a box in the global tensor."""
+"""The parts of a (possibly distributed) tensor that this rank holds, as boxes in the global tensor.
+
+Every DTensor layout torch builds is a set of boxes on each rank (DESIGN.md 8): ``Shard(d)``
+on any dim, ``Replicate``, uneven shards, and ``_StridedShard`` (FSDP2 over tensor parallel),
+on meshes of any number of dims. torch computes, per sharded dim, the global index of every
+local position (``_get_shard_size_and_offsets``, the helper behind
+``compute_local_shape_and_global_offset``); each maximal run of consecutive indices is one
+interval, and a box is one interval per dim. FSDP2 over TP gives one interval per dim; a
+strided shard whose rows are not consecutive gives several boxes, never a gathered tensor.
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from checkpointer.errors import CheckpointArgumentError, CheckpointMismatchError, CheckpointUnsupportedError
 
 
 @dataclass(frozen=True)
 class LocalShard:
-    """This rank's tensor ``local`` sits at ``offsets`` inside a tensor of ``global_shape``."""
+    """This rank's tensor ``local`` (a box) sits at ``offsets`` inside a tensor of ``global_shape``."""
 
     local: torch.Tensor
     offsets: tuple[int, ...]
@@ -28,23 +39,67 @@ class LocalShard:
         return self.local.shape[0] if self.local.dim() else 1
 
 
-def local_shard(key: str, value: object) -> LocalShard:
-    """The local box of a plain tensor (all of it) or of a DTensor sharded/replicated by dims."""
+def local_boxes(key: str, value: object) -> list[LocalShard]:
+    """The boxes of a plain tensor (one: all of it) or of a DTensor's local tensor (see the module doc)."""
     if isinstance(value, DTensor):
-        for placement in value.placements:
-            if type(placement) not in (Shard, Replicate):
-                raise CheckpointUnsupportedError(
-                    f"{key}: DTensor placement {placement} is not supported (only Shard and Replicate)",
-                    key=key,
-                )
-        shape, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
-        local = value.to_local()
-        if tuple(local.shape) != tuple(shape):
-            raise CheckpointMismatchError(f"{key}: local shard shape {tuple(local.shape)} differs from its DTensor layout {shape}", key=key)
-        return LocalShard(local, tuple(offsets), tuple(value.shape))
+        return _dtensor_boxes(key, value)
     if isinstance(value, torch.Tensor):
-        return LocalShard(value, (0,) * value.dim(), tuple(value.shape))
+        return [LocalShard(value, (0,) * value.dim(), tuple(value.shape))]
     raise CheckpointArgumentError(f"{key}: expected a tensor, found {type(value).__name__}", key=key)
+
+
+def _dtensor_boxes(key: str, value: DTensor) -> list[LocalShard]:
+    local, shape = value.to_local(), tuple(value.shape)
+    indices = _global_indices(key, value)
+    if tuple(local.shape) != tuple(len(indices.get(d, range(n))) for d, n in enumerate(shape)):
+        raise CheckpointMismatchError(f"{key}: local shard shape {tuple(local.shape)} differs from its DTensor layout {value.placements}", key=key)
+    if local.numel() == 0:
+        return []
+    per_dim = [_intervals(indices[d]) if d in indices else [(0, 0, n)] for d, n in enumerate(shape)]
+    boxes = []
+    for box in itertools.product(*per_dim):
+        view = local
+        for dim, (local_start, _, length) in enumerate(box):
+            view = view.narrow(dim, local_start, length)
+        boxes.append(LocalShard(view, tuple(start for _, start, _ in box), shape))
+    return boxes
+
+
+def _global_indices(key: str, value: DTensor) -> dict[int, torch.Tensor]:
+    """Sharded dim -> the global index of each local position along it (torch's own computation)."""
+    mesh, shape = value.device_mesh, tuple(value.shape)
+    coordinate = mesh.get_coordinate()
+    indices: dict[int, torch.Tensor] = {}
+    sizes = list(shape)
+    for mesh_dim, placement in enumerate(value.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if not isinstance(placement, (Shard, _StridedShard)):
+            raise CheckpointUnsupportedError(
+                f"{key}: DTensor placement {placement} holds partial values, not a part of the tensor: "
+                "reduce it (redistribute to Replicate or Shard) before saving",
+                key=key,
+            )
+        dim = placement.dim
+        size, index = _get_shard_size_and_offsets(
+            sizes[dim], mesh.size(mesh_dim), coordinate[mesh_dim], placement, indices.get(dim), shape[dim], False
+        )
+        sizes[dim], indices[dim] = size, index[:size]
+    return indices
+
+
+def _intervals(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive global indices as (local start, global start, length)."""
+    first, count = int(index[0]), len(index)
+    if int(index[-1]) - first + 1 == count and bool((index.diff() == 1).all()):
+        return [(0, first, count)]
+    runs: list[tuple[int, int, int]] = []
+    for position, global_index in enumerate(index.tolist()):
+        if runs and runs[-1][1] + runs[-1][2] == global_index:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, global_index, 1))
+    return runs
 
 
 def global_spec(key: str, value: object) -> tuple[torch.dtype, tuple[int, ...]]:

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, CheckpointTransportError
-from checkpointer.format.folder import Folder, LocalFolder, check_relative_name
+from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, check_relative_name
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero
@@ -40,6 +40,8 @@ _MANIFEST = ".checkpointer-source.json"
 
 class FsspecFolder:
     """Byte-range reads of the files under one fsspec folder."""
+
+    merge_gap = REMOTE_MERGE_GAP
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str):
         self.fs, self.root, self.url = fs, root.rstrip("/"), url.rstrip("/")

@@ -38,7 +38,7 @@ from checkpointer.errors import (
     CheckpointTransportError,
 )
 from checkpointer.format.digests import hash_chunks
-from checkpointer.format.folder import Folder, LocalFolder, check_relative_name, local_files
+from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, check_relative_name, local_files
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.format.model_card import CARD_MARKER, model_card
@@ -106,6 +106,8 @@ def repo_path(url: HubUrl, name: str) -> str:
 
 class HubFolder:
     """Byte-range reads of a Hub folder at a pinned commit."""
+
+    merge_gap = REMOTE_MERGE_GAP
 
     def __init__(self, url: HubUrl, sha: str, sizes: dict[str, int]):
         self.url, self.sha, self.sizes = url, sha, sizes
