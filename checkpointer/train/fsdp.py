@@ -1,8 +1,12 @@
-"""Building a torchtune model straight into FSDP2 shards: no rank ever holds the full model.
+"""Building a torchtune model straight into its shards: no rank ever holds the full model.
 
-The model is built on the meta device (no memory), each transformer layer and then the
-root are wrapped with ``fully_shard``, and only the local shards are materialized with
-``to_empty``. The checkpointer then fills them from the files.
+The model is built on the meta device (no memory); with tensor parallelism it is first
+parallelized over the mesh's ``tp`` dim (``training.prepare_mha_for_tp`` and a plan, as
+torchtune's recipe does); each transformer layer and then the root are wrapped with
+``fully_shard`` over the data-parallel dims (HSDP when ``dp_replicate`` > 1); only the local
+shards are materialized with ``to_empty``. The checkpointer then fills them from the files.
+
+:func:`parallel_mesh` names its dims as torchtitan does: ``("dp_replicate", "dp_shard", "tp")``.
 """
 
 from __future__ import annotations
@@ -11,16 +15,65 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor.parallel.style import ParallelStyle
+from torchtune import training
 from torchtune.modules.peft import LoRALinear
 
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.runtime.distributed import world_size
 from checkpointer.train.builders import LoraSpec, build_model, reset_rope_buffers
+from checkpointer.train import tp_plans
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
 
 def default_mesh(device: str = "cpu") -> DeviceMesh:
     """A 1-D mesh over every rank of the default process group."""
     return init_device_mesh(device, (world_size(),))
+
+
+def parallel_mesh(device: str = "cpu", *, tensor_parallel_dim: int = 1, data_parallel_replicate_dim: int = 1) -> DeviceMesh:
+    """A ``(dp_replicate, dp_shard, tp)`` mesh over every rank; ``dp_shard`` takes the ranks left over."""
+    world, per_shard = world_size(), tensor_parallel_dim * data_parallel_replicate_dim
+    if tensor_parallel_dim < 1 or data_parallel_replicate_dim < 1 or world % per_shard:
+        raise ValueError(
+            f"tensor_parallel_dim {tensor_parallel_dim} x data_parallel_replicate_dim {data_parallel_replicate_dim} "
+            f"must divide the {world} ranks"
+        )
+    return init_device_mesh(device, (data_parallel_replicate_dim, world // per_shard, tensor_parallel_dim), mesh_dim_names=MESH_DIMS)
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+    """The dims FSDP2 shards over: all of a 1-D mesh, else ``dp_shard`` (with ``dp_replicate``: HSDP); None for one rank."""
+    if mesh.mesh_dim_names is None or "tp" not in mesh.mesh_dim_names:
+        return mesh
+    dp = mesh[MESH_DIMS[:2]] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    return dp if dp.size() > 1 else None
+
+
+def data_parallel_rank(mesh: DeviceMesh) -> tuple[int, int]:
+    """This rank's place among the data-parallel ranks and their number (the ranks of one ``tp`` group share data)."""
+    tp = mesh["tp"].size() if mesh.mesh_dim_names and "tp" in mesh.mesh_dim_names else 1
+    return mesh.get_rank() // tp, mesh.size() // tp
+
+
+def tensor_parallelize(model: nn.Module, mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> nn.Module:
+    """torchtune's recipe steps: local head counts per ``tp`` rank, then ``parallelize_module`` with ``plan``."""
+    model = training.prepare_mha_for_tp(model, mesh)
+    parallelize_module(model, mesh, parallelize_plan=plan)
+    return model
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, plan: dict[str, ParallelStyle] | None, model_type: str | None = None) -> nn.Module:
+    """Tensor-parallelize over ``mesh["tp"]`` (when it has more than one rank), then ``fully_shard`` over the rest.
+
+    ``plan`` defaults to the one for ``model_type`` (``train.tp_plans``).
+    """
+    if mesh.mesh_dim_names and "tp" in mesh.mesh_dim_names and mesh["tp"].size() > 1:
+        model = tensor_parallelize(model, mesh["tp"], plan if plan is not None else tp_plans.tp_plan(str(model_type)))
+    dp = data_parallel_mesh(mesh)
+    return shard_model(model, dp) if dp is not None else model
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
@@ -41,15 +94,18 @@ def build_sharded_model(
     dtype: torch.dtype = torch.float32,
     lora: LoraSpec | None = None,
     max_seq_len: int | None = None,
+    tp_plan: dict[str, ParallelStyle] | None = None,
 ) -> nn.Module:
     """A model of ``model_type`` sharded over ``mesh``, with uninitialized local shards.
 
+    ``mesh``: a 1-D mesh (FSDP2), or one from :func:`parallel_mesh` (tensor parallel over its
+    ``tp`` dim with ``tp_plan``, default the family's, then FSDP2 or HSDP over the others).
     Load weights into it with ``DistributedHFCheckpointer.load_model``.
     """
     mesh = mesh or default_mesh(torch.device(device).type)
     with torch.device("meta"):
         model = build_model(model_type, config, lora=lora, max_seq_len=max_seq_len).to(dtype)
-    shard_model(model, mesh)
+    model = parallelize(model, mesh, tp_plan, model_type)
     model.to_empty(device=device)
     reset_rope_buffers(model, device)
     initialize_lora(model)
