@@ -11,6 +11,9 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
 - ``load/torchtune``, ``save/torchtune``: torchtune 0.6.1 as its distributed recipes use it.
 - ``load/torch``, ``save/torch``: DCP's ``HuggingFaceStorageReader`` / consolidating
   ``HuggingFaceStorageWriter`` with a state dict of DTensors keyed by HF names.
+- ``load/ours_tp``, ``save/ours_tp``: the same with tensor parallelism over every rank;
+  ``load/ours_fsdp_tp``, ``save/ours_fsdp_tp``: FSDP2 over tensor parallel 2 (W >= 4). Each
+  records the bytes the rank read or wrote (``moved``), which the report sets against W's share.
 - ``load/floor``, ``save/floor``: plain ``os.preadv`` of this rank's rows into its shards;
   ``safetensors.torch.save_file`` of this rank's shards into a file of its own
   (``save/floor_fsync``: the same, then fsync, as durable as ours).
@@ -36,8 +39,7 @@ from checkpointer.dcp.storage_reader import tensor_bytes
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_checkpoint_files
 from checkpointer.format.safetensors import TensorEntry
-from checkpointer.mapping.local_shards import local_shard
-from checkpointer.train.fsdp import build_sharded_model, default_mesh
+from checkpointer.train.fsdp import build_sharded_model, default_mesh, parallel_mesh
 
 DTYPE = torch.bfloat16
 
@@ -65,6 +67,7 @@ class Context:
         self.weight_map: dict[str, str] = checkpoint.weight_map or {}
         self.files = sorted(checkpoint.files)
         self.entries: dict[str, TensorEntry] = checkpoint.tensors
+        self.moved: int | None = None  # bytes the last tensor-parallel operation read or wrote on this rank
 
     def fresh_model(self) -> nn.Module:
         """An FSDP2-sharded torchtune model whose local shards are allocated, never touched."""
@@ -78,6 +81,18 @@ class Context:
         local_shape, _ = compute_local_shape_and_global_offset(shape, self.mesh, [Shard(0)])
         local = torch.empty(local_shape, dtype=DTYPE)
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=_strides(shape))
+
+    def parallel_model(self, tp: int) -> nn.Module:
+        """A model tensor-parallel over ``tp`` ranks and FSDP2-sharded over the rest, local shards untouched."""
+        return build_sharded_model(MODEL_TYPE, self.config, parallel_mesh(tensor_parallel_dim=tp), dtype=DTYPE)
+
+    @cached_property
+    def loaded_parallel_models(self) -> dict[int, nn.Module]:
+        """The models the tensor-parallel save methods save, by ``tp`` (loaded once each, by us)."""
+        models = {tp: self.parallel_model(tp) for tp in parallel_degrees(self.world)}
+        for model in models.values():
+            DistributedHFCheckpointer(self.base, self.out, MODEL_TYPE).load_model(model)
+        return models
 
     @cached_property
     def loaded_model(self) -> nn.Module:
@@ -123,10 +138,14 @@ def pread_shards(base: Path, entries: dict[str, TensorEntry], shards: dict[str, 
         for name, value in shards.items():
             entry, local = entries[name], value.to_local()
             if local.numel():
-                _preadv_all(fds[entry.file], tensor_bytes(local), entry.start + local_shard(name, value).first_row * entry.row_bytes)
+                _preadv_all(fds[entry.file], tensor_bytes(local), entry.start + _first_row(value) * entry.row_bytes)
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def _first_row(value: DTensor) -> int:
+    return compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)[1][0]
 
 
 def _preadv_all(fd: int, out: memoryview, offset: int) -> None:
@@ -230,6 +249,49 @@ def save_ours(ctx: Context, rep: int) -> Operation:
         return Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0))
 
     return operation
+
+
+def parallel_degrees(world: int) -> dict[int, str]:
+    """The tensor-parallel degrees measured at ``world`` ranks: all of them (TP), and 2 under FSDP2 when W >= 4."""
+    return {world: "tp", **({2: "fsdp_tp"} if world >= 4 else {})} if world > 1 else {}
+
+
+def _load_parallel(tp: int) -> Prepare:
+    def prepare(ctx: Context, rep: int) -> Operation:
+        model = ctx.parallel_model(tp if tp else ctx.world)
+
+        def operation() -> nn.Module:
+            checkpointer = DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE)
+            checkpointer.load_model(model)
+            ctx.moved = checkpointer.last_load.bytes
+            return model
+
+        return operation
+
+    return prepare
+
+
+def _save_parallel(tp: int) -> Prepare:
+    def prepare(ctx: Context, rep: int) -> Operation:
+        name = "tp" if tp == 0 else "fsdp_tp"
+        model, out = ctx.loaded_parallel_models[tp if tp else ctx.world], ctx.out_dir(f"save/ours_{name}", rep)
+
+        def operation() -> Path:
+            checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE)
+            saved = Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0))
+            ctx.moved = checkpointer.last_save.bytes
+            return saved
+
+        return operation
+
+    return prepare
+
+
+method("load", "ours_tp", "load_model into a model tensor parallel over every rank")(_load_parallel(0))
+method("load", "ours_fsdp_tp", "load_model into FSDP2 over tensor parallel 2 (W >= 4)")(_load_parallel(2))
+method("save", "ours_tp", "save_checkpoint of a model tensor parallel over every rank")(_save_parallel(0))
+method("save", "ours_fsdp_tp", "save_checkpoint of FSDP2 over tensor parallel 2 (W >= 4)")(_save_parallel(2))
+PARALLEL_METHODS = {"load/ours_tp": 0, "load/ours_fsdp_tp": 2, "save/ours_tp": 0, "save/ours_fsdp_tp": 2}
 
 
 @dataclass(frozen=True)

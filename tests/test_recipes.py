@@ -207,3 +207,25 @@ def test_moe_lora_adapter_loads_in_peft_with_the_same_logits(tiny_models, tmp_pa
     final = tmp_path / "out" / "epoch_0"
     assert set(json.loads((final / "adapter" / "adapter_config.json").read_text())["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     _assert_peft_matches(base, final, "QWEN3_MOE", LoraSpec(("q_proj", "k_proj", "v_proj", "output_proj"), False, False, 4, 8.0))
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_run(tiny_models, tmp_path_factory):
+    """A 4-rank full fine-tune, tensor parallel 2 x FSDP2 2 (torchtune's ``tensor_parallel_dim``), checkpointing as above."""
+    root = tmp_path_factory.mktemp("tp")
+    base = tiny_models["llama3"]  # untied; 4 heads, 2 kv heads: each FSDP shard of a TP rank holds half a kv head
+    _full_run(base, root / "out", root / "metrics.jsonl", 4, "checkpointer.model_type=LLAMA3", "tensor_parallel_dim=2")
+    return base, root
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_a_tensor_parallel_run_resumes_on_fsdp_only(tensor_parallel_run, tmp_path, nproc):
+    base, root = tensor_parallel_run
+    assert sorted(losses(root / "metrics.jsonl")) == [1, 2, 3, 4, 5, 6]
+    out = _interrupted_copy(root, "step_4", tmp_path / "out")
+    _full_run(base, out, tmp_path / "metrics.jsonl", nproc, "checkpointer.model_type=LLAMA3", "checkpointer.resume_from_checkpoint=true")
+    expected, resumed = losses(root / "metrics.jsonl"), losses(tmp_path / "metrics.jsonl")
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5)
+    assert (hf_logits(out / "epoch_1") - hf_logits(root / "out" / "epoch_1")).abs().max() <= 1e-3

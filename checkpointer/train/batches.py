@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from checkpointer.errors import CheckpointArgumentError
 from checkpointer.runtime.distributed import is_distributed
@@ -92,6 +93,22 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value)
     return value
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients on several meshes (tensor parallel beside FSDP2).
+
+    torch's foreach norm refuses DTensors of different meshes; here each gradient's norm is
+    reduced over its own mesh (``full_tensor``), then the total scales every gradient as torch does.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    squares = [g.norm(2) ** 2 for g in grads]
+    total = torch.stack([s.full_tensor() if isinstance(s, DTensor) else s for s in squares]).sum().sqrt() if squares else torch.tensor(0.0)
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coefficient.item())
+    return total
 
 
 @torch.no_grad()

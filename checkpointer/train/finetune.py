@@ -34,9 +34,17 @@ from checkpointer.format.model_config import ModelConfig
 from checkpointer.mapping.key_maps import adapter_state_dict
 from checkpointer.runtime.distributed import rank, world_size
 from checkpointer.testing.multiprocess import free_port
-from checkpointer.train.batches import GlobalBatches, TrainingProgress, global_sum, scale_gradients
+from checkpointer.train.batches import GlobalBatches, TrainingProgress, clip_gradients, global_sum, scale_gradients
 from checkpointer.train.builders import LoraSpec
-from checkpointer.train.fsdp import build_sharded_model, default_mesh, initialize_lora, reset_rope_buffers, shard_model
+from checkpointer.train.fsdp import (
+    build_sharded_model,
+    data_parallel_rank,
+    default_mesh,
+    initialize_lora,
+    parallel_mesh,
+    parallelize,
+    reset_rope_buffers,
+)
 from checkpointer.train.lora import merged_state_dict
 from checkpointer.train.moe import router_aux_loss
 
@@ -69,12 +77,18 @@ class FinetuneRecipe:
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
         self.save_every_n_steps = cfg.get("save_every_n_steps")
         self.progress = TrainingProgress(seed=self.seed)
+        self.tensor_parallel_dim = int(cfg.get("tensor_parallel_dim", 1))
+        self.data_parallel_replicate_dim = int(cfg.get("data_parallel_replicate_dim", 1))
+        if self.tensor_parallel_dim > 1 and lora:
+            raise ValueError("tensor_parallel_dim > 1 with LoRA is not supported: torch's tensor-parallel styles take nn.Linear only")
 
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
         init_distributed(self.device)
         torch.manual_seed(self.seed)
+        self.mesh = self._build_mesh()
+        dp_rank, dp_size = data_parallel_rank(self.mesh)
         self.checkpointer = tune_config.instantiate(self.cfg.checkpointer)
         self.checkpointer.training_info = {"recipe": "lora" if self.lora else "full", "epochs": self.epochs}
         self.model = self._build_model()
@@ -82,8 +96,8 @@ class FinetuneRecipe:
         self.tokenizer = self._build_tokenizer()
         self.dataset = tune_config.instantiate(self.cfg.dataset, self.tokenizer)
         self.batches = GlobalBatches(
-            len(self.dataset), int(self.cfg.global_batch_size), int(self.cfg.batch_size), rank(), world_size(), self.seed
-        )
+            len(self.dataset), int(self.cfg.global_batch_size), int(self.cfg.batch_size), dp_rank, dp_size, self.seed
+        )  # the ranks of one tensor-parallel group share their examples
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = tune_config.instantiate(self.cfg.optimizer, trainable)
         self.lr_scheduler = self._build_lr_scheduler()
@@ -93,12 +107,24 @@ class FinetuneRecipe:
         if self.checkpointer.resuming:
             self._restore()
 
+    def _build_mesh(self):
+        """torchtune's ``tensor_parallel_dim`` and ``data_parallel_replicate_dim`` (HSDP); 1-D FSDP2 by default."""
+        if self.tensor_parallel_dim == 1 and self.data_parallel_replicate_dim == 1:
+            return default_mesh(self.device.type)
+        return parallel_mesh(
+            self.device.type, tensor_parallel_dim=self.tensor_parallel_dim, data_parallel_replicate_dim=self.data_parallel_replicate_dim
+        )
+
+    def _tp_plan(self):
+        """The config's ``tensor_parallel_plan`` (a ``_component_``, as torchtune's), else the family's (``train.tp_plans``)."""
+        return tune_config.instantiate(self.cfg.tensor_parallel_plan) if self.cfg.get("tensor_parallel_plan") else None
+
     def _build_model(self) -> torch.nn.Module:
         model_cfg = self.cfg.get("model") or {}
         if "_component_" in model_cfg:  # a torchtune builder named in the config
             with torch.device("meta"):
                 model = tune_config.instantiate(model_cfg).to(self.dtype)
-            shard_model(model, default_mesh(self.device.type))
+            model = parallelize(model, self.mesh, self._tp_plan(), self.checkpointer.model_type)
             model.to_empty(device=self.device)
             reset_rope_buffers(model, self.device)
             initialize_lora(model)
@@ -107,8 +133,9 @@ class FinetuneRecipe:
             lora = LoraSpec(**{**OmegaConf.to_container(lora_cfg), "lora_attn_modules": tuple(lora_cfg.lora_attn_modules)}) if lora_cfg else None
             config = ModelConfig.from_dict(self.checkpointer.config_dict)
             model = build_sharded_model(
-                self.checkpointer.model_type, config, device=self.device, dtype=self.dtype, lora=lora, max_seq_len=model_cfg.get("max_seq_len")
-            )
+                self.checkpointer.model_type, config, self.mesh, device=self.device, dtype=self.dtype, lora=lora,
+                max_seq_len=model_cfg.get("max_seq_len"), tp_plan=self._tp_plan(),
+            )  # fmt: skip
         if self.lora:
             set_trainable_params(model, get_adapter_params(model))
         return model
@@ -218,7 +245,9 @@ class FinetuneRecipe:
         tokens = global_sum(torch.stack(counts).sum().float())
         total = global_sum(torch.stack(losses).sum().float())
         scale_gradients(self.model, world_size() / tokens.item())
-        if self.cfg.get("clip_grad_norm"):
+        if self.cfg.get("clip_grad_norm") and self.tensor_parallel_dim > 1:
+            clip_gradients(self.model, float(self.cfg.clip_grad_norm))
+        elif self.cfg.get("clip_grad_norm"):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.cfg.clip_grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
