@@ -68,6 +68,7 @@ class Context:
         self.files = sorted(checkpoint.files)
         self.entries: dict[str, TensorEntry] = checkpoint.tensors
         self.moved: int | None = None  # bytes the last tensor-parallel operation read or wrote on this rank
+        self._parallel_models: dict[str, nn.Module] = {}
 
     def fresh_model(self) -> nn.Module:
         """An FSDP2-sharded torchtune model whose local shards are allocated, never touched."""
@@ -86,13 +87,13 @@ class Context:
         """A model tensor-parallel over ``tp`` ranks and FSDP2-sharded over the rest, local shards untouched."""
         return build_sharded_model(MODEL_TYPE, self.config, parallel_mesh(tensor_parallel_dim=tp), dtype=DTYPE)
 
-    @cached_property
-    def loaded_parallel_models(self) -> dict[int, nn.Module]:
-        """The models the tensor-parallel save methods save, by ``tp`` (loaded once each, by us)."""
-        models = {tp: self.parallel_model(tp) for tp in parallel_degrees(self.world)}
-        for model in models.values():
+    def loaded_parallel_model(self, layout: str) -> nn.Module:
+        """The model a tensor-parallel save method saves (loaded once per layout, by us)."""
+        if layout not in self._parallel_models:
+            model = self.parallel_model(PARALLEL_LAYOUTS[layout][0](self.world))
             DistributedHFCheckpointer(self.base, self.out, MODEL_TYPE).load_model(model)
-        return models
+            self._parallel_models[layout] = model
+        return self._parallel_models[layout]
 
     @cached_property
     def loaded_model(self) -> nn.Module:
@@ -170,6 +171,7 @@ class Method:
     name: str
     description: str
     prepare: Prepare
+    applies: Callable[[int, ModelConfig], bool] = lambda world, config: True  # whether it runs at W ranks on this model
 
     @property
     def key(self) -> str:
@@ -179,11 +181,13 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(op: str, name: str, description: str) -> Callable[[Prepare], Prepare]:
-    """Register ``prepare`` as the method ``op/name``."""
+def method(
+    op: str, name: str, description: str, applies: Callable[[int, ModelConfig], bool] = lambda world, config: True
+) -> Callable[[Prepare], Prepare]:
+    """Register ``prepare`` as the method ``op/name`` (run where ``applies(world, config)``)."""
 
     def register(prepare: Prepare) -> Prepare:
-        METHODS[f"{op}/{name}"] = Method(op, name, description, prepare)
+        METHODS[f"{op}/{name}"] = Method(op, name, description, prepare, applies)
         return prepare
 
     return register
@@ -251,14 +255,16 @@ def save_ours(ctx: Context, rep: int) -> Operation:
     return operation
 
 
-def parallel_degrees(world: int) -> dict[int, str]:
-    """The tensor-parallel degrees measured at ``world`` ranks: all of them (TP), and 2 under FSDP2 when W >= 4."""
-    return {world: "tp", **({2: "fsdp_tp"} if world >= 4 else {})} if world > 1 else {}
+PARALLEL_LAYOUTS: dict[str, tuple[Callable[[int], int], Callable[[int, ModelConfig], bool]]] = {
+    # name: (tensor-parallel degree at W ranks, whether the layout exists at W for the model: heads split evenly)
+    "tp": (lambda world: world, lambda world, config: world > 1 and config.num_key_value_heads % world == 0),
+    "fsdp_tp": (lambda world: 2, lambda world, config: world >= 4 and world % 2 == 0 and config.num_key_value_heads % 2 == 0),
+}
 
 
-def _load_parallel(tp: int) -> Prepare:
+def _load_parallel(layout: str) -> Prepare:
     def prepare(ctx: Context, rep: int) -> Operation:
-        model = ctx.parallel_model(tp if tp else ctx.world)
+        model = ctx.parallel_model(PARALLEL_LAYOUTS[layout][0](ctx.world))
 
         def operation() -> nn.Module:
             checkpointer = DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE)
@@ -271,10 +277,9 @@ def _load_parallel(tp: int) -> Prepare:
     return prepare
 
 
-def _save_parallel(tp: int) -> Prepare:
+def _save_parallel(layout: str) -> Prepare:
     def prepare(ctx: Context, rep: int) -> Operation:
-        name = "tp" if tp == 0 else "fsdp_tp"
-        model, out = ctx.loaded_parallel_models[tp if tp else ctx.world], ctx.out_dir(f"save/ours_{name}", rep)
+        model, out = ctx.loaded_parallel_model(layout), ctx.out_dir(f"save/ours_{layout}", rep)
 
         def operation() -> Path:
             checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE)
@@ -287,11 +292,10 @@ def _save_parallel(tp: int) -> Prepare:
     return prepare
 
 
-method("load", "ours_tp", "load_model into a model tensor parallel over every rank")(_load_parallel(0))
-method("load", "ours_fsdp_tp", "load_model into FSDP2 over tensor parallel 2 (W >= 4)")(_load_parallel(2))
-method("save", "ours_tp", "save_checkpoint of a model tensor parallel over every rank")(_save_parallel(0))
-method("save", "ours_fsdp_tp", "save_checkpoint of FSDP2 over tensor parallel 2 (W >= 4)")(_save_parallel(2))
-PARALLEL_METHODS = {"load/ours_tp": 0, "load/ours_fsdp_tp": 2, "save/ours_tp": 0, "save/ours_fsdp_tp": 2}
+for _layout, (_, _applies) in PARALLEL_LAYOUTS.items():
+    _where = "tensor parallel over every rank" if _layout == "tp" else "FSDP2 over tensor parallel 2 (W >= 4)"
+    method("load", f"ours_{_layout}", f"load_model into a model {_where}", _applies)(_load_parallel(_layout))
+    method("save", f"ours_{_layout}", f"save_checkpoint of a model {_where}", _applies)(_save_parallel(_layout))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class Result:
     share: int  # the largest per-rank share of the model, in bytes
     reps: int
     check: str
+    moved_share: float | None = None  # median over repetitions of max over ranks of bytes read or written / (model / W)
 
     @property
     def seconds_per_gb(self) -> float:
@@ -62,6 +63,7 @@ def summarize(size: str, model_bytes: int, world: int, ranks: list[list[dict[str
             share=max(r["share"] for r in mine),
             reps=len(reps),
             check=_check(key, mine, model_bytes, reference),
+            moved_share=statistics.median(_worst_per_rep(by_rep, lambda r: r["moved"] * world / model_bytes)) if "moved" in mine[0] else None,
         )
     return results
 
@@ -114,7 +116,7 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
 
 def results_table(results: list[Result]) -> list[str]:
     """Every method at every world size: time, throughput, memory, check."""
-    header = ["size", "W", "method", "time s", "best s", "GB/s", "CPU s (worst rank)", "peak growth MB (worst rank)", "growth / rank share", "check"]
+    header = ["size", "W", "method", "time s", "best s", "GB/s", "CPU s (worst rank)", "peak growth MB (worst rank)", "growth / rank share", "bytes moved / (model / W)", "check"]
     rows = [
         [
             r.size,
@@ -126,6 +128,7 @@ def results_table(results: list[Result]) -> list[str]:
             f"{r.cpu:.3f}",
             f"{r.growth / MB:.0f}",
             f"{r.growth_share:.2f}",
+            "" if r.moved_share is None else f"{r.moved_share:.3f}",
             r.check,
         ]
         for r in results
@@ -220,6 +223,19 @@ def _memory(target: str, key: str, limit: float) -> Callable[[Lookup, str, int],
     return check
 
 
+def _moved(target: str, key: str, limit: float) -> Callable[[Lookup, str, int], Verdict | None]:
+    """Target: the bytes the worst rank read or wrote at most ``limit`` times its share of the model (model / W)."""
+
+    def check(get: Lookup, size: str, world: int) -> Verdict | None:
+        r = get(size, world, key)
+        if not r or r.moved_share is None:
+            return None
+        detail = f"{key}: the worst rank moved {r.moved_share:.3f} x its share, model / W = {r.model_bytes / world / MB:.0f} MB (<= {limit})"
+        return Verdict(target, size, world, r.moved_share <= limit, detail)
+
+    return check
+
+
 def _falls_as_1_over_w(target: str, key: str, slack: float) -> Callable[[Lookup, str, int], Verdict | None]:
     """Target: growth / share at W no more than at W=1 plus ``slack``: memory per rank falls as 1/W."""
 
@@ -260,6 +276,10 @@ TARGETS = [
     _time_ratio("save at least 5x faster than torchtune", "save/torchtune", "save/ours", 5.0, at_most=False),
     _time_ratio("save at least 5x faster than torch's consolidating writer", "save/torch", "save/ours", 5.0, at_most=False),
     _memory("save peak growth at most 0.25x the rank's share", "save/ours", 0.25),
+    *(
+        _moved(f"{key} bytes per rank at most 1.05x its share", key, 1.05)
+        for key in ("load/ours_tp", "load/ours_fsdp_tp", "save/ours_tp", "save/ours_fsdp_tp")
+    ),
     _falls_as_1_over_w("load memory per rank falls as 1/W", "load/ours", 0.1),
     _falls_as_1_over_w("save memory per rank falls as 1/W", "save/ours", 0.1),
     _flat_per_gb("load time per GB flat from 300m to 1b", "load/ours", "300m", "1b", 1.25),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import cProfile
 import io
 import logging
+import math
 import os
 import pstats
 import random
@@ -25,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from bench.measure import measure
 from bench.methods import METHODS, Context, Method, Unfinished, local_tensor
@@ -50,7 +52,7 @@ def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]
     torch.set_num_threads(settings.threads)
     logging.getLogger("torchtune").setLevel(logging.WARNING)  # one INFO line per file saved
     ctx = Context(rank, world, Path(settings.base), Path(settings.out))
-    methods = [METHODS[key] for key in settings.methods]
+    methods = [METHODS[key] for key in settings.methods if METHODS[key].applies(world, ctx.config)]
     if any(m.op == "save" for m in methods):
         ctx.loaded_model, ctx.loaded_hf_shards  # noqa: B018 - the save sources exist before any timing
     records = [_run_once(ctx, m, rep) for rep in range(settings.reps) for m in _shuffled(methods, rep)]
@@ -74,7 +76,9 @@ def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
     check = _checksum(result) if method.op == "load" else _saved_bytes(ctx, result)
     del operation, result
     _clean(ctx, ctx.out_dir(method.key, rep))
-    return {"key": method.key, "rep": rep, "rank": ctx.rank, "share": ctx.share, "check": check, **asdict(sample)}
+    moved, ctx.moved = ctx.moved, None
+    record = {"key": method.key, "rep": rep, "rank": ctx.rank, "share": ctx.share, "check": check, **asdict(sample)}
+    return record | ({"moved": moved} if moved is not None else {})
 
 
 def _checksum(loaded: nn.Module | dict[str, Any]) -> float:
@@ -82,10 +86,22 @@ def _checksum(loaded: nn.Module | dict[str, Any]) -> float:
     state_dict = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     total = torch.zeros((), dtype=torch.float64)
     for value in state_dict.values():
-        total += local_tensor(value).sum(dtype=torch.float64)
+        total += local_tensor(value).sum(dtype=torch.float64) / _copies(value)
     if dist.is_initialized():
         dist.all_reduce(total)
     return float(total)
+
+
+def _copies(value: torch.Tensor) -> int:
+    """On how many ranks each element of ``value`` lives: its replicated mesh dims, times the ranks outside its mesh.
+
+    (A plain tensor lives on every rank; FSDP2 over TP shards a norm over ``dp`` only, so each ``tp`` rank holds a copy.)
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not isinstance(value, DTensor):
+        return world
+    mesh = value.device_mesh
+    return world // mesh.size() * math.prod(mesh.size(d) for d, p in enumerate(value.placements) if p.is_replicate())
 
 
 def _saved_bytes(ctx: Context, folder: Path) -> int:
