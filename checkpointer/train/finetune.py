@@ -1,8 +1,9 @@
 """The fine-tuning loop behind ``recipes/full_finetune_distributed.py`` and ``lora_finetune_distributed.py``.
 
 torchtune provides the models, datasets, loss, optimizer and config instantiation; this
-module wires them to FSDP2 and the checkpointer: the model is built on the meta device,
-sharded, and filled by ``DistributedHFCheckpointer.load_model`` (no rank ever holds the
+module wires them to FSDP2 (over tensor parallel with ``tensor_parallel_dim``, HSDP with
+``data_parallel_replicate_dim``) and the checkpointer: the model is built on the meta device,
+parallelized and sharded, and filled by ``DistributedHFCheckpointer.load_model`` (no rank ever holds the
 whole model); checkpoints (weights, LoRA adapter, training state) go through
 ``save_checkpoint``; ``resume_from_checkpoint`` continues from the newest one on any number
 of ranks (see ``checkpointer.train.batches`` for why the data order and updates do not depend on
