@@ -40,7 +40,7 @@ def _local_bytes(state: dict[str, torch.Tensor]) -> int:
 
 
 def load_save_load_save(rank: int, world: int, layouts: list[dict]) -> dict:
-    """Per layout: load, compare with torchtune's conversion, save, load that into a fresh model, save again."""
+    """Per layout: load, compare with torchtune's conversion, save, load that (checking its digests) into a fresh model, save again."""
     results = {}
     for c in layouts:
         mesh = parallel_mesh("cpu", tensor_parallel_dim=c["tp"], data_parallel_replicate_dim=c["replicate"])
@@ -52,7 +52,7 @@ def load_save_load_save(rank: int, world: int, layouts: list[dict]) -> dict:
         reference = torchtune_reference(c["base"])
         saved = checkpointer.save_checkpoint({"model": state}, epoch=0)
         again = build_sharded_model(c["model_type"], config, mesh)
-        second = DistributedHFCheckpointer(saved, f"{c['out']}/second", c["model_type"])
+        second = DistributedHFCheckpointer(saved, f"{c['out']}/second", c["model_type"], verify_checksums=True)
         second.load_model(again)
         resaved = second.save_checkpoint({"model": again.state_dict()}, epoch=0)
         results[c["name"]] = {

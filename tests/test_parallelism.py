@@ -3,7 +3,8 @@
 Every layout is loaded from a transformers-written checkpoint and compared, tensor by
 tensor, with torchtune 0.6.1's own ``hf_to_tune`` of that checkpoint; each rank must read
 exactly the bytes torch says it holds; the save must hold every byte once (transformers
-gives the same logits as for the base); loading that save and saving again gives the same bytes.
+gives the same logits as for the base) and its digests verify; loading that save and saving again
+gives the same bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from parallel_workers import layout, load_save_load_save
 from variants import hf_logits
 
+from checkpointer.cli import main as cli_main
 from checkpointer.testing.multiprocess import run_on_ranks
 from checkpointer.testing.tiny_models import write_tiny_model
 
@@ -46,6 +48,7 @@ def _check(name: str, base, per_rank: list[dict]) -> None:
         if (saved / file).exists() or (resaved / file).exists():
             assert (saved / file).read_bytes() == (resaved / file).read_bytes(), f"{name}: save, load, save changed {file}"
     assert (hf_logits(saved) == hf_logits(base)).all(), f"{name}: transformers' logits of the save differ from the base's"
+    assert cli_main(["verify", str(saved), "--full"]) == 0, f"{name}: the digests of the boxes the ranks wrote do not verify"
 
 
 def test_tensor_parallel_fsdp_over_tp_hsdp_and_3d_on_4_ranks(bases, tmp_path):
