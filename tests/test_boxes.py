@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWr
 
 from checkpointer.dcp.storage_writer import SafetensorsWriter
 from checkpointer.errors import CheckpointError
-from checkpointer.format.boxes import box_byte_runs
+from checkpointer.format.box_runs import box_byte_runs
 from checkpointer.format.file_layout import plan_file_layout
 from checkpointer.format.safetensors import TensorEntry, TensorSpec
 

@@ -31,6 +31,7 @@ from torchtune.data import padded_collate_sft
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from checkpointer.dcp.training_state import rng_key, rng_state, set_rng_state
+from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.mapping.key_maps import adapter_state_dict
 from checkpointer.runtime.distributed import rank, world_size
@@ -81,7 +82,10 @@ class FinetuneRecipe:
         self.tensor_parallel_dim = int(cfg.get("tensor_parallel_dim", 1))
         self.data_parallel_replicate_dim = int(cfg.get("data_parallel_replicate_dim", 1))
         if self.tensor_parallel_dim > 1 and lora:
-            raise ValueError("tensor_parallel_dim > 1 with LoRA is not supported: torch's tensor-parallel styles take nn.Linear only")
+            raise CheckpointArgumentError(
+                "tensor_parallel_dim > 1 with LoRA is not supported: torch's tensor-parallel styles take nn.Linear only",
+                key="tensor_parallel_dim",
+            )
 
     # ---- setup -------------------------------------------------------------------------------
 

@@ -20,10 +20,11 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torchtune import training
 from torchtune.modules.peft import LoRALinear
 
+from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.runtime.distributed import world_size
-from checkpointer.train.builders import LoraSpec, build_model, reset_rope_buffers
 from checkpointer.train import tp_plans
+from checkpointer.train.builders import LoraSpec, build_model, reset_rope_buffers
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -37,9 +38,10 @@ def parallel_mesh(device: str = "cpu", *, tensor_parallel_dim: int = 1, data_par
     """A ``(dp_replicate, dp_shard, tp)`` mesh over every rank; ``dp_shard`` takes the ranks left over."""
     world, per_shard = world_size(), tensor_parallel_dim * data_parallel_replicate_dim
     if tensor_parallel_dim < 1 or data_parallel_replicate_dim < 1 or world % per_shard:
-        raise ValueError(
+        raise CheckpointArgumentError(
             f"tensor_parallel_dim {tensor_parallel_dim} x data_parallel_replicate_dim {data_parallel_replicate_dim} "
-            f"must divide the {world} ranks"
+            f"must divide the {world} ranks",
+            key="tensor_parallel_dim",
         )
     return init_device_mesh(device, (data_parallel_replicate_dim, world // per_shard, tensor_parallel_dim), mesh_dim_names=MESH_DIMS)
 

@@ -20,6 +20,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torchtune.models.llama3 import base_llama_tp_plan
 
+from checkpointer.errors import CheckpointArgumentError
+
 
 def decoder_tp_plan() -> dict[str, ParallelStyle]:
     """The plan of a torchtune ``TransformerDecoder`` with self-attention layers (Llama 3's, spelled out)."""
@@ -77,5 +79,8 @@ TP_PLANS: dict[str, Callable[[], dict[str, ParallelStyle]]] = {
 def tp_plan(model_type: str) -> dict[str, ParallelStyle]:
     """The plan for ``model_type``, or an error naming the known ones."""
     if model_type not in TP_PLANS:
-        raise ValueError(f"no tensor-parallel plan for model_type {model_type!r}; known: {sorted(TP_PLANS)}; pass tensor_parallel_plan")
+        raise CheckpointArgumentError(
+            f"no tensor-parallel plan for model_type {model_type!r}; known: {sorted(TP_PLANS)}; pass tensor_parallel_plan",
+            key="tensor_parallel_plan",
+        )
     return TP_PLANS[model_type]()
