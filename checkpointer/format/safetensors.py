@@ -65,6 +65,23 @@ class TensorEntry:
         """Bytes of one index along dim 0 (the whole tensor for a scalar)."""
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
 
+    def contiguous_box(self, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> int | None:
+        """The file offset of the box at ``offsets`` of ``lengths`` when its bytes are one run, else None.
+
+        A box is one run when it is a single index along each dim before some dim ``k`` and
+        whole along every dim after ``k`` (whole rows; or one expert's rows of a 3-D tensor).
+        """
+        if not self.shape:
+            return self.start
+        k = next((d for d, n in enumerate(lengths) if n != 1), len(lengths) - 1)
+        if any(o or n != size for o, n, size in zip(offsets[k + 1 :], lengths[k + 1 :], self.shape[k + 1 :])):
+            return None
+        element, stride = 0, 1
+        for offset, size in zip(reversed(offsets), reversed(self.shape)):
+            element += offset * stride
+            stride *= size
+        return self.start + element * self.dtype.itemsize
+
 
 @dataclass(frozen=True)
 class Header:
