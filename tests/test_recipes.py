@@ -211,10 +211,13 @@ def test_moe_lora_adapter_loads_in_peft_with_the_same_logits(tiny_models, tmp_pa
 
 @pytest.fixture(scope="module")
 def tensor_parallel_run(tiny_models, tmp_path_factory):
-    """A 4-rank full fine-tune, tensor parallel 2 x FSDP2 2 (torchtune's ``tensor_parallel_dim``), checkpointing as above."""
+    """A 4-rank full fine-tune, tensor parallel 2 x FSDP2 2 (torchtune's ``tensor_parallel_dim`` and plan), checkpointing as above."""
     root = tmp_path_factory.mktemp("tp")
     base = tiny_models["llama3"]  # untied; 4 heads, 2 kv heads: each FSDP shard of a TP rank holds half a kv head
-    _full_run(base, root / "out", root / "metrics.jsonl", 4, "checkpointer.model_type=LLAMA3", "tensor_parallel_dim=2")
+    _full_run(
+        base, root / "out", root / "metrics.jsonl", 4, "checkpointer.model_type=LLAMA3", "tensor_parallel_dim=2",
+        "tensor_parallel_plan._component_=torchtune.models.llama3.base_llama_tp_plan",
+    )  # fmt: skip
     return base, root
 
 
