@@ -5,13 +5,13 @@ from __future__ import annotations
 import glob
 
 import torch
+from dist_workers import _config
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from torchtune.models.convert_weights import hf_to_tune
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.train.fsdp import build_sharded_model, parallel_mesh
-from dist_workers import _config
 
 
 def layout(name: str, model_type: str, base: str, out: str, tp: int = 1, replicate: int = 1) -> dict:
@@ -67,3 +67,31 @@ def load_save_load_save(rank: int, world: int, layouts: list[dict]) -> dict:
             "resaved": resaved,
         }
     return results
+
+
+def strided_round_trip(rank: int, world: int, base: str, out: str) -> dict:
+    """Load and save DTensors laid out ``(Shard(0), _StridedShard(0, split_factor=2))`` on a 2 x 2 mesh.
+
+    Unlike FSDP2 over TP, this layout gives each rank rows that are not consecutive (torch's own
+    example: rows 0 and 2 of 8 on rank 0): several boxes per tensor.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from checkpointer.dcp.hf_io import read_hf_tensors
+    from checkpointer.mapping.local_shards import local_boxes
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    reference = torchtune_reference(base)
+    strided = [Shard(0), _StridedShard(0, split_factor=2)]
+    state = {k: distribute_tensor(v, mesh, strided if v.dim() == 2 else [Replicate(), Replicate()]) for k, v in reference.items()}
+    for value in state.values():
+        value.to_local().zero_()
+    checkpointer = DistributedHFCheckpointer(base, out, "LLAMA3")
+    read_hf_tensors(state, checkpointer.base_files(), checkpointer.key_map, None)
+    return {
+        "mismatched": sorted(k for k, v in state.items() if not torch.equal(v.full_tensor(), reference[k])),
+        "boxes": max(len(local_boxes(k, v)) for k, v in state.items()),
+        "saved": checkpointer.save_checkpoint({"model": state}, epoch=0),
+    }
