@@ -101,3 +101,27 @@ def test_digests_that_leave_bytes_unchecked_are_refused(saved_llama3, tmp_path):
     (holes / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointFormatError, match=rf"{name}: the digests cover \d+ bytes of \d+"):
         DistributedHFCheckpointer(holes, tmp_path / "unused", MODEL, verify_checksums=True).load_checkpoint()
+
+
+def test_a_hub_publish_hashes_each_lfs_file_once_and_regular_files_never(saved_llama3, tmp_path, monkeypatch):
+    """The Hub's LFS protocol needs each file's sha256: huggingface_hub computes it, once; the save computed none."""
+    import huggingface_hub.lfs
+    from huggingface_hub import HfApi
+
+    from checkpointer.storage.hub_location import HubLocation
+    from checkpointer.storage.urls import parse_location
+    from checkpointer.testing.hub_server import LocalHub
+    from checkpointer.testing.pytest_plugin import use_local_hub
+
+    hashed, sha_fileobj = [], huggingface_hub.lfs.sha_fileobj
+    monkeypatch.setattr(huggingface_hub.lfs, "sha_fileobj", lambda f, *a, **k: hashed.append(Path(f.name).name) or sha_fileobj(f, *a, **k))
+    threshold = 8192
+    with LocalHub(lfs_threshold=threshold) as hub:
+        use_local_hub(monkeypatch, hub, tmp_path / "hf_home")
+        HfApi().create_repo("tester/once")
+        HubLocation(parse_location("hf://tester/once")).replace_with(saved_llama3)
+        stored = {e.path: e for e in HfApi().list_repo_tree("tester/once", recursive=True) if hasattr(e, "lfs")}
+    lfs = sorted(p.name for p in saved_llama3.iterdir() if p.stat().st_size >= threshold)
+    assert lfs and len(lfs) < len(stored) - 1  # both kinds of upload happened
+    assert sorted(hashed) == lfs  # each LFS file hashed exactly once; regular files never
+    assert all(stored[name].lfs.sha256 == hashlib.sha256((saved_llama3 / name).read_bytes()).hexdigest() for name in lfs)
