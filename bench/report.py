@@ -141,6 +141,7 @@ def results_table(results: list[Result]) -> list[str]:
 RATIOS: list[tuple[str, str, str]] = [
     ("load ours/torch", "load/ours", "load/torch"),
     ("load ours/floor", "load/ours", "load/floor"),
+    ("load first/floor", "load/ours_first", "load/floor"),
     ("load torchtune/ours", "load/torchtune", "load/ours"),
     ("load torchtune/floor", "load/torchtune", "load/floor"),
     ("save ours/floor", "save/ours", "save/floor"),
@@ -165,6 +166,19 @@ def ratios_table(results: list[Result], best: bool = False) -> list[str]:
             row.append(f"{_time(ra, best) / _time(rb, best):.2f}" if ra and rb else "-")
         rows.append(row)
     return _table(["size", "W"] + [name for name, _, _ in RATIOS], rows)
+
+
+def first_load_table(results: list[Result]) -> list[str]:
+    """What a checkpointer's first load costs beyond its later ones (config, headers, manifest), per cell."""
+    index = {(r.size, r.world, r.key): r for r in results}
+    cells = sorted({(r.size, r.world) for r in results}, key=lambda c: (results_order(c[0]), c[1]))
+    rows = []
+    for size, world in cells:
+        first, later = index.get((size, world, "load/ours_first")), index.get((size, world, "load/ours"))
+        if first and later:
+            rows.append([size, str(world), f"{first.seconds:.3f}", f"{later.seconds:.3f}", f"{first.seconds - later.seconds:+.3f}", f"{first.best - later.best:+.3f}"])
+    header = ["size", "W", "first load s", "later load s", "first-load cost s (medians)", "first-load cost s (best)"]
+    return _table(header, rows) if rows else []
 
 
 def _time(result: Result, best: bool) -> float:
@@ -268,35 +282,40 @@ def _flat_per_gb(target: str, key: str, small: str, large: str, limit: float) ->
     return check
 
 
+TARGET_WORLDS = (2, 4)
+ALL_WORLDS = (1, 2, 4)
+
+# Each target and the world sizes it is judged at.
 TARGETS = [
-    _time_ratio("load at most 1.25x torch's reader", "load/ours", "load/torch", 1.25, at_most=True),
-    _time_ratio("load at least 5x faster than torchtune", "load/torchtune", "load/ours", 5.0, at_most=False),
-    _memory("load peak growth at most 1.1x the rank's share", "load/ours", 1.1),
-    _time_ratio("save at most 1.5x the own-file floor", "save/ours", "save/floor", 1.5, at_most=True),
-    _time_ratio("save at least 5x faster than torchtune", "save/torchtune", "save/ours", 5.0, at_most=False),
-    _time_ratio("save at least 5x faster than torch's consolidating writer", "save/torch", "save/ours", 5.0, at_most=False),
-    _memory("save peak growth at most 0.25x the rank's share", "save/ours", 0.25),
+    (_time_ratio("load at most 1.05x the preadv floor", "load/ours", "load/floor", 1.05, at_most=True), ALL_WORLDS),
+    (_time_ratio("load at most 1.25x torch's reader", "load/ours", "load/torch", 1.25, at_most=True), TARGET_WORLDS),
+    (_time_ratio("load at least 5x faster than torchtune", "load/torchtune", "load/ours", 5.0, at_most=False), TARGET_WORLDS),
+    (_memory("load peak growth at most 1.1x the rank's share", "load/ours", 1.1), TARGET_WORLDS),
+    (_time_ratio("save at most 1.1x the durable floor (save_file + fsync)", "save/ours", "save/floor_fsync", 1.1, at_most=True), ALL_WORLDS),
+    (_time_ratio("save at least 5x faster than torchtune", "save/torchtune", "save/ours", 5.0, at_most=False), TARGET_WORLDS),
+    (_time_ratio("save at least 5x faster than torch's consolidating writer", "save/torch", "save/ours", 5.0, at_most=False), TARGET_WORLDS),
+    (_time_ratio("async save blocks at most 10% of a full save", "save/ours_async", "save/ours", 0.10, at_most=True), ALL_WORLDS),
+    (_memory("save peak growth at most 0.25x the rank's share", "save/ours", 0.25), TARGET_WORLDS),
     *(
-        _moved(f"{key} bytes per rank at most 1.05x its share", key, 1.05)
+        (_moved(f"{key} bytes per rank at most 1.05x its share", key, 1.05), TARGET_WORLDS)
         for key in ("load/ours_tp", "load/ours_fsdp_tp", "save/ours_tp", "save/ours_fsdp_tp")
     ),
-    _falls_as_1_over_w("load memory per rank falls as 1/W", "load/ours", 0.1),
-    _falls_as_1_over_w("save memory per rank falls as 1/W", "save/ours", 0.1),
-    _flat_per_gb("load time per GB flat from 300m to 1b", "load/ours", "300m", "1b", 1.25),
-    _flat_per_gb("save time per GB flat from 300m to 1b", "save/ours", "300m", "1b", 1.25),
+    (_falls_as_1_over_w("load memory per rank falls as 1/W", "load/ours", 0.1), TARGET_WORLDS),
+    (_falls_as_1_over_w("save memory per rank falls as 1/W", "save/ours", 0.1), TARGET_WORLDS),
+    (_flat_per_gb("load time per GB flat from 300m to 1b", "load/ours", "300m", "1b", 1.25), TARGET_WORLDS),
+    (_flat_per_gb("save time per GB flat from 300m to 1b", "save/ours", "300m", "1b", 1.25), TARGET_WORLDS),
 ]
-TARGET_WORLDS = (2, 4)
 
 
 def verdicts(results: list[Result]) -> list[Verdict]:
-    """Every target at every measured size and at W = 2 and 4."""
+    """Every target at every measured size and at the world sizes it is judged at."""
     index = {(r.size, r.world, r.key): r for r in results}
 
     def get(size: str, world: int, key: str) -> Result | None:
         return index.get((size, world, key))
 
     sizes = sorted({r.size for r in results}, key=results_order)
-    found = (check(get, size, world) for check in TARGETS for size in sizes for world in TARGET_WORLDS)
+    found = (check(get, size, world) for check, worlds in TARGETS for size in sizes for world in worlds)
     return [v for v in found if v is not None]
 
 

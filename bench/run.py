@@ -29,7 +29,17 @@ from bench.measure import CpuUse
 from bench.methods import METHODS
 from bench.models import SIZES, ensure_base_model, model_bytes
 from bench.remote import run_remote
-from bench.report import GroupRun, Result, groups_table, methods_list, ratios_table, results_table, summarize, verdicts
+from bench.report import (
+    GroupRun,
+    Result,
+    first_load_table,
+    groups_table,
+    methods_list,
+    ratios_table,
+    results_table,
+    summarize,
+    verdicts,
+)
 from bench.worker import Settings, run_world
 
 HERE = Path(__file__).resolve().parent
@@ -218,6 +228,13 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "The same ratios of the best repetitions (contention from other processes only ever adds time):",
         "",
         *ratios_table(results, best=True),
+        "",
+        "## What a first load costs",
+        "",
+        "A checkpointer's first load also reads `config.json` and every safetensors header and checks the manifest "
+        "(`load/ours_first`); later loads by the same checkpointer reuse them (`load/ours`, the one compared with the floor).",
+        "",
+        *first_load_table(results),
         "",
         "## Process groups: wall time and CPU use",
         "",
