@@ -36,9 +36,9 @@ from checkpointer.errors import (
     CheckpointNotFoundError,
     CheckpointUnsupportedError,
 )
-from checkpointer.format.digests import Digests
-from checkpointer.format.file_layout import FileLayout, plan_file_layout
-from checkpointer.format.folder import Folder, LocalFolder
+from checkpointer.format.digests import Digests, read_back_digests
+from checkpointer.format.file_layout import plan_file_layout
+from checkpointer.format.folder import Folder, LocalFolder, local_files
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.format.hf_output import copy_support_files, saved_config, write_index, write_json
 from checkpointer.format.manifest import MANIFEST_FILE, check_against_manifest, files_of, parse_manifest, read_manifest
@@ -390,12 +390,10 @@ class DistributedHFCheckpointer:
                 self.last_save, hashes = self._write_weights(weights, weights_plan, staging, name)
             if adapter is not None:
                 hashes |= _prefixed(adapter_dir, self._write_adapter(adapter, adapter_plan, staging / adapter_dir))
-            if intermediate_checkpoint:
+            if intermediate_checkpoint:  # every rank wrote some of it: every rank hashes some of it
                 save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
-            on_rank_zero(lambda: copy_support_files(folder, staging), self.process_group)
-            sizes = files_of(staging)
-            written = _written_files(weights_plan[2] if weights is not None else None, adapter_plan[3] if adapter is not None else None, adapter_dir)
-            hashes |= hash_files(LocalFolder(staging), {n: s for n, s in sizes.items() if n not in written}, self.process_group)
+                training_files = _prefixed(TRAINING_STATE_DIR, local_files(staging / TRAINING_STATE_DIR))
+                hashes |= hash_files(LocalFolder(staging), training_files, self.process_group)
         except BaseException:
             if rank(self.process_group) == 0:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -403,11 +401,11 @@ class DistributedHFCheckpointer:
         contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": intermediate_checkpoint}
         info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
         card = self._card(name, weights)
-        on_rank_zero(lambda: self._publish(staging, name, info, card, sizes, hashes), self.process_group)
+        size = on_rank_zero(lambda: self._complete_and_publish(staging, folder, name, info, card, hashes), self.process_group)
         failpoint("save:after_publish")
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
-            size, seconds = sum(sizes.values()), time.perf_counter() - started
+            seconds = time.perf_counter() - started
             log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_bytes(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
         if self.keep_last_n_checkpoints:
             on_rank_zero(lambda: self._prune(keep=name), self.process_group)
@@ -451,6 +449,22 @@ class DistributedHFCheckpointer:
         finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
         return write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group)[1]
 
+    def _complete_and_publish(self, staging: Path, source: Folder, name: str, info: dict, card: dict, hashes: Digests) -> int:
+        """Rank 0, in one step: the support files, digests of the files nobody hashed yet, the manifest, publish; the bytes saved.
+
+        The files rank 0 adds itself (config, index, tokenizer) are small; they are read back once.
+        """
+        try:
+            copy_support_files(source, staging)
+            sizes = files_of(staging)
+            failpoint("save:hash")
+            hashes = hashes | read_back_digests(LocalFolder(staging), {n: s for n, s in sizes.items() if n not in hashes})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._publish(staging, name, info, card, sizes, hashes)
+        return sum(sizes.values())
+
     def _publish(self, staging: Path, name: str, info: dict, card: dict, sizes: dict[str, int], hashes: Digests) -> None:
         seal(staging, info, sizes, hashes)
         failpoint("save:publish")
@@ -490,11 +504,6 @@ class DistributedHFCheckpointer:
         except CheckpointError:
             return None
         return {key: entry.file for key, entry in files.tensors.items()}
-
-
-def _written_files(weights: FileLayout | None, adapter: FileLayout | None, adapter_dir: str) -> set[str]:
-    """The safetensors files the writer hashed as it wrote them (every rank knows them from the layouts)."""
-    return set(weights.headers if weights else ()) | set(_prefixed(adapter_dir, adapter.headers if adapter else {}))
 
 
 def _prefixed(folder: str, by_name: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""The two DCP calls: read HF safetensors into local shards, write local shards into HF files."""
+"""The two DCP calls: read HF safetensors into local shards, write local shards into HF files.
+
+A read needs no global plan (each rank reads its own boxes), so it runs DCP on each rank
+alone and joins the ranks once, at the end, to raise any rank's error on all of them: one
+collective instead of DCP's three. A write keeps DCP's collectives: the coordinator
+creates the files before anyone writes, and gathers the digests at the end.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,12 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpointer.dcp.load_planner import HFLoadPlanner
 from checkpointer.dcp.save_planner import HFSavePlanner
@@ -22,7 +29,10 @@ from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.matching import Destination
-from checkpointer.runtime.distributed import dcp_errors, is_distributed
+from checkpointer.errors import CheckpointError
+from checkpointer.runtime.distributed import dcp_errors, is_distributed, on_all_ranks
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,20 @@ def read_hf_tensors(
 ) -> IOStats:
     """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``."""
     reader, started = SafetensorsReader(files), time.perf_counter()
-    with quiet_dcp(), dcp_errors(group), torch.no_grad():
-        dcp.load(state_dict, storage_reader=reader, planner=HFLoadPlanner(key_map), process_group=group, no_dist=not is_distributed())
+    with quiet_dcp(), torch.no_grad():
+        on_all_ranks(lambda: _alone(lambda: dcp.load(state_dict, storage_reader=reader, planner=HFLoadPlanner(key_map), no_dist=True)), group)
     return IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
+
+
+def _alone(call: Callable[[], T]) -> T:
+    """Run a DCP call on this rank alone (``no_dist``), raising the error DCP wrapped as itself."""
+    try:
+        return call()
+    except CheckpointException as e:
+        errors = [failure for failure, _trace in e.failures.values()]
+        if errors and isinstance(errors[0], Exception):
+            raise errors[0] from None
+        raise CheckpointError(str(e)) from None
 
 
 def write_hf_tensors(

@@ -71,6 +71,12 @@ def read_back_units(sizes: dict[str, int], chunk: int = READ_BACK_CHUNK) -> list
     return [Unit(name, start, min(chunk, size - start)) for name, size in sizes.items() for start in range(0, max(size, 1), chunk)]
 
 
+def read_back_digests(folder: Folder, sizes: dict[str, int]) -> Digests:
+    """Range digests of the files of ``sizes``, read back by this process alone (for small files)."""
+    units = read_back_units(sizes)
+    return ranges_of(units, [unit.hash(folder) for unit in units])
+
+
 def ranges_of(units: Sequence[Unit], digests: Sequence[str]) -> Digests:
     """Units and their computed digests, as the manifest records them."""
     found: Digests = {}
