@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import itertools
 import logging
 import shutil
 import time
@@ -26,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from checkpointer.dcp.hf_io import IOStats, read_hf_tensors, write_hf_tensors
+from checkpointer.dcp.node_staging import NodeStaging
+from checkpointer.dcp.routing import Channel, Traffic
 from checkpointer.dcp.staging import StagingBuffers
 from checkpointer.dcp.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
 from checkpointer.errors import (
@@ -51,6 +54,7 @@ from checkpointer.mapping.matching import model_specs_from_checkpoint, plan_for_
 from checkpointer.phases import hash_files, verify_hashes
 from checkpointer.runtime.distributed import is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.failpoints import failpoint
+from checkpointer.runtime.nodes import Nodes
 from checkpointer.runtime.progress import human_bytes
 from checkpointer.storage.factory import make_location
 from checkpointer.storage.local import LocalLocation
@@ -158,6 +162,9 @@ class DistributedHFCheckpointer:
         self.training_info: dict[str, Any] = {}  # recipes add details for the model card
         self.last_load: IOStats | None = None
         self.last_save: IOStats | None = None
+        self._staging_nodes: dict[str, Nodes] = {}  # staging parent -> which ranks share it (probed at the first save)
+        self._save_count = itertools.count()
+        self.last_network = Traffic()  # bytes this rank sent / received over the process group in the last save
         if unused:
             log.debug("ignoring torchtune checkpointer arguments %s", sorted(unused))
 
@@ -384,24 +391,30 @@ class DistributedHFCheckpointer:
         adapter_dir = ADAPTER_DIR if weights is not None else ""
         self._hold_output_lock()
         on_rank_zero(lambda: fresh_dir(staging), self.process_group)
+        spread = NodeStaging.of(staging, self.process_group, self._staging_nodes)  # several nodes: rank 0's assembles
         hashes: Digests = {}  # hashed while written (complete on rank 0), then the rest read back
-        try:
-            if weights is not None:
-                self.last_save, hashes = self._write_weights(weights, weights_plan, staging, name)
-            if adapter is not None:
-                hashes |= _prefixed(adapter_dir, self._write_adapter(adapter, adapter_plan, staging / adapter_dir))
-            if intermediate_checkpoint:  # every rank wrote some of it: every rank hashes some of it
-                save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
-                training_files = _prefixed(TRAINING_STATE_DIR, local_files(staging / TRAINING_STATE_DIR))
-                hashes |= hash_files(LocalFolder(staging), training_files, self.process_group)
-        except BaseException:
-            if rank(self.process_group) == 0:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
-        contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": intermediate_checkpoint}
-        info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
-        card = self._card(name, weights)
-        size = on_rank_zero(lambda: self._complete_and_publish(staging, folder, name, info, card, hashes), self.process_group)
+        with spread.watching(f"save of {self.destination.describe(name)}", f"{url_key(str(staging))}-{next(self._save_count)}"):
+            try:
+                if weights is not None:
+                    self.last_save, hashes = self._write_weights(weights, weights_plan, staging, name, spread.channel)
+                if adapter is not None:
+                    hashes |= _prefixed(adapter_dir, self._write_adapter(adapter, adapter_plan, staging / adapter_dir, spread.channel))
+                if intermediate_checkpoint:  # every rank wrote some of it: every rank (of rank 0's node) hashes some of it
+                    save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
+                    spread.gather(staging / TRAINING_STATE_DIR)
+                    training_files = _prefixed(TRAINING_STATE_DIR, spread.listing(staging / TRAINING_STATE_DIR))
+                    hashes |= hash_files(LocalFolder(staging), training_files, self.process_group, spread.nodes.home)
+            except BaseException:
+                if rank(self.process_group) == 0:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+            finally:
+                spread.remove_local_copies()
+                self.last_network = spread.traffic
+            contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": intermediate_checkpoint}
+            info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
+            card = self._card(name, weights)
+            size = on_rank_zero(lambda: self._complete_and_publish(staging, folder, name, info, card, hashes), self.process_group)
         failpoint("save:after_publish")
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
@@ -418,7 +431,7 @@ class DistributedHFCheckpointer:
         specs, destinations = plan_for_save(self.key_map, model_specs, self._base_weight_map or ())
         return specs, destinations, plan_file_layout(specs, self._base_weight_map, self.max_shard_size)
 
-    def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str) -> tuple[IOStats, Digests]:
+    def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str, channel: Channel | None) -> tuple[IOStats, Digests]:
         specs, destinations, file_layout = plan
         config = saved_config(self.config_dict, self.key_map, specs, destinations)
 
@@ -426,7 +439,7 @@ class DistributedHFCheckpointer:
             write_json(folder / CONFIG_FILE, config)
             write_index(folder, file_layout)
 
-        stats, digests = write_hf_tensors(model_state, self.key_map, specs, destinations, file_layout, staging, finish, self.process_group)
+        stats, digests = write_hf_tensors(model_state, self.key_map, specs, destinations, file_layout, staging, finish, self.process_group, channel=channel)
         return IOStats(stats.bytes, stats.seconds, self.destination.describe(name)), digests
 
     def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]):
@@ -444,10 +457,10 @@ class DistributedHFCheckpointer:
         config = peft_adapter_config(sorted(specs), ranks.pop(), alpha, self._base_model_id())
         return key_map, specs, destinations, file_layout, config
 
-    def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path) -> Digests:
+    def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path, channel: Channel | None) -> Digests:
         key_map, specs, destinations, file_layout, config = plan
         finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
-        return write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group)[1]
+        return write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group, channel=channel)[1]
 
     def _complete_and_publish(self, staging: Path, source: Folder, name: str, info: dict, card: dict, hashes: Digests) -> int:
         """Rank 0, in one step: the support files, digests of the files nobody hashed yet, the manifest, publish; the bytes saved.

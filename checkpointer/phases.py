@@ -30,9 +30,13 @@ def assign_by_size(sizes: dict[Hashable, int], world: int) -> list[list[Hashable
     return shares
 
 
-def hash_units(folder: Folder, units: Sequence[Unit], group: dist.ProcessGroup | None = None) -> list[str]:
-    """The digest of every unit (in order); each rank hashes its share (collective)."""
-    mine = assign_by_size({i: unit.length for i, unit in enumerate(units)}, world_size(group))[rank(group)]
+def hash_units(
+    folder: Folder, units: Sequence[Unit], group: dist.ProcessGroup | None = None, readers: Sequence[int] | None = None
+) -> list[str]:
+    """The digest of every unit (in order); each rank of ``readers`` (default: all) hashes its share (collective)."""
+    readers = list(range(world_size(group))) if readers is None else list(readers)
+    shares = dict(zip(readers, assign_by_size({i: unit.length for i, unit in enumerate(units)}, len(readers))))
+    mine = shares.get(rank(group), [])
 
     def hash_mine() -> dict[int, str]:
         failpoint("save:hash")
@@ -43,10 +47,12 @@ def hash_units(folder: Folder, units: Sequence[Unit], group: dist.ProcessGroup |
     return [found[i] for i in range(len(units))]
 
 
-def hash_files(folder: Folder, sizes: dict[str, int], group: dist.ProcessGroup | None = None) -> Digests:
-    """Range digests of every file in ``sizes``, read back in chunks shared among the ranks (collective)."""
+def hash_files(
+    folder: Folder, sizes: dict[str, int], group: dist.ProcessGroup | None = None, readers: Sequence[int] | None = None
+) -> Digests:
+    """Range digests of every file in ``sizes``, read back in chunks shared among ``readers`` (default: all ranks; collective)."""
     units = read_back_units(sizes)
-    return ranges_of(units, hash_units(folder, units, group))
+    return ranges_of(units, hash_units(folder, units, group, readers))
 
 
 def verify_hashes(folder: Folder, manifest: dict[str, Any], names: list[str], group: dist.ProcessGroup | None = None) -> None:

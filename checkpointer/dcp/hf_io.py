@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpointer.dcp.load_planner import HFLoadPlanner
+from checkpointer.dcp.routing import Channel
 from checkpointer.dcp.save_planner import HFSavePlanner
 from checkpointer.dcp.storage_reader import SafetensorsReader
 from checkpointer.dcp.storage_writer import SafetensorsWriter
@@ -88,15 +89,17 @@ def write_hf_tensors(
     finish: Callable[[Path], None],
     group: dist.ProcessGroup | None,
     subset: bool = False,
+    channel: Channel | None = None,
 ) -> tuple[IOStats, Digests]:
     """Write ``state_dict`` into the files ``file_layout`` describes, in ``folder``; ``finish`` runs last on rank 0.
 
     ``subset``: ``state_dict`` may hold more than these files take (see ``HFSavePlanner``).
 
     Returns this rank's stats and, on rank 0, the digests of every file written (computed
-    from memory by the ranks that wrote each box; empty on the other ranks).
+    from memory by the ranks that wrote each box, or sent it; empty on the other ranks).
+    With a ``channel`` (the ranks share no file system), ranks off rank 0's node send their boxes there.
     """
-    writer, started = SafetensorsWriter(folder, file_layout, finish), time.perf_counter()
+    writer, started = SafetensorsWriter(folder, file_layout, finish, channel), time.perf_counter()
     with quiet_dcp(), dcp_errors(group), torch.no_grad():
         dcp.save(
             state_dict,

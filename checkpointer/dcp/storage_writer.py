@@ -21,6 +21,7 @@ pass and no read-back: each byte is written once and never read again.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import math
 import os
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from checkpointer.dcp.routing import Channel, Route, plan_routes
 from checkpointer.dcp.storage_reader import tensor_bytes
 from checkpointer.errors import CheckpointError, CheckpointMismatchError, CheckpointTransportError
 from checkpointer.format.box_runs import ByteRun, box_byte_runs
@@ -63,10 +65,11 @@ def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
 class SafetensorsWriter(StorageWriter):
     """Writes the boxes of a save plan into files laid out by a :class:`FileLayout`."""
 
-    def __init__(self, folder: Path, layout: FileLayout, on_finish: Finish):
+    def __init__(self, folder: Path, layout: FileLayout, on_finish: Finish, channel: Channel | None = None):
         self.folder = Path(folder)
         self.layout = layout
         self.on_finish = on_finish
+        self.channel = channel  # set when the ranks share no file system: boxes travel to rank 0's node
         self.is_coordinator = False
         self.rank = 0
         self.bytes_written = 0
@@ -85,10 +88,16 @@ class SafetensorsWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         create_files(self.folder, self.layout)
-        return plans
+        if self.channel is None or self.channel.nodes.shared:
+            return plans
+        routes = plan_routes(plans, self.channel.nodes, lambda item: self.layout.entries[item.index.fqn].dtype.itemsize)
+        return [dataclasses.replace(plan, storage_data=route) for plan, route in zip(plans, routes)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         failpoint("save:write")
+        route = plan.storage_data if isinstance(plan.storage_data, Route) else None
+        if route is not None and route.send_to is not None:
+            return self._send_items(plan, planner, route.send_to)
         order = _rotated(sorted(self.layout.headers), self.rank)
         items = sorted(plan.items, key=lambda i: (order[self.layout.entries[i.index.fqn].file], i.index.offset))
         boxes = [(item, self._file_runs(item)) for item in items]  # every box is checked before any byte is written
@@ -96,6 +105,9 @@ class SafetensorsWriter(StorageWriter):
         try:
             for item, runs in boxes:
                 results.append(self._write_item(item, runs, planner, fds))
+            for sender, received in route.receive if route is not None else ():
+                for item in received:
+                    self._receive_item(item, sender, fds)
             for fd in fds.values():
                 os.fsync(fd)
         finally:
@@ -113,8 +125,8 @@ class SafetensorsWriter(StorageWriter):
             )
         return box_byte_runs(entry, tuple(item.index.offset), tuple(item.tensor_data.chunk.sizes))
 
-    def _write_item(self, item: WriteItem, runs: list[ByteRun], planner: SavePlanner, fds: dict[str, int]) -> WriteResult:
-        """Write one box, run by run; its result holds ``(file, offset, length, digest)`` of each run."""
+    def _box_data(self, item: WriteItem, planner: SavePlanner) -> torch.Tensor:
+        """The box's data in its file's dtype, on the CPU (checked against the box's size)."""
         entry = self.layout.entries[item.index.fqn]
         data = planner.resolve_data(item).detach().to(device="cpu", dtype=entry.dtype)
         sizes = tuple(item.tensor_data.chunk.sizes)
@@ -125,6 +137,49 @@ class SafetensorsWriter(StorageWriter):
                 file=entry.file,
                 key=entry.name,
             )
+        return data
+
+    def _send_items(self, plan: SavePlan, planner: SavePlanner, receiver: int) -> Future[list[WriteResult]]:
+        """Send this rank's boxes, in plan order, to the rank of rank 0's node that writes them (hashed here, from memory)."""
+        boxes = [(item, self._file_runs(item)) for item in plan.items]  # every box is checked before any byte is sent
+        results = []
+        for item, runs in boxes:
+            entry = self.layout.entries[item.index.fqn]
+            pieces = byte_runs(self._box_data(item, planner))
+            size = sum(length for _, length in runs)
+            self.channel.send(pieces, size, receiver, f"sending {entry.name} of {entry.file}")
+            ranges = [(entry.file, offset, length, digest_of(part)) for (offset, length), part in zip(runs, split_pieces(pieces, runs))]
+            results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=ranges))
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def _receive_item(self, item: WriteItem, sender: int, fds: dict[str, int]) -> None:
+        """Receive one box from ``sender`` in chunks and write them along its file runs (its sender reports the digests)."""
+        entry = self.layout.entries[item.index.fqn]
+        runs = self._file_runs(item)
+        if entry.file not in fds:
+            fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
+        cursor = _RunCursor(runs)
+
+        def write(_done: int, chunk: memoryview) -> None:
+            start = 0
+            for offset, length in cursor.take(len(chunk)):
+                try:
+                    self.bytes_written += _pwritev_all(fds[entry.file], [chunk[start : start + length]], offset)
+                except OSError as e:
+                    raise CheckpointTransportError(
+                        f"{self.folder / entry.file}: writing {entry.name} ({length} bytes at offset {offset}) failed: "
+                        f"{e.strerror}; the previous checkpoint is untouched", file=str(self.folder / entry.file), key=entry.name,
+                    ) from e  # fmt: skip
+                start += length
+
+        self.channel.receive(sum(length for _, length in runs), sender, f"receiving {entry.name} of {self.folder / entry.file}", write)
+
+    def _write_item(self, item: WriteItem, runs: list[ByteRun], planner: SavePlanner, fds: dict[str, int]) -> WriteResult:
+        """Write one box, run by run; its result holds ``(file, offset, length, digest)`` of each run."""
+        entry = self.layout.entries[item.index.fqn]
+        data = self._box_data(item, planner)
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
         ranges = []
@@ -166,6 +221,24 @@ def file_digests(layout: FileLayout, boxes: list[tuple[str, int, int, str]]) -> 
         return {name: check_tiling(name, found, layout.sizes[name]) for name, found in ranges.items()}
     except CheckpointError as e:
         raise CheckpointError(f"the written boxes do not cover every byte of their file (a planning bug): {e}") from None
+
+
+class _RunCursor:
+    """Walks a box's file runs as its bytes arrive in order: which file ranges the next ``n`` bytes fill."""
+
+    def __init__(self, runs: list[ByteRun]):
+        self.runs, self.index, self.within = runs, 0, 0
+
+    def take(self, n: int) -> list[ByteRun]:
+        ranges = []
+        while n:
+            offset, length = self.runs[self.index]
+            step = min(n, length - self.within)
+            ranges.append((offset + self.within, step))
+            self.within, n = self.within + step, n - step
+            if self.within == length:
+                self.index, self.within = self.index + 1, 0
+        return ranges
 
 
 def _rotated(files: list[str], rank: int) -> dict[str, int]:

@@ -8,8 +8,10 @@ from typing import Any
 
 from checkpointer.errors import CheckpointError, CheckpointNotFoundError
 from checkpointer.format.folder import Folder, LocalFolder, local_files
+from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.storage.location import CHECKPOINT_NAME, fresh_dir
+from checkpointer.storage.node_copy import readable_here
 from checkpointer.storage.publish import replace_folder
 
 
@@ -23,9 +25,17 @@ class LocalLocation:
         return str(self.path / name) if name else str(self.path)
 
     def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
-        if not self.path.is_dir():
+        """The folder (collective in a process group: on a node without it, a copy of rank 0's)."""
+        path = readable_here(self.path, group, lambda: self._needed(checkpoint_files))
+        if not path.is_dir():
             raise CheckpointNotFoundError(f"{self.path}: no such folder", url=str(self.path))
-        return LocalFolder(self.path)
+        return LocalFolder(path)
+
+    def _needed(self, checkpoint_files) -> list[str]:
+        """What a copy of this checkpoint needs: its index, weights, config, tokenizer (and manifest)."""
+        names = {p.name for p in self.path.iterdir() if p.is_file()}
+        files = files_to_fetch(names, lambda: (self.path / INDEX_FILE).read_bytes(), str(self.path), checkpoint_files)
+        return files + [MANIFEST_FILE] * (MANIFEST_FILE in names)
 
     def staging_dir(self, name: str) -> Path:
         return self.path / f".{name}.partial"
@@ -68,7 +78,8 @@ class LocalLocation:
         return target.read_bytes() if target.is_file() else None
 
     def fetch_folder(self, path: str, group=None) -> Path:
-        return self.path / path
+        """The subfolder ``path`` (collective in a process group: on a node without it, a copy of rank 0's)."""
+        return readable_here(self.path / path, group)
 
     def remove(self, name: str) -> None:
         target = self.path / name
