@@ -60,16 +60,16 @@ def item_bytes(item: WriteItem, itemsize: int) -> int:
 
 def plan_routes(plans: list[SavePlan], nodes: Nodes, itemsize: Callable[[WriteItem], int]) -> list[Route]:
     """Pair every rank off the home node with a home rank (the one with the fewest bytes so far)."""
-    load = {r: sum(item_bytes(i, itemsize(i)) for i in plans[r].items) for r in nodes.home}
+    size = [sum(item_bytes(i, itemsize(i)) for i in plan.items) for plan in plans]
+    load = {r: size[r] for r in nodes.home}
     incoming: dict[int, list[tuple[int, tuple[WriteItem, ...]]]] = {r: [] for r in nodes.home}
     send_to: dict[int, int] = {}
-    away = [r for r in range(len(plans)) if r not in nodes.home]
-    for sender in sorted(away, key=lambda r: -sum(item_bytes(i, itemsize(i)) for i in plans[r].items)):
+    for sender in sorted((r for r in range(len(plans)) if r not in nodes.home), key=lambda r: (-size[r], r)):
         receiver = min(nodes.home, key=lambda r: (load[r], r))
         send_to[sender] = receiver
         incoming[receiver].append((sender, tuple(plans[sender].items)))
-        load[receiver] += sum(item_bytes(i, itemsize(i)) for i in plans[sender].items)
-    return [Route(nodes, send_to.get(r), tuple(sorted(incoming.get(r, [])))) for r in range(len(plans))]
+        load[receiver] += size[sender]
+    return [Route(nodes, send_to.get(r), tuple(sorted(incoming.get(r, []), key=lambda pair: pair[0]))) for r in range(len(plans))]
 
 
 @dataclass
