@@ -41,7 +41,7 @@ from checkpointer.errors import (
 )
 from checkpointer.format.digests import Digests, read_back_digests
 from checkpointer.format.file_layout import plan_file_layout
-from checkpointer.format.folder import Folder, LocalFolder, local_files
+from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.format.hf_output import copy_support_files, saved_config, write_index, write_json
 from checkpointer.format.manifest import MANIFEST_FILE, check_against_manifest, files_of, parse_manifest, read_manifest
