@@ -5,7 +5,8 @@ checkpointer.testing.nodes). The same 4 ranks run once as 1 node x 4 (one file s
 byte travels) and once as 2 nodes x 2 with node-local disks: the base is a local folder only
 rank 0's node has (sent once to node 1's cache), the output a node-local ``output_dir``
 (node 1's boxes sent to rank 0's node). Each rank reports its load and save seconds and the
-bytes it sent and received; the table prints the slowest rank's time and each rank's bytes.
+bytes it sent and received (on load: the node copy a node's first rank received); the table
+prints the slowest rank's time and each rank's bytes.
 """
 
 from __future__ import annotations
@@ -30,22 +31,27 @@ def worker(base: str, out: str, report: str) -> None:
     from bench.models import MODEL_TYPE
     from checkpointer import DistributedHFCheckpointer
     from checkpointer.format.model_config import ModelConfig
-    from checkpointer.runtime.distributed import barrier
+    from checkpointer.format.folder import local_files
+    from checkpointer.runtime.distributed import barrier, local_rank
+    from checkpointer.storage.location import cache_root
     from checkpointer.train.fsdp import build_sharded_model, default_mesh
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     checkpointer = DistributedHFCheckpointer(base, out, MODEL_TYPE)
-    model = build_sharded_model(MODEL_TYPE, ModelConfig.from_dict(checkpointer.config_dict), default_mesh())
     barrier()
-    started = time.perf_counter()
+    started = time.perf_counter()  # opening the base (and sending it to other nodes) is part of the load
+    model = build_sharded_model(MODEL_TYPE, ModelConfig.from_dict(checkpointer.config_dict), default_mesh())
     checkpointer.load_model(model)
     barrier()
     loaded = time.perf_counter() - started
+    copies = cache_root() / "node-copies"
+    load_received = sum(local_files(copies).values()) if copies.is_dir() and local_rank() == 0 else 0
     checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
     barrier()
     saved = time.perf_counter() - started - loaded
     network = checkpointer.last_network
-    Path(report, f"rank-{dist.get_rank()}.json").write_text(json.dumps({"load_s": loaded, "save_s": saved, "sent": network.sent, "received": network.received}))
+    measured = {"load_s": loaded, "save_s": saved, "sent": network.sent, "received": network.received, "load_received": load_received}
+    Path(report, f"rank-{dist.get_rank()}.json").write_text(json.dumps(measured))
     dist.destroy_process_group()
 
 
@@ -65,11 +71,17 @@ def measure(base: Path, nodes: int, nproc: int, root: Path) -> list[dict]:
 
 
 def table(rows: dict[str, list[dict]], model_bytes: int) -> list[str]:
-    lines = [f"model: {model_bytes / 1e6:.0f} MB", "", "| layout | load s | save s | MB sent per rank | MB received per rank |", "|---|---|---|---|---|"]
+    lines = [
+        f"model: {model_bytes / 1e6:.0f} MB", "",
+        "| layout | load s | load: MB received per rank | save s | save: MB sent per rank | save: MB received per rank |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    per_rank = lambda ranks, key: " / ".join(f"{r[key] / 1e6:.1f}" for r in ranks)  # noqa: E731
     for name, ranks in rows.items():
-        sent = " / ".join(f"{r['sent'] / 1e6:.1f}" for r in ranks)
-        received = " / ".join(f"{r['received'] / 1e6:.1f}" for r in ranks)
-        lines.append(f"| {name} | {max(r['load_s'] for r in ranks):.2f} | {max(r['save_s'] for r in ranks):.2f} | {sent} | {received} |")
+        lines.append(
+            f"| {name} | {max(r['load_s'] for r in ranks):.2f} | {per_rank(ranks, 'load_received')} | "
+            f"{max(r['save_s'] for r in ranks):.2f} | {per_rank(ranks, 'sent')} | {per_rank(ranks, 'received')} |"
+        )
     one, two = rows.values()
     lines += ["", f"2 nodes / 1 node: load {max(r['load_s'] for r in two) / max(r['load_s'] for r in one):.2f}x, "
               f"save {max(r['save_s'] for r in two) / max(r['save_s'] for r in one):.2f}x"]  # fmt: skip
