@@ -1,22 +1,29 @@
 import pathlib
 
 import pytest
-from variants import VARIANTS, write_variant
+from places import use_private_cache
+from variants import VARIANTS
 
 pytest_plugins = ["checkpointer.testing.pytest_plugin"]
+
+
+@pytest.fixture
+def private_cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A fresh checkpointer download cache for one test (modules that want it everywhere: ``usefixtures``)."""
+    return use_private_cache(monkeypatch, tmp_path / "cache")
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """Every variant, written once per session: name -> folder (read-only by convention)."""
     root = tmp_path_factory.mktemp("tiny")
-    return {name: write_variant(name, root) for name in VARIANTS}
+    return {name: variant.write(root) for name, variant in VARIANTS.items()}
 
 
 @pytest.fixture(scope="session")
 def tiny_llama3(tmp_path_factory) -> pathlib.Path:
     """Only the sharded LLAMA3 variant (an index and 12 files), for tests that need no other."""
-    return write_variant("llama3", tmp_path_factory.mktemp("tiny-llama3"))
+    return VARIANTS["llama3"].write(tmp_path_factory.mktemp("tiny-llama3"))
 
 
 @pytest.fixture(scope="session")

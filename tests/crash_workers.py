@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable
 
 import torch
@@ -18,15 +17,14 @@ def _model(base: str, model_type: str):
     return build_sharded_model(model_type, _config(base), default_mesh())
 
 
-def _timed(call: Callable[[], object]) -> dict:
-    """Run ``call``: the CheckpointError it raised (None if it returned) and the seconds it took."""
-    started = time.perf_counter()
+def _outcome(call: Callable[[], object]) -> dict:
+    """Run ``call``: the CheckpointError it raised (None if it returned)."""
     try:
         call()
         error = None
     except CheckpointError as e:
         error = f"{type(e).__name__}: {e}"
-    return {"error": error, "seconds": time.perf_counter() - started}
+    return {"error": error}
 
 
 def save_then_break(rank: int, world: int, base: str, out: str, model_type: str, spec: str) -> dict:
@@ -39,7 +37,7 @@ def save_then_break(rank: int, world: int, base: str, out: str, model_type: str,
         for parameter in model.parameters():
             parameter.mul_(2)
     os.environ[ENV] = spec
-    return _timed(
+    return _outcome(
         lambda: checkpointer.save_checkpoint({"model": model.state_dict(), "progress": {"step": 4}}, epoch=0, intermediate_checkpoint=True, step=4)
     )
 
@@ -48,7 +46,7 @@ def load_then_break(rank: int, world: int, base: str, out: str, model_type: str,
     """A load with failpoint ``spec`` armed."""
     model = _model(base, model_type)
     os.environ[ENV] = spec
-    return _timed(lambda: DistributedHFCheckpointer(base, out, model_type).load_model(model))
+    return _outcome(lambda: DistributedHFCheckpointer(base, out, model_type).load_model(model))
 
 
 def resume_progress(rank: int, world: int, base: str, out: str, model_type: str) -> dict:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
 KINDS = ("local", "memory", "hub")
+
+
+def use_private_cache(monkeypatch: Any, folder: Path) -> Path:
+    """Point checkpointer's download cache (``CHECKPOINTER_CACHE``) at ``folder`` until ``monkeypatch`` undoes it."""
+    monkeypatch.setenv("CHECKPOINTER_CACHE", str(folder))
+    return folder
 
 
 def unique_repo(prefix: str) -> str:

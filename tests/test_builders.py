@@ -2,7 +2,7 @@
 
 For every model type (and tied/untied, GQA and odd-head variants) the torchtune model from
 ``build_model`` loads the converted state dict strictly and gives the same fp32 logits as
-transformers' model (eager attention) to ``ATOL``.
+transformers' model (eager attention) to ``TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -22,55 +22,18 @@ from torchtune.models.phi3._convert_weights import phi3_hf_to_tune
 from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
 from torchtune.modules import MultiHeadAttention, TiedLinear
 from torchtune.training.checkpointing._utils import ModelType
+from variants import ALL_VARIANTS, TOLERANCE, Variant
 
 from checkpointer.format.model_config import ModelConfig
-from checkpointer.testing.tiny_models import TINY_CONFIGS, write_tiny_model
+from checkpointer.testing.tiny_models import TINY_CONFIGS
 from checkpointer.train.builders import REGISTRY, LoraSpec, build_model, build_model_from_dir, reset_rope_buffers
 
 transformers = pytest.importorskip("transformers")
 
-ATOL = 1e-5
 TOKENS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-SMOLLM2_HEADS = {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3}
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    model_type: str
-    tied: bool | None = None
-    overrides: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def id(self) -> str:
-        parts = [self.model_type] + ([] if self.tied is None else ["tied" if self.tied else "untied"])
-        return "-".join(parts + [f"{k}={v}" for k, v in self.overrides if k != "rope_parameters"])
-
-
-def variant(model_type: str, tied: bool | None = None, **overrides: Any) -> Variant:
-    return Variant(model_type, tied, tuple(sorted(overrides.items())))
-
-
-VARIANTS = [
-    variant("LLAMA3_2"),  # tied, llama3 rope scaling, 4 heads / 2 kv heads
-    variant("LLAMA3_2", tied=False),
-    variant("LLAMA3_2", **SMOLLM2_HEADS, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-    variant("LLAMA3"),  # untied, theta 500000
-    variant("LLAMA2"),  # untied, MHA
-    variant("MISTRAL"),  # GQA
-    variant("QWEN2"),  # tied, q/k/v biases
-    variant("QWEN2", tied=False),
-    variant("QWEN3"),  # head_dim 24 != 64 / 4
-    variant("QWEN3", tied=True, **SMOLLM2_HEADS, head_dim=16),
-    variant("QWEN3", attention_bias=True),
-    variant("GEMMA"),  # MQA, head_dim 24
-    variant("GEMMA2"),
-    variant("GEMMA2", sliding_window=8),  # shorter than the 16 test tokens: the window matters
-    variant("PHI3_MINI"),  # MHA, untied
-    variant("PHI3_MINI", tied=True, num_key_value_heads=2),
-    variant("QWEN3_MOE"),  # 8 experts, top 2, norm_topk_prob
-    variant("QWEN3_MOE", norm_topk_prob=False),
-    variant("MIXTRAL"),  # 8 experts, top 2, interleaved RoPE
-]
+VARIANTS = [v for v in ALL_VARIANTS.values() if not v.fused_experts]  # the converters below read per-expert files
 MOE_TYPES = {"QWEN3_MOE", "MIXTRAL"}
 
 
@@ -177,26 +140,20 @@ class Checkpoint:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Variant], Checkpoint]:
-    """Write each variant once per module; give its config, torchtune state dict and HF logits."""
+def checkpoints(tiny_models: dict[str, pathlib.Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[Variant], Checkpoint]:
+    """Each variant (the session's copy if it has one, else written once per module): its config, torchtune state dict, HF logits."""
     cache: dict[str, Checkpoint] = {}
 
     def get(v: Variant) -> Checkpoint:
-        if v.id not in cache:
-            path = write_tiny_model(
-                v.model_type,
-                tmp_path_factory.mktemp(v.model_type),
-                tied=v.tied,
-                max_shard_size="20KB",
-                **dict(v.overrides),
-            )
+        if v.name not in cache:
+            path = tiny_models[v.name] if v.name in tiny_models else v.write(tmp_path_factory.mktemp("builders"))
             config = ModelConfig.from_json((path / "config.json").read_text())
             hf_sd = {k: t for f in sorted(path.glob("*.safetensors")) for k, t in load_file(f).items()}
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
             with torch.no_grad():
                 logits = hf(TOKENS).logits
-            cache[v.id] = Checkpoint(path, config, TO_TUNE[v.model_type](hf_sd, config), logits)
-        return cache[v.id]
+            cache[v.name] = Checkpoint(path, config, TO_TUNE[v.model_type](hf_sd, config), logits)
+        return cache[v.name]
 
     return get
 
@@ -214,19 +171,19 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # Logits against transformers
 
 
-@pytest.mark.parametrize("v", VARIANTS, ids=lambda v: v.id)
+@pytest.mark.parametrize("v", VARIANTS, ids=lambda v: v.name)
 def test_logits_match_transformers(v: Variant, checkpoints: Callable[[Variant], Checkpoint]) -> None:
     ckpt = checkpoints(v)
     model = build_model_from_dir(v.model_type, ckpt.path)
     model.load_state_dict(ckpt.tune_state_dict, strict=True)
-    assert _max_diff(_logits(model), ckpt.hf_logits) <= ATOL
+    assert _max_diff(_logits(model), ckpt.hf_logits) <= TOLERANCE
 
 
 def test_every_registered_type_has_a_variant() -> None:
     assert {v.model_type for v in VARIANTS} == set(REGISTRY) == set(TINY_CONFIGS)
 
 
-@pytest.mark.parametrize("v", [v for v in VARIANTS if not v.overrides], ids=lambda v: v.id)
+@pytest.mark.parametrize("v", [v for v in VARIANTS if not v.overrides], ids=lambda v: v.name)
 def test_tied_embeddings_have_no_output_key(v: Variant, checkpoints: Callable[[Variant], Checkpoint]) -> None:
     ckpt = checkpoints(v)
     model = build_model(v.model_type, ckpt.config)
@@ -235,7 +192,7 @@ def test_tied_embeddings_have_no_output_key(v: Variant, checkpoints: Callable[[V
 
 
 def test_gemma2_key_names(checkpoints: Callable[[Variant], Checkpoint]) -> None:
-    keys = set(build_model("GEMMA2", checkpoints(variant("GEMMA2")).config).state_dict())
+    keys = set(build_model("GEMMA2", checkpoints(ALL_VARIANTS["gemma2"]).config).state_dict())
     layer0 = {k for k in keys if k.startswith("layers.0.")}
     assert "norm.rms_norm.scale" in keys and "output.weight" not in keys
     assert {f"layers.0.{n}.scale" for n in ("sa_norm", "sa_scale", "mlp_norm", "mlp_scale")} <= layer0
@@ -243,17 +200,17 @@ def test_gemma2_key_names(checkpoints: Callable[[Variant], Checkpoint]) -> None:
 
 def test_qwen3_norms_come_before_rope(checkpoints: Callable[[Variant], Checkpoint]) -> None:
     """With torchtune 0.6.1's order (norm after RoPE) the perturbed q/k norms change the logits."""
-    ckpt = checkpoints(variant("QWEN3"))
+    ckpt = checkpoints(ALL_VARIANTS["qwen3"])
     model = build_model("QWEN3", ckpt.config)
     model.load_state_dict(ckpt.tune_state_dict, strict=True)
     for layer in model.layers:
         layer.attn.__class__ = MultiHeadAttention  # torchtune 0.6.1's forward, same modules
-    assert _max_diff(_logits(model), ckpt.hf_logits) > 100 * ATOL
+    assert _max_diff(_logits(model), ckpt.hf_logits) > 100 * TOLERANCE
 
 
 def test_qwen3_kv_cache_decoding_matches_full_forward(checkpoints: Callable[[Variant], Checkpoint]) -> None:
     """``QkNormBeforeRopeAttention`` has its own forward: check the KV-cache path too."""
-    ckpt = checkpoints(variant("QWEN3"))
+    ckpt = checkpoints(ALL_VARIANTS["qwen3"])
     model = build_model("QWEN3", ckpt.config)
     model.load_state_dict(ckpt.tune_state_dict, strict=True)
     model.eval().setup_caches(batch_size=2, dtype=torch.float32, decoder_max_seq_len=32)
@@ -266,7 +223,7 @@ def test_qwen3_kv_cache_decoding_matches_full_forward(checkpoints: Callable[[Var
             )
             for a, b in steps
         ]
-    assert _max_diff(torch.cat(logits, dim=1), ckpt.hf_logits) <= ATOL
+    assert _max_diff(torch.cat(logits, dim=1), ckpt.hf_logits) <= TOLERANCE
 
 
 def test_sliding_window_shorter_than_max_seq_len_warns() -> None:
@@ -278,7 +235,7 @@ def test_sliding_window_shorter_than_max_seq_len_warns() -> None:
 # Meta device, LoRA
 
 
-@pytest.mark.parametrize("v", [v for v in VARIANTS if not v.overrides and v.tied is None], ids=lambda v: v.id)
+@pytest.mark.parametrize("v", [v for v in VARIANTS if not v.overrides and v.tied is None], ids=lambda v: v.name)
 def test_meta_build_to_empty_and_load(v: Variant, checkpoints: Callable[[Variant], Checkpoint]) -> None:
     ckpt = checkpoints(v)
     with torch.device("meta"):
@@ -287,7 +244,7 @@ def test_meta_build_to_empty_and_load(v: Variant, checkpoints: Callable[[Variant
     model.to_empty(device="cpu")
     assert reset_rope_buffers(model) >= 1
     model.load_state_dict(ckpt.tune_state_dict, strict=True)
-    assert _max_diff(_logits(model), ckpt.hf_logits) <= ATOL
+    assert _max_diff(_logits(model), ckpt.hf_logits) <= TOLERANCE
 
 
 def _expected_lora_keys(model_type: str, config: ModelConfig, lora: LoraSpec) -> set[str]:
@@ -298,7 +255,7 @@ def _expected_lora_keys(model_type: str, config: ModelConfig, lora: LoraSpec) ->
     return {f"{m}.{ab}.weight" for m in modules for ab in ("lora_a", "lora_b")}
 
 
-@pytest.mark.parametrize("v", [v for v in VARIANTS if not v.overrides], ids=lambda v: v.id)
+@pytest.mark.parametrize("v", [v for v in VARIANTS if not v.overrides], ids=lambda v: v.name)
 def test_lora_adds_adapters_and_keeps_logits(
     v: Variant, checkpoints: Callable[[Variant], Checkpoint]
 ) -> None:
@@ -314,11 +271,11 @@ def test_lora_adds_adapters_and_keeps_logits(
     assert not result.unexpected_keys
     assert set(result.missing_keys) == _expected_lora_keys(v.model_type, ckpt.config, lora)
     assert all(not p.any() for k, p in model.state_dict().items() if "lora_b" in k)
-    assert _max_diff(_logits(model), ckpt.hf_logits) <= ATOL
+    assert _max_diff(_logits(model), ckpt.hf_logits) <= TOLERANCE
 
 
 def test_lora_on_tied_output_is_rejected(checkpoints: Callable[[Variant], Checkpoint]) -> None:
-    config = checkpoints(variant("LLAMA3_2")).config
+    config = checkpoints(ALL_VARIANTS["llama3_2_tied_scaled"]).config
     with pytest.raises(ValueError, match="apply_lora_to_output"):
         build_model("LLAMA3_2", config, lora=LoraSpec(("q_proj",), apply_lora_to_output=True))
 

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from variants import TOKENS, VARIANTS, assert_same_tensors, hf_logits
+from states import differences
+from variants import TOKENS, TOLERANCE, VARIANTS, assert_same_tensors, hf_logits
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.format.hf_files import INDEX_FILE
 from checkpointer.storage.output_lock import LOCK_FILE
 from checkpointer.train.builders import build_model_from_dir
-
-TOLERANCE = 1e-5
 
 
 def _logits(model) -> torch.Tensor:
@@ -25,7 +24,7 @@ def _logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("name", VARIANTS)
 def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
     base = tiny_models[name]
-    model_type = VARIANTS[name][0]
+    model_type = VARIANTS[name].model_type
     model = build_model_from_dir(model_type, base)
     checkpointer = DistributedHFCheckpointer(base, tmp_path, model_type)
     checkpointer.load_model(model)
@@ -45,7 +44,7 @@ def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
 
     again = build_model_from_dir(model_type, saved)
     DistributedHFCheckpointer(saved, tmp_path, model_type).load_model(again)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not differences(model.state_dict(), again.state_dict())
 
 
 def _assert_same_split_as_base(base, saved) -> None:
@@ -150,7 +149,7 @@ def test_model_type_is_recognised_from_the_keys_alone(name, tiny_models):
     keys = read_checkpoint_files(LocalFolder(base)).tensors
     config = json.loads((base / "config.json").read_text())
     found = model_types_for_keys(keys, config.get("tie_word_embeddings"), config["model_type"])
-    model_type = VARIANTS[name][0]
+    model_type = VARIANTS[name].model_type
     assert model_type in found and model_type in model_types_for_keys(keys)
     assert len(found) == 1 or set(found) == {"LLAMA2", "LLAMA3", "LLAMA3_2"}  # one key layout serves all Llamas
     assert not model_types_for_keys(["model.layers.0.self_attn.q_proj.weight"])  # a subset is not a model

@@ -22,7 +22,7 @@ from dist_workers import save_dcp
 from places import KINDS, place, unique_repo
 from safetensors import safe_open
 from safetensors.torch import save_file
-from variants import TOKENS, assert_same_tensors, hf_logits
+from variants import TOKENS, TOLERANCE, assert_same_tensors, hf_logits
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.cli.main import main
@@ -34,12 +34,7 @@ from checkpointer.testing.tiny_models import write_tiny_model
 from checkpointer.train.builders import LoraSpec, build_model_from_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOLERANCE = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
@@ -457,7 +452,7 @@ def test_a_truncated_shard_is_an_input_error_for_inspect_and_a_failure_for_verif
 
 
 def test_python_dash_m_runs_as_a_real_process(base, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CHECKPOINTER_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # CHECKPOINTER_CACHE: the private cache
     ok = subprocess.run([sys.executable, "-m", "checkpointer", "verify", str(base)], capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0 and "is whole" in ok.stderr, ok.stderr
     bad = subprocess.run([sys.executable, "-m", "checkpointer", "inspect", str(tmp_path / "nope")], capture_output=True, text=True, env=env, timeout=120)

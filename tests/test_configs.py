@@ -38,8 +38,7 @@ def test_there_are_configs_for_the_real_models():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
-def test_config_instantiates(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path))
+def test_config_instantiates(path, private_cache):
     cfg = _load(path)
     checkpointer = tune_config.instantiate(cfg.checkpointer)
     assert isinstance(checkpointer, DistributedHFCheckpointer)

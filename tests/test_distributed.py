@@ -6,11 +6,9 @@ import shutil
 
 import pytest
 from dist_workers import case, load_expecting_errors, load_forward_save_reload
-from variants import TOKENS, VARIANTS, assert_same_tensors, hf_logits
+from variants import TOKENS, TOLERANCE, VARIANTS, assert_same_tensors, hf_logits
 
 from checkpointer.testing.multiprocess import run_on_ranks
-
-TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +18,7 @@ def references(tiny_models):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_model_type_loads_and_saves_sharded(world, tiny_models, references, tmp_path):
-    cases = [case(name, VARIANTS[name][0], tiny_models[name], tmp_path / name) for name in VARIANTS]
+    cases = [case(name, VARIANTS[name].model_type, tiny_models[name], tmp_path / name) for name in VARIANTS]
     results = run_on_ranks(load_forward_save_reload, world, cases, TOKENS, timeout=600)
     for name in VARIANTS:
         per_rank = [r[name] for r in results]

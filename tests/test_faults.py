@@ -13,14 +13,12 @@ import torch
 from huggingface_hub import HfApi
 from places import unique_repo, upload_to_hub
 from safetensors.torch import load_file
+from states import differences
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
 from checkpointer.train.builders import build_model_from_dir
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _upload(folder: Path) -> str:
@@ -41,7 +39,7 @@ def test_loads_survive_transient_hub_faults(hub_env, tiny_models, streaming, fau
     reference = DistributedHFCheckpointer(base, "/tmp/unused", "LLAMA3").load_checkpoint()["model"]
     hub_env.inject_fault("GET", rf"^/{re.escape(repo)}/resolve/.*safetensors", times=2, **fault)
     loaded = DistributedHFCheckpointer(f"hf://{repo}", "/tmp/unused", "LLAMA3", streaming=streaming).load_checkpoint()["model"]
-    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+    assert not differences(loaded, reference)
 
 
 def test_a_load_that_keeps_failing_is_a_clear_error(hub_env, tiny_models):
@@ -65,6 +63,13 @@ def _random_fault(rng: random.Random, repo: str) -> tuple[str | None, dict]:
     return choices[rng.randrange(len(choices))]
 
 
+def _must_land(fault: dict) -> bool | None:
+    """Whether a push with ``fault`` must land (True), must fail (False), or may do either (a transient error)."""
+    if not fault or set(fault) == {"delay"}:
+        return True
+    return False if fault.get("times", 1) > 1 else None
+
+
 @pytest.mark.soak
 def test_soak_50_pushes_with_random_faults_lose_nothing(hub_env, tiny_models):
     """Every push either lands whole (and downloads bitwise) or leaves the repo exactly as it was."""
@@ -75,7 +80,7 @@ def test_soak_50_pushes_with_random_faults_lose_nothing(hub_env, tiny_models):
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, f"hf://{repo}", "LLAMA2")
     checkpointer.load_model(model)
-    rng, landed, failed = random.Random(0), 0, 0
+    rng, landed, wrong = random.Random(0), [], []
     for step in range(1, 51):
         with torch.no_grad():
             model.norm.scale.add_(0.01)
@@ -87,17 +92,22 @@ def test_soak_50_pushes_with_random_faults_lose_nothing(hub_env, tiny_models):
         try:
             published = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0, step=step)
         except CheckpointError:
-            failed += 1
             assert hub_env.commits(repo) == before  # nothing half-pushed
+            wrong += [(step, fault, "failed")] if _must_land(fault) else []
             continue
         finally:
             hub_env.clear_faults()
-        landed += 1
+        wrong += [(step, fault, "landed")] if _must_land(fault) is False else []
+        landed.append(step)
         assert published == f"hf://{repo}@step-{step}"
+        assert sum(c["title"].startswith("checkpointer:") for c in hub_env.commits(repo)) == len(landed)  # one commit per push
         file = hf_hub_download(repo, "model.safetensors", revision=f"step-{step}")
         saved = load_file(file)
         assert torch.equal(saved["model.norm.weight"], expected["norm.scale"])
-    assert landed + failed == 50 and landed > 25 and failed > 0
+    assert not wrong, wrong  # no fault-free push failed, no push against a hard fault landed
+    tags = {t.name for t in HfApi().list_repo_refs(repo).tags}
+    assert tags == {f"step-{step}" for step in landed}  # exactly the pushes that landed are visible
+    assert 0 < len(landed) < 50
 
 
 def test_a_download_corrupted_in_transit_is_caught_and_dropped_from_the_cache(hub_env, tiny_models):
@@ -131,7 +141,7 @@ def test_loads_survive_transient_s3_faults(s3_env, tiny_models, streaming, fault
     s3_env.inject_fault("GET", rf"^/{bucket}/base/.*safetensors", times=2, **fault)
     options = {"storage_options": s3_env.storage_options}
     loaded = DistributedHFCheckpointer(f"s3://{bucket}/base", "/tmp/unused", "QWEN2", streaming=streaming, **options).load_checkpoint()["model"]
-    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    assert not differences(loaded, reference)
 
 
 def test_s3_pushes_retry_transient_faults_and_a_hard_failure_is_never_visible(s3_env, tiny_models):

@@ -12,7 +12,8 @@ import torch
 from dist_workers import case, load_forward_save_reload, load_only
 from places import KINDS, place, unique_repo, upload_to_hub
 from saves import save_steps
-from variants import TOKENS, hf_logits
+from states import differences
+from variants import TOKENS, TOLERANCE, hf_logits
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
 from checkpointer.format.manifest import MANIFEST_FILE
@@ -20,12 +21,7 @@ from checkpointer.storage.urls import FsspecUrl, HubUrl, LocalPath, parse_locati
 from checkpointer.testing.multiprocess import run_on_ranks
 from checkpointer.train.builders import build_model_from_dir
 
-TOLERANCE = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -149,7 +145,7 @@ def test_offline_loads_come_from_the_cache_pinned_to_the_sha(hub_env, tiny_model
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     again = DistributedHFCheckpointer(f"hf://{repo}@{sha}", tmp_path, "GEMMA").load_checkpoint()["model"]
     assert hub_env.requests == []  # nothing asked of the Hub
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not differences(first, again)
 
 
 def test_streaming_reads_each_ranks_share_with_ranged_requests(hub_env, tiny_models, tmp_path):

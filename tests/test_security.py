@@ -150,14 +150,13 @@ def _files_holding(folder: Path, secret: bytes) -> list[str]:
 
 
 def test_the_token_never_appears_in_logs_errors_or_pushed_files(
-    hub_env: Any, tiny_llama3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    hub_env: Any, tiny_llama3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, private_cache: Path
 ) -> None:
     from huggingface_hub import snapshot_download
 
     secret, owner = f"hf_secret_{uuid.uuid4().hex}", f"owner-{uuid.uuid4().hex[:8]}"
     monkeypatch.setitem(hub_env.tokens, secret, owner)
     monkeypatch.setenv("HF_TOKEN", secret)
-    monkeypatch.setenv("CHECKPOINTER_CACHE", str(tmp_path / "cache"))
     caplog.set_level(logging.DEBUG)
     for name in ("checkpointer", "huggingface_hub", "urllib3", "httpx", "httpcore", "filelock", "fsspec"):
         caplog.set_level(logging.DEBUG, logger=name)
@@ -189,8 +188,8 @@ def test_the_token_never_appears_in_logs_errors_or_pushed_files(
     assert {"README.md", "config.json", MANIFEST_FILE} <= {p.name for p in pushed.iterdir()}
     assert _files_holding(pushed, secret.encode()) == []
     kept = Path(str(errors[0]).rsplit("kept at ", 1)[1])  # the staged copy of the failed push
-    assert kept.is_relative_to(tmp_path / "cache") and (kept / MANIFEST_FILE).is_file()
-    assert _files_holding(tmp_path / "cache", secret.encode()) == []
+    assert kept.is_relative_to(private_cache) and (kept / MANIFEST_FILE).is_file()
+    assert _files_holding(private_cache, secret.encode()) == []
     assert all(secret not in c["title"] + c["message"] for c in hub_env.commits(out))
 
 

@@ -697,13 +697,15 @@ _OPERATIONS: dict[str, Callable[[HubStore, dict[str, str], dict], None]] = {
 
 
 class RequestRecord(NamedTuple):
-    """One logged request: raw path (with query), ``Range`` header, status (0 = reset) and body bytes sent."""
+    """One logged request: raw path (with query), ``Range`` header, status (0 = reset), body bytes sent,
+    and the seconds an injected fault delayed the answer (0.0 when none did)."""
 
     method: str
     path: str
     range: str | None
     status: int
     bytes_sent: int
+    delay: float = 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -724,6 +726,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         hub = self.server.hub
         fault = hub.faults.take(self.command, self.path)
+        self._delay = fault.delay if fault else 0.0
         if fault and fault.delay:
             time.sleep(fault.delay)
         if fault and fault.reset:
@@ -781,7 +784,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _log(self, status: int, sent: int) -> None:
         hub = self.server.hub
         with hub.requests_lock:
-            hub.requests.append(RequestRecord(self.command, self.path, self.headers.get("Range"), status, sent))
+            hub.requests.append(RequestRecord(self.command, self.path, self.headers.get("Range"), status, sent, self._delay))
 
 
 class _Server(ThreadingHTTPServer):
