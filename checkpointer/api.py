@@ -40,10 +40,12 @@ from checkpointer.errors import (
     CheckpointUnsupportedError,
 )
 from checkpointer.format.digests import Digests, read_back_digests
+from checkpointer.format.dtypes import parse_dtype
 from checkpointer.format.file_layout import plan_file_layout
 from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
-from checkpointer.format.hf_output import copy_support_files, saved_config, write_index, write_json
+from checkpointer.format.hf_output import copy_support_files, saved_config, write_index
+from checkpointer.format.json_files import write_json
 from checkpointer.format.manifest import MANIFEST_FILE, check_against_manifest, files_of, parse_manifest, read_manifest
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.model_config import ModelConfig
@@ -55,7 +57,7 @@ from checkpointer.phases import hash_files, verify_hashes
 from checkpointer.runtime.distributed import is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.runtime.nodes import Nodes
-from checkpointer.runtime.progress import human_bytes
+from checkpointer.runtime.progress import human_size
 from checkpointer.storage.factory import make_location
 from checkpointer.storage.local import LocalLocation
 from checkpointer.storage.location import Location, cache_root, fresh_dir, url_key
@@ -68,20 +70,6 @@ log = logging.getLogger(__name__)
 MODEL_KEY = "model"
 ADAPTER_KEY = "adapter"
 ADAPTER_CONFIG_KEY = "adapter_config"
-
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"``, ``"bfloat16"`` or ``torch.bfloat16`` -> ``torch.bfloat16`` (for ``save_dtype``)."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    name = str(value).removeprefix("torch.")
-    dtype = SAVE_DTYPES.get(name) or getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointArgumentError(f"save_dtype {value!r} is not a dtype (use fp32, bf16 or fp16)", key="save_dtype")
-    return dtype
-
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:
     return f"step_{step}" if step is not None else f"epoch_{epoch}"
@@ -147,7 +135,7 @@ class DistributedHFCheckpointer:
         self.resume_from_checkpoint = resume_from_checkpoint
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
         self.max_shard_size = max_shard_size
-        self.save_dtype = parse_dtype(save_dtype)
+        self.save_dtype = parse_dtype(save_dtype, "save_dtype")
         self.streaming = streaming
         self.verify_checksums = verify_checksums
         self.process_group = process_group
@@ -419,7 +407,7 @@ class DistributedHFCheckpointer:
         published = self.destination.describe(name)
         if rank(self.process_group) == 0:
             seconds = time.perf_counter() - started
-            log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_bytes(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
+            log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_size(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
         if self.keep_last_n_checkpoints:
             on_rank_zero(lambda: self._prune(keep=name), self.process_group)
         return published

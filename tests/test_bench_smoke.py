@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from bench.methods import METHODS
 from bench.models import SIZES
-from checkpointer import ModelConfig
 from bench.report import ratios_table, results_table, verdicts
 from bench.run import run_size
+from checkpointer import ModelConfig
 
 
 def test_benchmark_runs_every_method_on_two_ranks(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -15,10 +14,12 @@ import torch
 from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointFiles, read_checkpoint_files
+from checkpointer.format.json_files import parse_json
 from checkpointer.format.manifest import MANIFEST_FILE, files_of, parse_manifest
 from checkpointer.format.peft import ADAPTER_DIR, ADAPTER_FILE
 from checkpointer.mapping.key_maps import model_types_for_keys
 from checkpointer.phases import hash_files
+from checkpointer.runtime.progress import human_size
 from checkpointer.storage.factory import make_location
 from checkpointer.storage.local import LocalLocation
 from checkpointer.storage.location import Location
@@ -56,16 +57,6 @@ class Timer:
         seconds = self.seconds
         speed = f" ({nbytes / 1e9 / seconds:.2f} GB/s)" if seconds > 0 and nbytes else ""
         return f"{human_size(nbytes)} in {seconds:.1f} s{speed}"
-
-
-def human_size(nbytes: int | None) -> str:
-    """Bytes in Hugging Face's decimal units: ``1234567`` -> ``"1.23 MB"``."""
-    if nbytes is None:
-        return "?"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -129,10 +120,7 @@ class Checkpoint:
         """The parsed JSON file ``path``, or None when there is no such file."""
         if path not in self.files:
             return None
-        try:
-            return json.loads(self.read_bytes(path))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFormatError(f"{self.describe(path)}: not valid JSON ({e})", file=self.describe(path)) from None
+        return parse_json(self.read_bytes(path), self.describe(path))
 
     def config(self) -> dict[str, Any] | None:
         config = self.read_json(CONFIG_FILE)

@@ -33,7 +33,8 @@ from checkpointer.errors import (
 )
 from checkpointer.format.file_layout import FileLayout, plan_file_layout
 from checkpointer.format.hf_files import CONFIG_FILE
-from checkpointer.format.hf_output import copy_support_files, saved_config, write_index, write_json
+from checkpointer.format.hf_output import copy_support_files, saved_config, write_index
+from checkpointer.format.json_files import write_json
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.format.safetensors import TensorSpec

@@ -10,9 +10,10 @@ import torch
 
 from checkpointer.cli.common import Checkpoint, Outcome, Timer
 from checkpointer.dcp.storage_reader import read_tensor
+from checkpointer.format.dtypes import SAFETENSORS_NAMES
 from checkpointer.format.file_layout import natural_key
 from checkpointer.format.hf_files import CheckpointFiles
-from checkpointer.format.safetensors import DTYPE_NAMES, TensorEntry
+from checkpointer.format.safetensors import TensorEntry
 from checkpointer.runtime.progress import byte_bar
 
 
@@ -60,7 +61,7 @@ def compare(a: CheckpointFiles, b: CheckpointFiles, atol: float) -> tuple[list[D
 
 
 def _describe(entry: TensorEntry | None) -> str | None:
-    return f"{DTYPE_NAMES[entry.dtype]} {list(entry.shape)}" if entry else None
+    return f"{SAFETENSORS_NAMES[entry.dtype]} {list(entry.shape)}" if entry else None
 
 
 def _structural(name: str, a: TensorEntry | None, b: TensorEntry | None) -> Difference:

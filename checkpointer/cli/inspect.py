@@ -8,13 +8,14 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from checkpointer.cli.common import Checkpoint, Outcome, Timer, human_size, model_types
+from checkpointer.cli.common import Checkpoint, Outcome, Timer, model_types
 from checkpointer.cli.dcp_export import PICKLED_METADATA
 from checkpointer.dcp.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
+from checkpointer.format.dtypes import SAFETENSORS_NAMES
 from checkpointer.format.file_layout import natural_key
 from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_FILE
-from checkpointer.format.safetensors import DTYPE_NAMES
+from checkpointer.runtime.progress import human_size
 
 _CONFIG_FIELDS = ("model_type", "architectures", "dtype", "torch_dtype", "tie_word_embeddings", "num_hidden_layers", "hidden_size", "vocab_size")
 
@@ -51,14 +52,14 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def _tensor_rows(files: CheckpointFiles) -> list[dict[str, Any]]:
     return [
-        {"name": e.name, "dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "file": e.file, "bytes": e.nbytes}
+        {"name": e.name, "dtype": SAFETENSORS_NAMES[e.dtype], "shape": list(e.shape), "file": e.file, "bytes": e.nbytes}
         for e in sorted(files.tensors.values(), key=lambda e: natural_key(e.name))
     ]
 
 
 def _weights(files: CheckpointFiles) -> dict[str, Any]:
     per_file = {name: {"bytes": h.file_size, "tensors": len(h.tensors)} for name, h in files.headers.items()}
-    dtypes = Counter(DTYPE_NAMES[e.dtype] for e in files.tensors.values())
+    dtypes = Counter(SAFETENSORS_NAMES[e.dtype] for e in files.tensors.values())
     return {
         "tensor_bytes": files.total_bytes,
         "dtypes": dict(dtypes),

@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointMismatchError
+from checkpointer.format.dtypes import SHORT_DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 OK, FAILED, USAGE = 0, 1, 2
 CommandAdder = Callable[..., argparse.ArgumentParser]  # build_parser's command(name, summary, run, details)
-_DTYPES = ("fp32", "bf16", "fp16")
 
 DESCRIPTION = """\
 Look into, check, convert and publish Hugging Face safetensors checkpoints (torchtune/FSDP2
@@ -88,7 +88,7 @@ def _add_split(parser: argparse.ArgumentParser, default: str) -> None:
     split.add_argument("--single-file", action="store_true", help="write one model.safetensors (no index), whatever the size")
     split.add_argument("--max-shard-size", type=_size, default=default, metavar="SIZE",
                        help=f"largest file to write, in Hugging Face units (5GB, 500MB, 2GiB); default {default}")  # fmt: skip
-    parser.add_argument("--dtype", choices=_DTYPES, help="save floating-point tensors in this dtype (config.json follows); default: as they are")
+    parser.add_argument("--dtype", choices=SHORT_DTYPES, help="save floating-point tensors in this dtype (config.json follows); default: as they are")
 
 
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:
@@ -192,9 +192,7 @@ def _diff_parser(command: CommandAdder) -> None:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    from checkpointer.api import SAVE_DTYPES
-
-    return SAVE_DTYPES[name] if name else None
+    return SHORT_DTYPES[name] if name else None
 
 
 def _shard_size(args: argparse.Namespace) -> int | str:

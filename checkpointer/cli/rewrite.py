@@ -18,7 +18,8 @@ from checkpointer.dcp.storage_reader import read_tensor
 from checkpointer.dcp.storage_writer import create_files, write_tensor
 from checkpointer.format.file_layout import FileLayout, plan_file_layout
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles
-from checkpointer.format.hf_output import copy_support_files, output_config, write_index, write_json
+from checkpointer.format.hf_output import copy_support_files, output_config, write_index
+from checkpointer.format.json_files import write_json
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.local_shards import converted
 from checkpointer.runtime.progress import byte_bar

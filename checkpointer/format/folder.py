@@ -14,7 +14,6 @@ from typing import Protocol
 
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 
-
 REMOTE_MERGE_GAP = 1 << 20  # about what one HTTP round trip costs, in bytes of transfer
 
 

@@ -8,12 +8,12 @@ the caller names. A stray ``.safetensors`` beside them is never read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.folder import Folder, check_relative_name
+from checkpointer.format.json_files import parse_json
 from checkpointer.format.safetensors import Header, TensorEntry, header_length, parse_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,10 +67,7 @@ def _weight_map_from_text(text: bytes, where: str) -> dict[str, str]:
 
 
 def _parse_index(text: bytes, where: str) -> tuple[dict[str, str], dict[str, Any]]:
-    try:
-        raw = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: not valid JSON ({e})", file=where) from None
+    raw = parse_json(text, where)
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointFormatError(

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from checkpointer.format.dtypes import CONFIG_NAMES
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import INDEX_FILE, SUPPORT_FILES
+from checkpointer.format.json_files import write_json
 
 if TYPE_CHECKING:
     from checkpointer.format.safetensors import TensorSpec
@@ -18,15 +19,12 @@ if TYPE_CHECKING:
     from checkpointer.mapping.matching import Destination
 
 
-_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool | None) -> dict[str, Any]:
     """The base config, updated to describe the saved weights (dtype, tied embeddings; None leaves either as is)."""
     config = dict(base)
-    if dtype in _TORCH_DTYPE_NAMES:
+    if dtype in CONFIG_NAMES:
         key = "dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"
-        config[key] = _TORCH_DTYPE_NAMES[dtype]
+        config[key] = CONFIG_NAMES[dtype]
     if tied is not None:
         config["tie_word_embeddings"] = tied
     return config
@@ -37,10 +35,6 @@ def saved_config(base: dict[str, Any], key_map: KeyMap, specs: dict[str, TensorS
     tied = not any(d.hf_key in key_map.tied for d in destinations.values())
     dtypes = {s.dtype for s in specs.values()}
     return output_config(base, dtypes.pop() if len(dtypes) == 1 else None, tied)
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def copy_support_files(base: Folder, folder: Path) -> None:

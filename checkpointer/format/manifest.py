@@ -9,7 +9,6 @@ Manifests written before record one sha256 per file instead; both verify.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from checkpointer.errors import CheckpointFormatError
 from checkpointer.format.digests import ALGORITHM, LEGACY_ALGORITHM, Digests, Range
 from checkpointer.format.folder import Folder, local_files
+from checkpointer.format.json_files import parse_json, write_json
 
 MANIFEST_FILE = "checkpointer.json"
 
@@ -41,15 +41,12 @@ def write_manifest(folder: Path, info: dict[str, Any], sizes: dict[str, int], di
         **info,
         "files": files,
     }
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(folder / MANIFEST_FILE, manifest)
     return manifest
 
 
 def parse_manifest(text: bytes, where: str) -> dict[str, Any]:
-    try:
-        manifest = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: not valid JSON ({e})", file=where) from None
+    manifest = parse_json(text, where)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
         raise CheckpointFormatError(f"{where}: not a checkpointer manifest of format {FORMAT_VERSION}", file=where)
     return manifest

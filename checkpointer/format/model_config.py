@@ -6,20 +6,14 @@ transformers 5 writes ``rope_parameters`` and ``dtype`` where older releases wro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from checkpointer.errors import CheckpointFormatError
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+from checkpointer.format.dtypes import CONFIG_DTYPES
+from checkpointer.format.json_files import parse_json
 
 
 @dataclass(frozen=True)
@@ -80,7 +74,7 @@ class ModelConfig:
                 tie_word_embeddings=_flag(raw, "tie_word_embeddings"),
                 rope_theta=_positive(rope, "rope_theta", 10_000.0),
                 rope_scaling=_rope_scaling(rope),
-                dtype=_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype"))),
+                dtype=CONFIG_DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype"))),
                 raw=raw,
                 attention_bias=_optional(bool, raw.get("attention_bias")),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
@@ -104,10 +98,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "config.json") -> ModelConfig:
         """Parse the text of a ``config.json``."""
-        try:
-            raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointFormatError(f"{source}: not valid JSON ({e})", file=source) from None
+        raw = parse_json(text, source)
         if not isinstance(raw, dict):
             raise CheckpointFormatError(f"{source}: expected a JSON object, found {type(raw).__name__}", file=source)
         return cls.from_dict(raw, source)

@@ -19,30 +19,14 @@ from typing import Iterable
 import torch
 
 from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
+from checkpointer.format.json_files import parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 HEADER_ALIGNMENT = 8
 METADATA_KEY = "__metadata__"
 REFETCH = "copy or download it again"
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -121,10 +105,7 @@ def parse_header(header_json: bytes, file: str, file_size: int, where: str | Non
     """
     data_start = 8 + len(header_json)
     where = where or file
-    try:
-        raw = json.loads(header_json.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{where}: header is not valid JSON ({e}): not a safetensors file, or corrupt; {REFETCH}", file=where) from None
+    raw = parse_json(header_json, where, "header", f"not a safetensors file, or corrupt; {REFETCH}")
     if not isinstance(raw, dict):
         raise CheckpointFormatError(f"{where}: header is not a JSON object", file=where)
     metadata = _parse_metadata(raw.pop(METADATA_KEY, None), where)
@@ -158,8 +139,8 @@ def _parse_entry(name: str, info: object, file: str, data_start: int, location: 
     if not isinstance(info, dict):
         raise CheckpointFormatError(f"{where}: entry is not a JSON object", file=location, key=name)
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise CheckpointFormatError(f"{where}: unknown dtype {dtype_name!r} (safetensors dtypes: {', '.join(DTYPES)})", file=location, key=name)
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise CheckpointFormatError(f"{where}: unknown dtype {dtype_name!r} (safetensors dtypes: {', '.join(SAFETENSORS_DTYPES)})", file=location, key=name)
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise CheckpointFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers", file=location, key=name)
     if (
@@ -169,7 +150,7 @@ def _parse_entry(name: str, info: object, file: str, data_start: int, location: 
         or offsets[0] > offsets[1]
     ):
         raise CheckpointFormatError(f"{where}: data_offsets {offsets!r} are not [begin, end] with begin <= end", file=location, key=name)
-    dtype = DTYPES[dtype_name]
+    dtype = SAFETENSORS_DTYPES[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     if offsets[1] - offsets[0] != expected:
         raise CheckpointFormatError(
@@ -228,10 +209,10 @@ def build_header(
     header: dict[str, object] = {METADATA_KEY: dict(metadata or {"format": "pt"})}
     offset = 0
     for spec in ordered:
-        if spec.dtype not in DTYPE_NAMES:
+        if spec.dtype not in SAFETENSORS_NAMES:
             raise CheckpointFormatError(f"{file}: tensor {spec.name!r}: dtype {spec.dtype} cannot be stored", file=file, key=spec.name)
         header[spec.name] = {
-            "dtype": DTYPE_NAMES[spec.dtype],
+            "dtype": SAFETENSORS_NAMES[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }

@@ -39,10 +39,11 @@ def byte_bar(total: int, description: str) -> tqdm:
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress())
 
 
-def human_bytes(count: float) -> str:
-    """``1234567`` -> ``1.2 MB`` (powers of 10, as Hugging Face counts)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1000
-    return f"{count:.1f} TB"
+def human_size(nbytes: int | None) -> str:
+    """Bytes in Hugging Face's decimal units: ``1234567`` -> ``"1.23 MB"`` (``"?"`` for None)."""
+    if nbytes is None:
+        return "?"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"

@@ -9,7 +9,6 @@ Publishing uploads a staged folder file by file in parallel, with the index and 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import fsspec
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, CheckpointTransportError
 from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, check_relative_name
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
+from checkpointer.format.json_files import parse_json, write_json
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.runtime.progress import byte_bar
@@ -132,7 +132,7 @@ class FsspecLocation:
         """Fetch ``names`` into ``target``, skipping files whose remote identity is unchanged."""
         target.mkdir(parents=True, exist_ok=True)
         manifest_path = target / _MANIFEST
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        manifest = parse_json(manifest_path.read_bytes(), str(manifest_path)) if manifest_path.exists() else {}
         keys = {n: str(with_retries(lambda n=n: self.fs.ukey(f"{self.root}/{n}"), f"checking {self.describe(n)}")) for n in names}
         todo = [n for n in names if manifest.get(n) != keys[n] or not (target / n).is_file()]
         sizes = {n: self.remote().size(n) for n in todo}
@@ -140,7 +140,7 @@ class FsspecLocation:
             for name in pool.map(lambda n: self._fetch(n, target), todo):
                 bar.update(sizes[name])
                 manifest[name] = keys[name]
-        manifest_path.write_text(json.dumps(manifest))
+        write_json(manifest_path, manifest)
 
     def _fetch(self, name: str, target: Path) -> str:
         partial = target / f".{name}.download"

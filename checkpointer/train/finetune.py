@@ -32,6 +32,7 @@ from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from checkpointer.dcp.training_state import rng_key, rng_state, set_rng_state
 from checkpointer.errors import CheckpointArgumentError
+from checkpointer.format.dtypes import SHORT_DTYPES
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.mapping.key_maps import adapter_state_dict
 from checkpointer.runtime.distributed import rank, world_size
@@ -52,7 +53,13 @@ from checkpointer.train.moe import router_aux_loss
 
 log = logging.getLogger("checkpointer.recipe")
 IGNORE_INDEX = -100
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _training_dtype(name: str) -> torch.dtype:
+    """``fp32`` or ``bf16`` (``fp16`` would need loss scaling)."""
+    if name not in ("fp32", "bf16"):
+        raise CheckpointArgumentError(f"dtype {name!r}: training runs in fp32 or bf16", key="dtype")
+    return SHORT_DTYPES[name]
 
 
 def init_distributed(device: torch.device) -> None:
@@ -73,7 +80,7 @@ class FinetuneRecipe:
     def __init__(self, cfg: DictConfig, lora: bool = False):
         self.cfg, self.lora = cfg, lora
         self.device = torch.device(cfg.get("device", "cpu"))
-        self.dtype = _DTYPES[cfg.get("dtype", "fp32")]
+        self.dtype = _training_dtype(cfg.get("dtype", "fp32"))
         self.seed = int(cfg.get("seed", 0))
         self.epochs = int(cfg.epochs)
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")

@@ -40,6 +40,7 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from checkpointer.errors import ChatTemplateError, CheckpointArgumentError, CheckpointNotFoundError
+from checkpointer.format.json_files import parse_json
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -90,7 +91,7 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return parse_json(path.read_bytes(), str(path)) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
