@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.storage import WriteResult
 
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
+from checkpointer.format.json_files import parse_json
 from checkpointer.runtime.distributed import dcp_errors, is_distributed, rank
 
 TRAINING_STATE_DIR = "training_state"
@@ -120,8 +121,9 @@ class JsonMetadataWriter(FileSystemWriter):
 
 def parse_metadata_json(text: str | bytes, where: str) -> Metadata:
     """DCP metadata from the text of a ``.metadata.json`` (``where`` names it in errors)."""
+    raw = parse_json(text, where)
     try:
-        return metadata_from_json(json.loads(text))
+        return metadata_from_json(raw)
     except CheckpointFormatError:
         raise  # names what is wrong already (a ValueError too)
     except (KeyError, TypeError, ValueError) as e:

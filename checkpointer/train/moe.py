@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpointer.errors import CheckpointArgumentError
+
 
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU feed-forwards with stacked weights (keys ``gate_proj``, ``up_proj``, ``down_proj``)."""
@@ -55,7 +57,9 @@ class MoEFeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
-            raise ValueError(f"num_experts_per_tok {top_k} must be between 1 and num_experts {num_experts}")
+            raise CheckpointArgumentError(
+                f"num_experts_per_tok {top_k} must be between 1 and num_experts {num_experts}", key="num_experts_per_tok"
+            )
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = GroupedExperts(dim, hidden_dim, num_experts)
         self.top_k = top_k
