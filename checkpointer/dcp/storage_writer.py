@@ -90,6 +90,9 @@ class SafetensorsWriter(StorageWriter):
         create_files(self.folder, self.layout)
         if self.channel is None or self.channel.nodes.shared:
             return plans
+        for plan in plans:  # a bad box fails here, on every rank, not on its sender while its receiver waits
+            for item in plan.items:
+                self._file_runs(item)
         routes = plan_routes(plans, self.channel.nodes, lambda item: self.layout.entries[item.index.fqn].dtype.itemsize)
         return [dataclasses.replace(plan, storage_data=route) for plan, route in zip(plans, routes)]
 
