@@ -17,6 +17,7 @@ import copy
 import itertools
 import logging
 import shutil
+import sys
 import time
 from functools import cached_property
 from pathlib import Path
@@ -25,10 +26,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from checkpointer.dcp.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.dcp.node_staging import NodeStaging
 from checkpointer.dcp.routing import Channel, Traffic
+from checkpointer.dcp.recipe_state import OPT_KEY, name_optimizer_params, read_whole_training_state
 from checkpointer.dcp.staging import StagingBuffers
 from checkpointer.dcp.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
 from checkpointer.errors import (
@@ -41,7 +44,7 @@ from checkpointer.errors import (
 )
 from checkpointer.format.digests import Digests, read_back_digests
 from checkpointer.format.dtypes import parse_dtype
-from checkpointer.format.file_layout import plan_file_layout
+from checkpointer.format.file_layout import empty_file_layout, plan_file_layout
 from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.format.hf_output import copy_support_files, saved_config, write_index
@@ -54,7 +57,7 @@ from checkpointer.mapping.key_maps import KeyMap, adapter_key_map, adapter_state
 from checkpointer.mapping.local_shards import converted, global_spec
 from checkpointer.mapping.matching import model_specs_from_checkpoint, plan_for_save
 from checkpointer.phases import hash_files, verify_hashes
-from checkpointer.runtime.distributed import is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
+from checkpointer.runtime.distributed import alone, is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.runtime.nodes import Nodes
 from checkpointer.runtime.progress import human_size
@@ -101,6 +104,12 @@ class DistributedHFCheckpointer:
         storage_options: fsspec options for URL locations (e.g. an S3 ``endpoint_url``).
         hub_private: create a missing Hub output repo as private (default True).
         process_group: the group whose ranks share the model (default: the world).
+        should_load_recipe_state: torchtune's flag: whether ``load_checkpoint()`` returns the
+            recipe state when resuming (default: yes).
+
+    It counts as a ``torchtune.training.checkpointing.DistributedCheckpointer`` (a virtual
+    subclass, registered once torchtune is imported), so torchtune's ``CheckpointClient`` calls
+    ``save_checkpoint`` on every rank with sharded state dicts.
     """
 
     def __init__(
@@ -121,6 +130,7 @@ class DistributedHFCheckpointer:
         hub_private: bool = True,
         process_group: dist.ProcessGroup | None = None,
         safe_serialization: bool = True,
+        should_load_recipe_state: bool | None = None,
         **unused: Any,
     ):
         if not safe_serialization:
@@ -131,8 +141,9 @@ class DistributedHFCheckpointer:
         self.source = make_location(checkpoint_dir, "checkpoint_dir", options)
         self.destination = make_location(output_dir, "output_dir", options, private=hub_private)
         self.model_type = model_type
-        self.checkpoint_files = _file_list(checkpoint_files)
+        self.checkpoint_files = _file_list(checkpoint_files, self.source)
         self.resume_from_checkpoint = resume_from_checkpoint
+        self.should_load_recipe_state = should_load_recipe_state
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
         self.max_shard_size = max_shard_size
         self.save_dtype = parse_dtype(save_dtype, "save_dtype")
@@ -155,6 +166,7 @@ class DistributedHFCheckpointer:
         self.last_network = Traffic()  # bytes this rank sent / received over the process group in the last save
         if unused:
             log.debug("ignoring torchtune checkpointer arguments %s", sorted(unused))
+        register_with_torchtune(type(self))
 
     # ---- the base checkpoint -----------------------------------------------------------------
 
@@ -253,12 +265,39 @@ class DistributedHFCheckpointer:
     # ---- loading -----------------------------------------------------------------------------
 
     def load_checkpoint(self) -> dict[str, Any]:
-        """torchtune's interface: ``{"model": full state dict with torchtune keys}`` of the base."""
-        files = self.base_files()
-        specs = on_all_ranks(lambda: model_specs_from_checkpoint(self.key_map, files.tensors, self.source.describe()), self.process_group)
+        """torchtune's interface: full state dicts with torchtune keys, on every rank.
+
+        ``{"model": ...}`` of the base; when resuming, the same weights ``load_model`` takes
+        (the resumed checkpoint's, or the base under a LoRA adapter), ``"adapter"`` when the
+        checkpoint has one, and the recipe state under torchtune's keys (``optimizer``,
+        ``seed``, ``epochs_run``, ``total_epochs``, ``max_steps_per_epoch``, ...) with the
+        optimizer state in the form ``load_from_full_optimizer_state_dict`` takes.
+        """
+        contents = self.resume_manifest["contents"] if self.resuming else {}
+        if contents.get("weights") and contents.get("adapter") is None:
+            files, where = self._files(self._resume_folder, None), self.resume_location.describe()
+        else:
+            files, where = self.base_files(), self.source.describe()
+        checkpoint = {MODEL_KEY: self._read_whole(files, self.key_map, where)}
+        if contents.get("adapter") is not None:
+            location = self.resume_location.subfolder(contents["adapter"])
+            folder = location.open(self.process_group, self.streaming, [ADAPTER_FILE])
+            checkpoint[ADAPTER_KEY] = self._read_whole(self._files(folder, [ADAPTER_FILE]), adapter_key_map(self.key_map), location.describe())
+        if contents.get("training_state") and self.should_load_recipe_state is not False:
+            checkpoint.update(self._whole_training_state())
+        return checkpoint
+
+    def _read_whole(self, files: CheckpointFiles, key_map: KeyMap, where: str) -> dict[str, torch.Tensor]:
+        """Every tensor of ``files`` in full, with torchtune keys (collective)."""
+        specs = on_all_ranks(lambda: model_specs_from_checkpoint(key_map, files.tensors, where), self.process_group)
         state_dict = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items()}
-        self.last_load = read_hf_tensors(state_dict, files, self.key_map, self.process_group)
-        return {MODEL_KEY: state_dict}
+        self.last_load = read_hf_tensors(state_dict, files, key_map, self.process_group)
+        return state_dict
+
+    def _whole_training_state(self) -> dict[str, Any]:
+        """The resumed training state with full tensors, read by every rank on its own (collective around it)."""
+        folder = self.resume_location.fetch_folder(TRAINING_STATE_DIR, self.process_group)
+        return on_all_ranks(lambda: read_whole_training_state(JsonMetadataReader(folder)), self.process_group)
 
     def load_model(self, model: nn.Module) -> None:
         """Load weights in place into ``model`` (plain, or sharded with FSDP2).
@@ -335,9 +374,19 @@ class DistributedHFCheckpointer:
         of a background save is raised by the next save or by :meth:`wait`.
         """
         self.wait()
+        if is_distributed(self.process_group) and world_size(self.process_group) > 1 and not _is_sharded(state_dict):
+            return self._save_alone(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
         if self.async_save if async_save is None else async_save:
             return self._save_in_background(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
         return self._save(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
+
+    def _save_alone(self, state_dict: dict[str, Any], epoch: int, intermediate: bool, adapter_only: bool, step: int | None) -> str:
+        """Full (unsharded) tensors, as torchtune's LoRA recipe hands them on rank 0 only: rank 0 saves
+        them by itself, entering no collective; another rank's call returns at once."""
+        if rank(self.process_group) != 0:
+            return self.destination.describe(checkpoint_name(epoch, step))
+        with alone():
+            return self._save(state_dict, epoch, intermediate, adapter_only, step)
 
     def wait(self) -> None:
         """Block until a background save is published; raise its error if it failed (on every rank)."""
@@ -370,6 +419,13 @@ class DistributedHFCheckpointer:
         weights = state_dict.get(MODEL_KEY) if not adapter_only else None
         adapter = state_dict.get(ADAPTER_KEY)
         training = {k: v for k, v in state_dict.items() if k not in (MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG_KEY)}
+        if isinstance(training.get(OPT_KEY), dict) and _is_sharded(state_dict) and MODEL_KEY in state_dict:
+            training[OPT_KEY] = name_optimizer_params(training[OPT_KEY], state_dict[MODEL_KEY])
+        if adapter_only and adapter is None:  # torchtune's error and text
+            raise CheckpointArgumentError(
+                "Adapter checkpoint not found in state_dict. Please ensure that the state_dict contains adapter weights.",
+                key=ADAPTER_KEY,
+            )
         if weights is None and adapter is None:
             raise CheckpointArgumentError(f"save_checkpoint: nothing to save: no {MODEL_KEY!r} or {ADAPTER_KEY!r} in {sorted(state_dict)}", key="state_dict")
         folder = self.source_folder
@@ -433,9 +489,13 @@ class DistributedHFCheckpointer:
     def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]):
         key_map = adapter_key_map(self.key_map)
         specs, destinations = plan_for_save(key_map, {k: global_spec(k, v) for k, v in adapter_state.items()})
-        file_layout = plan_file_layout(specs, {k: ADAPTER_FILE for k in specs})
+        file_layout = plan_file_layout(specs, {k: ADAPTER_FILE for k in specs}) if specs else empty_file_layout(ADAPTER_FILE)
+        adapter_config = state_dict.get(ADAPTER_CONFIG_KEY) or {}
         ranks = {s.shape[0] for k, s in specs.items() if k.endswith("lora_A.weight")}
-        alpha = (state_dict.get(ADAPTER_CONFIG_KEY) or {}).get("lora_alpha")
+        if not specs and adapter_config.get("r") is None:  # an empty adapter: the file, and no config to describe it
+            return key_map, specs, destinations, file_layout, None
+        ranks = ranks or {int(adapter_config["r"])}
+        alpha = adapter_config.get("lora_alpha")
         if len(ranks) != 1 or alpha is None:
             raise CheckpointArgumentError(
                 f"save_checkpoint: an adapter needs one LoRA rank (found {sorted(ranks)}) and "
@@ -447,7 +507,7 @@ class DistributedHFCheckpointer:
 
     def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path, channel: Channel | None) -> Digests:
         key_map, specs, destinations, file_layout, config = plan
-        finish = lambda folder: write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
+        finish = lambda folder: config is not None and write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
         return write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group, channel=channel)[1]
 
     def _complete_and_publish(self, staging: Path, source: Folder, name: str, info: dict, card: dict, hashes: Digests) -> int:
@@ -499,10 +559,15 @@ class DistributedHFCheckpointer:
 
     @cached_property
     def _base_weight_map(self) -> dict[str, str] | None:
-        """The base's tensor -> file map (read once), which saves follow; None if it cannot be read."""
+        """The base's tensor -> file map (read once), which saves follow; None if it cannot be read.
+
+        A base of one file without an index has no split to follow: ``max_shard_size`` decides.
+        """
         try:
             files = self._base_headers
         except CheckpointError:
+            return None
+        if files.weight_map is None and len(files.files) == 1:
             return None
         return {key: entry.file for key, entry in files.tensors.items()}
 
@@ -512,16 +577,30 @@ def _prefixed(folder: str, by_name: dict[str, Any]) -> dict[str, Any]:
     return {f"{folder}/{name}" if folder else name: value for name, value in by_name.items()}
 
 
-def _file_list(checkpoint_files: Sequence[str] | dict | None) -> list[str] | None:
-    """torchtune allows a list of names or a dict with ``filename_format`` and ``max_filename``."""
-    if checkpoint_files is None or isinstance(checkpoint_files, (list, tuple)):
-        return list(checkpoint_files) if checkpoint_files else None
-    if isinstance(checkpoint_files, dict) and {"filename_format", "max_filename"} <= set(checkpoint_files):
+def _file_list(checkpoint_files: Sequence[str | Path] | dict | None, source: Location) -> list[str] | None:
+    """torchtune allows a list of names (``str`` or ``Path``, relative to ``checkpoint_dir`` or absolute
+    inside it) or a dict with ``filename_format`` and ``max_filename``."""
+    if isinstance(checkpoint_files, dict) or hasattr(checkpoint_files, "keys"):  # also omegaconf DictConfig
+        if not {"filename_format", "max_filename"} <= set(checkpoint_files):
+            raise CheckpointArgumentError(f"checkpoint_files {dict(checkpoint_files)!r}: expected filename_format and max_filename", key="checkpoint_files")
         count = int(checkpoint_files["max_filename"])
         return [checkpoint_files["filename_format"].format(str(i).zfill(5), str(count).zfill(5)) for i in range(1, count + 1)]
-    if hasattr(checkpoint_files, "__iter__"):  # omegaconf ListConfig
-        return [str(f) for f in checkpoint_files] or None
-    raise CheckpointArgumentError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names", key="checkpoint_files")
+    if checkpoint_files is None or isinstance(checkpoint_files, (str, Path)) or not hasattr(checkpoint_files, "__iter__"):
+        if checkpoint_files is None:
+            return None
+        raise CheckpointArgumentError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names", key="checkpoint_files")
+    return [_relative_file(f, source) for f in checkpoint_files] or None
+
+
+def _relative_file(name: str | Path, source: Location) -> str:
+    """A checkpoint file name relative to ``checkpoint_dir`` (an absolute path must lie inside a local one)."""
+    path = Path(name)
+    if not path.is_absolute():
+        return path.as_posix()
+    root = source.path.resolve() if isinstance(source, LocalLocation) else None
+    if root is None or not path.resolve().is_relative_to(root):
+        raise CheckpointArgumentError(f"checkpoint_files: {name} is not inside checkpoint_dir {source.describe()}", key="checkpoint_files")
+    return path.resolve().relative_to(root).as_posix()
 
 
 _MAX_CONFIG_BYTES = 16 * 2**20  # real configs are a few KB
@@ -534,6 +613,25 @@ def _read_config(folder: Folder) -> ModelConfig:
     if size > _MAX_CONFIG_BYTES:
         raise CheckpointFormatError(f"{folder.describe(CONFIG_FILE)}: {size} bytes is too large for a config.json", file=folder.describe(CONFIG_FILE))
     return ModelConfig.from_json(folder.read(CONFIG_FILE, 0, size), folder.describe(CONFIG_FILE))
+
+
+def _is_sharded(state_dict: dict[str, Any]) -> bool:
+    """Whether the weights handed to a save are DTensors (every rank holds a part and calls)."""
+    tensors = [*(state_dict.get(MODEL_KEY) or {}).values(), *(state_dict.get(ADAPTER_KEY) or {}).values()]
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def register_with_torchtune(cls: type) -> None:
+    """Make ``cls`` a virtual subclass of torchtune's ``DistributedCheckpointer`` once torchtune is imported.
+
+    torchtune's ``CheckpointClient`` asks ``isinstance(checkpointer, DistributedCheckpointer)`` to
+    decide whether every rank saves its shards or rank 0 saves a gathered copy; the class is a
+    ``typing.Protocol`` (an ABC), so ``register`` answers it without importing torchtune here.
+    """
+    module = sys.modules.get("torchtune.training.checkpointing._checkpointer")
+    base = getattr(module, "DistributedCheckpointer", None)
+    if base is not None and not issubclass(cls, base):
+        base.register(cls)
 
 
 def _check_materialized(state_dict: dict[str, Any]) -> None:

@@ -71,8 +71,12 @@ def _split_by_size(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorS
 
 
 def assign_files(specs: dict[str, TensorSpec], weight_map: dict[str, str] | None, max_bytes: int) -> dict[str, list[TensorSpec]]:
-    """File name -> its tensors: the base weight map when it names exactly these tensors, else by size."""
-    if weight_map is not None and set(weight_map) == set(specs):
+    """File name -> its tensors: the base weight map when it names every one of these tensors, else by size.
+
+    The map may name more (``rotary_emb.inv_freq`` caches, tied copies that are not saved): the
+    files keep their split, and a file left with no tensors is not written.
+    """
+    if weight_map is not None and set(specs) <= set(weight_map):
         files: dict[str, list[TensorSpec]] = {}
         for name in sorted(specs, key=natural_key):
             files.setdefault(weight_map[name], []).append(specs[name])
@@ -94,3 +98,9 @@ def plan_file_layout(
         sizes[file] = len(header) + sum(s.nbytes for s in file_specs)
         entries.update(file_entries)
     return FileLayout(headers, sizes, entries)
+
+
+def empty_file_layout(file: str) -> FileLayout:
+    """One valid safetensors file with no tensors (an empty LoRA adapter is saved as such)."""
+    header, _ = build_header(file, [])
+    return FileLayout({file: header}, {file: len(header)}, {})

@@ -92,9 +92,22 @@ def read_index(folder: Folder) -> tuple[dict[str, str], dict[str, Any]]:
     return _parse_index(folder.read(INDEX_FILE, 0, size), where)
 
 
+def check_weight_file_names(names: Sequence[str], where: str) -> list[str]:
+    """Named weight files must be safetensors inside the folder (a pickled ``.bin``/``.pt`` is refused by name)."""
+    for name in names:
+        check_relative_name(name, where)
+        if not name.endswith(".safetensors"):
+            raise CheckpointFormatError(
+                f"{where}/{name}: checkpoint_files names a file that is not .safetensors: weights are read from "
+                "safetensors only (unpickling can run code); convert it once, e.g. with transformers: "
+                "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+            )
+    return list(names)
+
+
 def _choose_files(folder: Folder, checkpoint_files: Sequence[str] | None) -> tuple[list[str], dict | None, dict]:
     if checkpoint_files:
-        return [check_relative_name(f, folder.describe()) for f in checkpoint_files], None, {}
+        return check_weight_file_names(checkpoint_files, folder.describe()), None, {}
     if folder.exists(INDEX_FILE):
         weight_map, metadata = read_index(folder)
         return sorted(set(weight_map.values())), weight_map, metadata
@@ -208,7 +221,7 @@ def files_to_fetch(available: set[str], read_index: Callable[[], bytes], where: 
     """
     support = [name for name in (CONFIG_FILE, *SUPPORT_FILES) if name in available]
     if checkpoint_files:
-        weights = list(checkpoint_files)
+        weights = check_weight_file_names(checkpoint_files, where)
     elif INDEX_FILE in available:
         weights = [INDEX_FILE, *sorted(set(_weight_map_from_text(read_index(), f"{where}/{INDEX_FILE}").values()))]
     elif SINGLE_FILE in available:

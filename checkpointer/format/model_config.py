@@ -21,10 +21,10 @@ class ModelConfig:
     """What checkpointing and model building need to know of a Hugging Face config."""
 
     model_type: str
-    vocab_size: int
+    vocab_size: int | None  # None when config.json does not say: converting keys needs only the head shapes
     hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
+    intermediate_size: int | None
+    num_hidden_layers: int | None
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
@@ -62,10 +62,10 @@ class ModelConfig:
             rope = _rope_parameters(raw)
             return cls(
                 model_type=str(raw.get("model_type", "")),
-                vocab_size=_count(raw, "vocab_size"),
+                vocab_size=_optional_count(raw, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=_count(raw, "intermediate_size"),
-                num_hidden_layers=_count(raw, "num_hidden_layers"),
+                intermediate_size=_optional_count(raw, "intermediate_size"),
+                num_hidden_layers=_optional_count(raw, "num_hidden_layers"),
                 num_attention_heads=heads,
                 num_key_value_heads=_count(raw, "num_key_value_heads", heads),
                 head_dim=_count(raw, "head_dim", hidden // heads),
@@ -94,6 +94,12 @@ class ModelConfig:
             raise CheckpointFormatError(f"{source}: {e}", file=source, key=e.field) from None
         except (TypeError, ValueError) as e:
             raise CheckpointFormatError(f"{source}: invalid value: {e}", file=source) from None
+
+    def require(self, *names: str, purpose: str = "building the model") -> None:
+        """Raise naming the first of ``names`` that config.json left out (fields only some uses need)."""
+        for name in names:
+            if getattr(self, name) is None:
+                raise CheckpointFormatError(f"config.json: field {name!r} is missing; {purpose} needs it")
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "config.json") -> ModelConfig:
@@ -138,6 +144,10 @@ def _count(raw: dict[str, Any], name: str, default: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _BadField(name, f"{name} is {value!r}; it must be a positive integer")
     return value
+
+
+def _optional_count(raw: dict[str, Any], name: str) -> int | None:
+    return _count(raw, name) if raw.get(name) is not None else None
 
 
 def _positive(raw: dict[str, Any], name: str, default: float) -> float:

@@ -195,7 +195,7 @@ def register_key_map(
     ``variants``: alternative rules for some tune keys, for checkpoints stored another way
     (see :meth:`KeyMap.for_hf_keys`).
     """
-    rules, ignored_hf, tied = tuple(rules), tuple(ignored_hf), dict(tied or _TIED_OUTPUT)
+    rules, ignored_hf, tied = tuple(rules), tuple(ignored_hf), dict(_TIED_OUTPUT if tied is None else tied)
     variants = tuple(tuple(v) for v in variants)
     KEY_MAPS[name] = lambda config: KeyMap(name, rules, config, ignored_hf, tied, variants)
     ignored = tuple(re.compile(p) for p in ignored_hf)
@@ -332,6 +332,7 @@ def _kv_rows(c: ModelConfig) -> int:
 
 
 def _ffn_rows(c: ModelConfig) -> int:
+    c.require("intermediate_size", purpose="splitting the fused gate_up_proj")
     return c.intermediate_size
 
 
@@ -379,6 +380,12 @@ _MIXTRAL = [_EMBED, *_attention(rope=True), *_moe("block_sparse_moe", "gate", "w
 for _name in ("LLAMA2", "LLAMA3", "LLAMA3_2"):
     register_key_map(_name, _LLAMA, _ROTARY_CACHE, hf_model_types=["llama"])
 register_key_map("MISTRAL", _LLAMA, _ROTARY_CACHE, hf_model_types=["mistral"])
+# torchtune's REWARD: a Mistral sequence classifier whose one-class ``score`` head is torchtune's output;
+# a ``score.bias`` some conversions carry is not part of torchtune's model.
+register_key_map(
+    "REWARD", [r for r in _LLAMA if r is not _OUTPUT] + [Rule("output.weight", "score.weight")],
+    (*_ROTARY_CACHE, r"score\.bias"), tied={}, hf_model_types=["mistral"],
+)  # fmt: skip
 register_key_map("GEMMA", [r for r in _LLAMA if r is not _OUTPUT], _ROTARY_CACHE, hf_model_types=["gemma"])
 register_key_map("GEMMA2", _GEMMA2, _ROTARY_CACHE, hf_model_types=["gemma2"])
 register_key_map("QWEN2", _QWEN2, _ROTARY_CACHE, hf_model_types=["qwen2"])

@@ -10,6 +10,7 @@ its fields; no class is looked up by name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import pickle
 from typing import Callable, Iterator, TypeVar
@@ -22,9 +23,26 @@ from checkpointer.errors import CheckpointError
 T = TypeVar("T")
 
 
+_alone: contextvars.ContextVar[bool] = contextvars.ContextVar("checkpointer_alone", default=False)
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within this block this process acts as a world of one: no collective is entered.
+
+    For a call only one rank makes (torchtune's rank-0-only saves of a full state dict):
+    the other ranks are elsewhere and would never answer a collective.
+    """
+    token = _alone.set(True)
+    try:
+        yield
+    finally:
+        _alone.reset(token)
+
+
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
-    """Whether a process group is up (collectives are needed)."""
-    return dist.is_available() and dist.is_initialized()
+    """Whether a process group is up (collectives are needed); False inside :func:`alone`."""
+    return dist.is_available() and dist.is_initialized() and not _alone.get()
 
 
 def rank(group: dist.ProcessGroup | None = None) -> int:
@@ -36,8 +54,8 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 
 
 def local_rank(group: dist.ProcessGroup | None = None) -> int:
-    """This process's index on its node (torchrun's LOCAL_RANK; the rank when unset)."""
-    return int(os.environ.get("LOCAL_RANK", rank(group)))
+    """This process's index on its node (torchrun's LOCAL_RANK; the rank when unset; 0 inside :func:`alone`)."""
+    return int(os.environ.get("LOCAL_RANK", rank(group))) if is_distributed() else 0
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

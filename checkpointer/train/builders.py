@@ -131,6 +131,7 @@ def build_model(
         builder = REGISTRY[name]
     except KeyError:
         raise CheckpointArgumentError(f"unknown model type {name!r}; supported: {', '.join(REGISTRY)}", key="model_type") from None
+    config.require("vocab_size", "intermediate_size", "num_hidden_layers", purpose=f"building a {name} model")
     if max_seq_len is None:
         max_seq_len = min(config.max_position_embeddings, MAX_SEQ_LEN_CAP)
     return builder(config, max_seq_len, lora)
