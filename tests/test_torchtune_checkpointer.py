@@ -20,7 +20,7 @@ from torchtune.models import gemma, llama2, mistral
 from torchtune.modules.peft import get_adapter_params, get_lora_module_names
 from torchtune.training.checkpointing import FullModelHFCheckpointer
 
-from checkpointer import CheckpointFormatError, DistributedHFCheckpointer
+from checkpointer import CheckpointError, CheckpointFormatError, DistributedHFCheckpointer
 from checkpointer.format.peft import ADAPTER_DIR, ADAPTER_FILE
 
 VOCAB, DIM, HIDDEN, HEADS, HEAD_DIM = 100, 64, 256, 4, 16
@@ -195,3 +195,15 @@ def test_gemma_single_file_tied_embeddings(tmp_path):
     saved = Path(ours.save_checkpoint(state_dict, epoch=1))
     theirs = _torchtune_save(base, ["model.safetensors"], "GEMMA", tmp_path / "torchtune", state_dict)
     _assert_bitwise(_tensors(saved), _tensors(theirs))
+
+
+def test_an_unreachable_hub_names_the_url_and_the_endpoint(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from checkpointer.testing.multiprocess import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every connection is refused
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    checkpointer = DistributedHFCheckpointer("hf://some-org/some-model", tmp_path / "out", "LLAMA3")
+    with pytest.raises(CheckpointError, match=rf"hf://some-org/some-model: the Hub at {endpoint} could not be reached after retries"):
+        checkpointer.load_checkpoint()

@@ -44,7 +44,7 @@ from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.format.model_card import CARD_MARKER, model_card
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR
 from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero
-from checkpointer.runtime.retry import with_retries
+from checkpointer.runtime.retry import is_transient, with_retries
 from checkpointer.storage.location import (
     CHECKPOINT_NAME,
     cache_root,
@@ -62,6 +62,12 @@ _DOWNLOAD_THREADS = 8
 
 def _hub_error(url: HubUrl, error: Exception) -> CheckpointError:
     """A clear message for the Hub's errors (never echoing the token)."""
+    if _unreachable(error):
+        return CheckpointTransportError(
+            f"{url}: the Hub at {constants.ENDPOINT} could not be reached after retries ({type(error).__name__}: {error}); "
+            "check the network and HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to load a revision from the local cache",
+            url=str(url),
+        )
     if isinstance(error, GatedRepoError):
         return CheckpointAccessError(f"{url}: {url.repo_id} is gated: accept its terms on the Hub and set HF_TOKEN", url=str(url))
     if isinstance(error, RevisionNotFoundError):
@@ -79,6 +85,14 @@ def _hub_error(url: HubUrl, error: Exception) -> CheckpointError:
     if status in (401, 403):
         return CheckpointAccessError(f"{url}: not authorized ({status}): set HF_TOKEN to a token with access to {url.repo_id}", url=str(url))
     return CheckpointTransportError(f"{url}: {type(error).__name__}: {error}", url=str(url))
+
+
+def _unreachable(error: Exception) -> bool:
+    """No answer at all (DNS, refused or reset connections, timeouts), as opposed to an HTTP error status."""
+    return getattr(error, "response", None) is None and is_transient(error)
+
+
+_HUB_FAILURES = (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError)
 
 
 @dataclass(frozen=True)
@@ -180,8 +194,10 @@ class HubLocation:
                 lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
                 f"resolving {self.url}",
             )
-        except (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise _hub_error(self.url, e) from None
+        except Exception as e:
+            if isinstance(e, _HUB_FAILURES) or _unreachable(e):
+                raise _hub_error(self.url, e) from None
+            raise
         files = {
             s.rfilename: RemoteFile(s.size or 0, getattr(s.lfs, "sha256", None) if s.lfs else None, s.blob_id)
             for s in info.siblings or []
@@ -224,8 +240,10 @@ class HubLocation:
         try:
             with concurrent.futures.ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
                 list(pool.map(fetch, sorted(paths, key=lambda p: -files[p].size)))
-        except (HfHubHTTPError, RepositoryNotFoundError) as e:
-            raise _hub_error(self.url, e) from None
+        except Exception as e:
+            if isinstance(e, _HUB_FAILURES) or _unreachable(e):
+                raise _hub_error(self.url, e) from None
+            raise
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
 
