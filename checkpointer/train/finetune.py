@@ -48,6 +48,7 @@ from checkpointer.train.fsdp import (
     parallelize,
     reset_rope_buffers,
 )
+from checkpointer.train.recipe_keys import global_batch_size, lora_alpha, refuse_unsupported
 from checkpointer.train.lora import merged_state_dict
 from checkpointer.train.moe import router_aux_loss
 
@@ -78,14 +79,13 @@ class FinetuneRecipe:
     """Full or LoRA fine-tuning (``lora=True``) of a Hugging Face model with FSDP2."""
 
     def __init__(self, cfg: DictConfig, lora: bool = False):
+        refuse_unsupported(cfg)
         self.cfg, self.lora = cfg, lora
         self.device = torch.device(cfg.get("device", "cpu"))
         self.dtype = _training_dtype(cfg.get("dtype", "fp32"))
-        self.seed = int(cfg.get("seed", 0))
         self.epochs = int(cfg.epochs)
         self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
         self.save_every_n_steps = cfg.get("save_every_n_steps")
-        self.progress = TrainingProgress(seed=self.seed)
         self.tensor_parallel_dim = int(cfg.get("tensor_parallel_dim", 1))
         self.data_parallel_replicate_dim = int(cfg.get("data_parallel_replicate_dim", 1))
         if self.tensor_parallel_dim > 1 and lora:
@@ -93,23 +93,31 @@ class FinetuneRecipe:
                 "tensor_parallel_dim > 1 with LoRA is not supported: torch's tensor-parallel styles take nn.Linear only",
                 key="tensor_parallel_dim",
             )
+        self.log_every_n_steps = int(cfg.get("log_every_n_steps") or 1)
+        self.log_peak_memory = bool(cfg.get("log_peak_memory_stats")) and self.device.type == "cuda"
+        if cfg.get("log_peak_memory_stats") and not self.log_peak_memory:
+            log.warning("log_peak_memory_stats: peak memory is measured on CUDA only (as in torchtune); not logged on %s", self.device)
+        self.metric_logger = None
 
     # ---- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
         init_distributed(self.device)
+        self.seed = shared_seed(self.cfg.get("seed"))
+        self.progress = TrainingProgress(seed=self.seed)
         torch.manual_seed(self.seed)
         self.mesh = self._build_mesh()
-        dp_rank, dp_size = data_parallel_rank(self.mesh)
-        self.checkpointer = tune_config.instantiate(self.cfg.checkpointer)
+        self.dp_rank, self.dp_size = data_parallel_rank(self.mesh)  # the ranks of one tensor-parallel group share their examples
+        resume = {"resume_from_checkpoint": True} if self.cfg.get("resume_from_checkpoint") else {}  # torchtune's top-level key
+        self.checkpointer = tune_config.instantiate(self.cfg.checkpointer, **resume)
+        if self.cfg.get("metric_logger") and rank() == 0:
+            self.metric_logger = tune_config.instantiate(self.cfg.metric_logger)
         self.checkpointer.training_info = {"recipe": "lora" if self.lora else "full", "epochs": self.epochs}
         self.model = self._build_model()
         self.checkpointer.load_model(self.model)
         self.tokenizer = self._build_tokenizer()
         self.dataset = tune_config.instantiate(self.cfg.dataset, self.tokenizer)
-        self.batches = GlobalBatches(
-            len(self.dataset), int(self.cfg.global_batch_size), int(self.cfg.batch_size), dp_rank, dp_size, self.seed
-        )  # the ranks of one tensor-parallel group share their examples
+        self.batches = self._batches()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = tune_config.instantiate(self.cfg.optimizer, trainable)
         self.lr_scheduler = self._build_lr_scheduler()
@@ -131,12 +139,22 @@ class FinetuneRecipe:
         """The config's ``tensor_parallel_plan`` (a ``_component_``, as torchtune's), else the family's (``train.tp_plans``)."""
         return tune_config.instantiate(self.cfg.tensor_parallel_plan) if self.cfg.get("tensor_parallel_plan") else None
 
+    def _batches(self) -> GlobalBatches:
+        return GlobalBatches(
+            len(self.dataset), global_batch_size(self.cfg, self.dp_size), int(self.cfg.batch_size), self.dp_rank, self.dp_size, self.seed
+        )
+
     def _build_model(self) -> torch.nn.Module:
         model_cfg = self.cfg.get("model") or {}
+        checkpointing = bool(self.cfg.get("enable_activation_checkpointing"))
+        custom_sharded = list(self.cfg.get("custom_sharded_layers") or [])
         if "_component_" in model_cfg:  # a torchtune builder named in the config
             with torch.device("meta"):
                 model = tune_config.instantiate(model_cfg).to(self.dtype)
-            model = parallelize(model, self.mesh, self._tp_plan(), self.checkpointer.model_type)
+            model = parallelize(
+                model, self.mesh, self._tp_plan(), self.checkpointer.model_type,
+                activation_checkpointing=checkpointing, custom_sharded_layers=custom_sharded,
+            )  # fmt: skip
             model.to_empty(device=self.device)
             reset_rope_buffers(model, self.device)
             initialize_lora(model)
@@ -147,6 +165,7 @@ class FinetuneRecipe:
             model = build_sharded_model(
                 self.checkpointer.model_type, config, self.mesh, device=self.device, dtype=self.dtype, lora=lora,
                 max_seq_len=model_cfg.get("max_seq_len"), tp_plan=self._tp_plan(),
+                activation_checkpointing=checkpointing, custom_sharded_layers=custom_sharded,
             )  # fmt: skip
         if self.lora:
             set_trainable_params(model, get_adapter_params(model))
@@ -186,6 +205,9 @@ class FinetuneRecipe:
         state = self.checkpointer.load_training_state(self._training_state())
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.progress.load_state_dict(state["progress"])
+        if self.progress.seed != self.seed:  # seed: null drew another one: the data order is the checkpoint's
+            self.seed = self.progress.seed
+            self.batches = self._batches()
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if rng_key() in state:
@@ -198,8 +220,8 @@ class FinetuneRecipe:
         state: dict[str, Any] = {}
         if self.lora:
             state["adapter"] = adapter_state_dict(self.model)
-            state["adapter_config"] = {"lora_alpha": float(self.cfg.model.lora.lora_alpha)}
-            if final and self.cfg.get("save_merged_weights", True):
+            state["adapter_config"] = {"lora_alpha": lora_alpha(self.cfg)}
+            if final and self.cfg.get("save_merged_weights", True) and not self.cfg.get("save_adapter_weights_only"):
                 state["model"] = merged_state_dict(self.model)
         else:
             state["model"] = self.model.state_dict()
@@ -228,6 +250,8 @@ class FinetuneRecipe:
             if final or self.progress.epoch % int(self.cfg.get("save_every_n_epochs", 1)) == 0:
                 self.save(epoch=self.progress.epoch - 1, final=final)
         self.checkpointer.wait()  # a background save must be published before the job ends
+        if self.metric_logger is not None:
+            self.metric_logger.close()
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         if not indices:  # this rank has no example left in the step: a batch that adds no loss
@@ -268,13 +292,28 @@ class FinetuneRecipe:
         return (total / tokens).item()
 
     def _log(self, loss: float, seconds: float) -> None:
-        if rank() != 0:
+        step = self.progress.global_step
+        if rank() != 0 or step % self.log_every_n_steps:
             return
         lr = self.optimizer.param_groups[0]["lr"]
-        print(f"epoch {self.progress.epoch} step {self.progress.global_step} loss {loss:.6f} lr {lr:.3g} ({seconds:.2f} s)", flush=True)
+        print(f"epoch {self.progress.epoch} step {step} loss {loss:.6f} lr {lr:.3g} ({seconds:.2f} s)", flush=True)
+        if self.metric_logger is not None:
+            memory = {"peak_memory_alloc": torch.cuda.max_memory_allocated(self.device) / 2**30} if self.log_peak_memory else {}
+            self.metric_logger.log_dict({"loss": loss, "lr": lr, "step_seconds": seconds, **memory}, step=step)
         if self.cfg.get("metrics_file"):
             with open(self.cfg.metrics_file, "a") as f:
                 f.write(json.dumps({"step": self.progress.global_step, "epoch": self.progress.epoch, "loss": loss, "lr": lr}) + "\n")
+
+def shared_seed(seed: int | None) -> int:
+    """The config's seed; for ``seed: null`` (torchtune: a random one) rank 0 draws it and every rank takes it."""
+    if seed is not None:
+        return int(seed)
+    drawn = [int.from_bytes(os.urandom(4), "little") if rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(drawn, src=0)
+    log.info("seed: null: using seed %d", drawn[0])
+    return drawn[0]
+
 
 def shutdown(succeeded: bool) -> None:
     """Tear the process group down cleanly (gloo can crash at exit otherwise); no barrier after a failure."""

@@ -11,6 +11,8 @@ shards are materialized with ``to_empty``. The checkpointer then fills them from
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -18,7 +20,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 from torchtune import training
+from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.peft import LoRALinear
+from torchtune.training import set_activation_checkpointing
 
 from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.model_config import ModelConfig
@@ -67,23 +71,52 @@ def tensor_parallelize(model: nn.Module, mesh: DeviceMesh, plan: dict[str, Paral
     return model
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, plan: dict[str, ParallelStyle] | None, model_type: str | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    plan: dict[str, ParallelStyle] | None,
+    model_type: str | None = None,
+    *,
+    activation_checkpointing: bool = False,
+    custom_sharded_layers: Sequence[str] = (),
+) -> nn.Module:
     """Tensor-parallelize over ``mesh["tp"]`` (when it has more than one rank), then ``fully_shard`` over the rest.
 
-    ``plan`` defaults to the one for ``model_type`` (``train.tp_plans``).
+    ``plan`` defaults to the one for ``model_type`` (``train.tp_plans``). Activation checkpointing
+    wraps the layers between the two, as torchtune's recipes do (the plan names unwrapped modules).
     """
     if mesh.mesh_dim_names and "tp" in mesh.mesh_dim_names and mesh["tp"].size() > 1:
         model = tensor_parallelize(model, mesh["tp"], plan if plan is not None else tp_plans.tp_plan(str(model_type)))
+    if activation_checkpointing:
+        checkpoint_activations(model)
     dp = data_parallel_mesh(mesh)
-    return shard_model(model, dp) if dp is not None else model
+    return shard_model(model, dp, custom_sharded_layers=custom_sharded_layers) if dp is not None else model
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """``fully_shard`` each transformer layer, then the root (embeddings, norm, output)."""
+def shard_model(
+    model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None, custom_sharded_layers: Sequence[str] = ()
+) -> nn.Module:
+    """``fully_shard`` each transformer layer, then the modules named in ``custom_sharded_layers``
+    (torchtune's key, e.g. ``["tok_embeddings", "output"]``), then the root (what is left).
+
+    A tied ``output`` holds no parameters of its own (it uses the embedding's) and is skipped.
+    """
     kwargs = {"mesh": mesh, **({"mp_policy": mp_policy} if mp_policy else {})}
     for layer in model.layers:
         fully_shard(layer, **kwargs)
+    for name in custom_sharded_layers:
+        module = getattr(model, name, None)
+        if module is None:
+            raise CheckpointArgumentError(f"custom_sharded_layers: the model has no module {name!r}", key="custom_sharded_layers")
+        if isinstance(module, nn.Module):
+            fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    return model
+
+
+def checkpoint_activations(model: nn.Module) -> nn.Module:
+    """torchtune's ``enable_activation_checkpointing``: recompute each layer's activations in the backward pass."""
+    set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     return model
 
 
@@ -97,6 +130,8 @@ def build_sharded_model(
     lora: LoraSpec | None = None,
     max_seq_len: int | None = None,
     tp_plan: dict[str, ParallelStyle] | None = None,
+    activation_checkpointing: bool = False,
+    custom_sharded_layers: Sequence[str] = (),
 ) -> nn.Module:
     """A model of ``model_type`` sharded over ``mesh``, with uninitialized local shards.
 
@@ -107,7 +142,9 @@ def build_sharded_model(
     mesh = mesh or default_mesh(torch.device(device).type)
     with torch.device("meta"):
         model = build_model(model_type, config, lora=lora, max_seq_len=max_seq_len).to(dtype)
-    model = parallelize(model, mesh, tp_plan, model_type)
+    model = parallelize(
+        model, mesh, tp_plan, model_type, activation_checkpointing=activation_checkpointing, custom_sharded_layers=custom_sharded_layers
+    )
     model.to_empty(device=device)
     reset_rope_buffers(model, device)
     initialize_lora(model)
