@@ -13,6 +13,9 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
   ``save/ours_async``: the time an asynchronous save blocks the loop (its second save,
   once the staging buffers exist); the write and publish finish untimed before the check.
 - ``load/torchtune``, ``save/torchtune``: torchtune 0.6.1 as its distributed recipes use it.
+- ``load/ours_in_torchtune``, ``save/ours_rank0``: ours inside torchtune's own recipes (every
+  rank loads full tensors; the LoRA recipe saves a gathered state dict on rank 0 only); the
+  full recipe's save with ours is ``save/ours`` (every rank its shards, as ``CheckpointClient`` calls it).
 - ``load/torch``, ``save/torch``: DCP's ``HuggingFaceStorageReader`` / consolidating
   ``HuggingFaceStorageWriter`` with a state dict of DTensors keyed by HF names.
 - ``load/ours_tp``, ``save/ours_tp``: the same with tensor parallelism over every rank;
@@ -236,6 +239,20 @@ def load_torchtune(ctx: Context, rep: int) -> Operation:
     return operation
 
 
+@method("load", "ours_in_torchtune", "as torchtune's recipes load with ours: every rank load_checkpoint + load_from_full_model_state_dict")
+def load_ours_in_torchtune(ctx: Context, rep: int) -> Operation:
+    from torchtune.training import load_from_full_model_state_dict
+
+    model = ctx.fresh_model()
+
+    def operation() -> nn.Module:
+        full = DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE).load_checkpoint()["model"]
+        load_from_full_model_state_dict(model, full, torch.device("cpu"), strict=True)
+        return model
+
+    return operation
+
+
 @method("load", "torch", "dcp.load of HF-keyed DTensors with HuggingFaceStorageReader")
 def load_torch(ctx: Context, rep: int) -> Operation:
     from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -350,6 +367,22 @@ def save_torchtune(ctx: Context, rep: int) -> Operation:
     def operation() -> Path:
         state_dict = gather_cpu_state_dict(model, ctx.rank == 0)
         if checkpointer is not None:
+            checkpointer.save_checkpoint({"model": state_dict}, epoch=0)
+        return out / "epoch_0"
+
+    return operation
+
+
+@method("save", "ours_rank0", "as torchtune's LoRA recipe saves with ours: gather_cpu_state_dict + rank 0 save_checkpoint alone")
+def save_ours_rank0(ctx: Context, rep: int) -> Operation:
+    from torchtune.training import gather_cpu_state_dict
+
+    model, out = ctx.loaded_model, ctx.out_dir("save/ours_rank0", rep)
+    checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE)
+
+    def operation() -> Path:
+        state_dict = gather_cpu_state_dict(model, ctx.rank == 0)
+        if ctx.rank == 0:
             checkpointer.save_checkpoint({"model": state_dict}, epoch=0)
         return out / "epoch_0"
 
