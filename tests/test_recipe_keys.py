@@ -15,7 +15,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from checkpointer import CheckpointError, DistributedHFCheckpointer, ModelConfig
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.train.builders import build_model
-from checkpointer.train.fsdp import checkpoint_activations
+from checkpointer.testing.multiprocess import run_on_ranks
+from checkpointer.train.fsdp import build_sharded_model, checkpoint_activations
 from checkpointer.train.recipe_keys import REFUSED, global_batch_size, refuse_unsupported
 
 
@@ -39,9 +40,9 @@ def _tiny(inputs, out, lora: bool) -> list[str]:
 ])  # fmt: skip
 def test_torchtunes_own_config_runs_in_our_recipe(stock_inputs, tmp_path, recipe, config, lora):  # noqa: F811
     """Its keys as shipped (gradient_accumulation_steps: 8, seed: null, metric_logger, log_every_n_steps...),
-    plus activation checkpointing and custom sharded layers switched on."""
+    plus activation checkpointing switched on."""
     out = tmp_path / "out"
-    extra = ["enable_activation_checkpointing=True", "custom_sharded_layers=[tok_embeddings,output]", "gradient_accumulation_steps=2"]
+    extra = ["enable_activation_checkpointing=True", "gradient_accumulation_steps=2"]
     run_recipe(recipe, str(stock_config(config)), 2, *_tiny(stock_inputs, out, lora), *extra)
     for epoch in ("epoch_0", "epoch_1"):
         assert json.loads((out / epoch / MANIFEST_FILE).read_text())["world_size"] == 2
@@ -81,3 +82,34 @@ def test_activation_checkpointing_wraps_every_layer_and_keeps_the_logits(tiny_mo
         checkpointer.load_model(model)
     tokens = torch.tensor([[1, 5, 9, 33, 7, 100]])
     assert torch.equal(plain(tokens), wrapped(tokens))
+
+
+def _shard_with_custom_layers(rank: int, world: int, untied: str, tied: str) -> dict:
+    from torch.distributed.fsdp import FSDPModule
+
+    def build(base: str, model_type: str):
+        config = ModelConfig.from_dict(DistributedHFCheckpointer(base, base, model_type).config_dict)
+        return build_sharded_model(model_type, config, custom_sharded_layers=["tok_embeddings", "output"])
+
+    model = build(untied, "LLAMA3")
+    DistributedHFCheckpointer(untied, untied, "LLAMA3").load_model(model)
+    logits = model(torch.tensor([[1, 5, 9, 33]])).detach()
+    try:
+        build(tied, "LLAMA3_2")
+        refused = None
+    except CheckpointError as e:
+        refused = str(e)
+    return {"sharded": isinstance(model.tok_embeddings, FSDPModule) and isinstance(model.output, FSDPModule), "logits": logits, "refused": refused}
+
+
+def test_custom_sharded_layers_shard_untied_layers_and_refuse_tied_ones(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    results = run_on_ranks(_shard_with_custom_layers, 2, str(tiny_models["llama3"]), str(tiny_models["llama3_2_tied_scaled"]))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama3"], dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        expected = hf(torch.tensor([[1, 5, 9, 33]])).logits
+    for result in results:
+        assert result["sharded"]
+        assert (result["logits"] - expected).abs().max() < 1e-4
+        assert "custom_sharded_layers: 'tok_embeddings' cannot be sharded on its own: the output is tied" in result["refused"]

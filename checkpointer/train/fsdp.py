@@ -99,17 +99,19 @@ def shard_model(
     """``fully_shard`` each transformer layer, then the modules named in ``custom_sharded_layers``
     (torchtune's key, e.g. ``["tok_embeddings", "output"]``), then the root (what is left).
 
-    A tied ``output`` holds no parameters of its own (it uses the embedding's) and is skipped.
+    With tied embeddings the output projection uses the embedding's weight outside the
+    embedding's forward, so neither can be sharded on its own: refused by name.
     """
     kwargs = {"mesh": mesh, **({"mp_policy": mp_policy} if mp_policy else {})}
+    tied = not isinstance(getattr(model, "output", None), nn.Module)
     for layer in model.layers:
         fully_shard(layer, **kwargs)
     for name in custom_sharded_layers:
         module = getattr(model, name, None)
-        if module is None:
-            raise CheckpointArgumentError(f"custom_sharded_layers: the model has no module {name!r}", key="custom_sharded_layers")
-        if isinstance(module, nn.Module):
-            fully_shard(module, **kwargs)
+        if not isinstance(module, nn.Module) or (tied and name in ("tok_embeddings", "output")):
+            why = "the output is tied to the embeddings" if tied and module is not None else "the model has no such module"
+            raise CheckpointArgumentError(f"custom_sharded_layers: {name!r} cannot be sharded on its own: {why}", key="custom_sharded_layers")
+        fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
