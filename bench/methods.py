@@ -42,10 +42,10 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from bench.models import MODEL_TYPE
 from checkpointer import DistributedHFCheckpointer, ModelConfig
-from checkpointer.dcp.storage_reader import tensor_bytes
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_checkpoint_files
 from checkpointer.format.safetensors import TensorEntry
+from checkpointer.format.tensor_io import tensor_bytes
 from checkpointer.train.fsdp import build_sharded_model, default_mesh, parallel_mesh
 
 DTYPE = torch.bfloat16

@@ -47,7 +47,7 @@ from checkpointer.format.dtypes import parse_dtype
 from checkpointer.format.file_layout import empty_file_layout, plan_file_layout
 from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
-from checkpointer.format.hf_output import copy_support_files, saved_config, write_index
+from checkpointer.format.hf_output import copy_support_files, write_index
 from checkpointer.format.json_files import write_json
 from checkpointer.format.manifest import MANIFEST_FILE, check_against_manifest, files_of, parse_manifest, read_manifest
 from checkpointer.format.model_card import card_info, hub_repo_id
@@ -55,7 +55,7 @@ from checkpointer.format.model_config import ModelConfig
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
 from checkpointer.mapping.key_maps import KeyMap, adapter_key_map, adapter_state_dict, get_key_map, is_adapter_key
 from checkpointer.mapping.local_shards import converted, global_spec
-from checkpointer.mapping.matching import model_specs_from_checkpoint, plan_for_save
+from checkpointer.mapping.matching import model_specs_from_checkpoint, plan_for_save, saved_config
 from checkpointer.phases import hash_files, verify_hashes
 from checkpointer.runtime.distributed import alone, is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.failpoints import failpoint

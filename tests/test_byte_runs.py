@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from checkpointer.dcp.storage_reader import tensor_bytes
-from checkpointer.dcp.storage_writer import _pwritev_all, byte_runs
+from checkpointer.format.tensor_io import byte_runs, pwritev_all, tensor_bytes
 from checkpointer.mapping.row_runs import local_view, rope_runs
 
 
@@ -36,11 +35,11 @@ def test_whole_heads_of_a_rope_view_are_sent_row_by_row_without_a_copy():
     assert len(pieces) == 32 and all(p.obj is pieces[0].obj for p in pieces)  # views of the shard's own memory
 
 
-def test_pwritev_all_writes_more_pieces_than_one_call_takes(tmp_path):
+def testpwritev_all_writes_more_pieces_than_one_call_takes(tmp_path):
     pieces = [memoryview(bytes([i % 251]) * (1 + i % 7)) for i in range(3000)]
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
     try:
-        assert _pwritev_all(fd, pieces, 5) == sum(len(p) for p in pieces)
+        assert pwritev_all(fd, pieces, 5) == sum(len(p) for p in pieces)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"".join(bytes(p) for p in pieces)

@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors_files import write_raw
 
-from checkpointer.dcp.storage_reader import tensor_bytes
 from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError
 from checkpointer.format.file_layout import parse_size, plan_file_layout
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_header
 from checkpointer.format.safetensors import TensorSpec, build_header
+from checkpointer.format.tensor_io import tensor_bytes
 
 
 def _tensors():
@@ -117,8 +117,7 @@ def test_file_layout_follows_the_base_weight_map_or_splits_by_size():
 def test_one_tensor_at_a_time_read_and_pwritten_into_a_planned_layout(tmp_path):
     import os
 
-    from checkpointer.dcp.storage_reader import read_tensor
-    from checkpointer.dcp.storage_writer import create_files, write_tensor
+    from checkpointer.format.tensor_io import create_files, read_tensor, write_tensor
 
     tensors = _tensors()
     save_file(tensors, tmp_path / "x.safetensors")

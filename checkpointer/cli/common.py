@@ -42,6 +42,22 @@ class Outcome:
     summary: str
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``export`` writes: where, split how, in which dtype, and how to read DCP metadata."""
+
+    to: str
+    base: str | None = None
+    model_type: str | None = None
+    dtype: torch.dtype | None = None
+    max_shard_size: int | str = "5GB"
+    trust_pickle: bool = False
+    private: bool = True
+    message: str | None = None
+    overwrite: bool = False
+    storage_options: dict[str, Any] | None = None
+
+
 @dataclass
 class Timer:
     """Seconds since the command started, and a rate line for the bytes it moved."""

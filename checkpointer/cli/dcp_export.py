@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from checkpointer.cli.common import Checkpoint, Outcome, Timer, base_location, dtypes_name, publish_built
+from checkpointer.cli.common import Checkpoint, ExportOptions, Outcome, Timer, base_location, dtypes_name, publish_built
 from checkpointer.dcp.hf_io import quiet_dcp, write_hf_tensors
 from checkpointer.dcp.training_state import METADATA_FILE, JsonMetadataReader, WeightsOnlyLoadPlanner
 from checkpointer.errors import (
@@ -33,20 +33,17 @@ from checkpointer.errors import (
 )
 from checkpointer.format.file_layout import FileLayout, plan_file_layout
 from checkpointer.format.hf_files import CONFIG_FILE
-from checkpointer.format.hf_output import copy_support_files, saved_config, write_index
+from checkpointer.format.hf_output import copy_support_files, write_index
 from checkpointer.format.json_files import write_json
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.key_maps import KEY_MAPS, KeyMap, get_key_map, is_adapter_key
 from checkpointer.mapping.local_shards import converted
-from checkpointer.mapping.matching import Destination, plan_for_save
+from checkpointer.mapping.matching import Destination, plan_for_save, saved_config
 from checkpointer.runtime.distributed import dcp_errors
 from checkpointer.runtime.progress import byte_bar
 from checkpointer.storage.factory import make_location
-
-if TYPE_CHECKING:
-    from checkpointer.cli.export import ExportOptions
 
 PICKLED_METADATA = ".metadata"  # DCP's default metadata file: a pickle
 DCP_METADATA_FILES = (METADATA_FILE, PICKLED_METADATA)

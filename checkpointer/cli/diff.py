@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from checkpointer.cli.common import Checkpoint, Outcome, Timer
-from checkpointer.dcp.storage_reader import read_tensor
 from checkpointer.format.dtypes import SAFETENSORS_NAMES
 from checkpointer.format.file_layout import natural_key
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorEntry
+from checkpointer.format.tensor_io import read_tensor
 from checkpointer.runtime.progress import byte_bar
 
 

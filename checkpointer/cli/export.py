@@ -14,31 +14,15 @@ from typing import Any
 
 import torch
 
-from checkpointer.cli.common import Checkpoint, Outcome, Timer, base_location, dtypes_name, model_types, publish_built
+from checkpointer.cli.common import Checkpoint, ExportOptions, Outcome, Timer, base_location, dtypes_name, model_types, publish_built
 from checkpointer.cli.dcp_export import DCP_METADATA_FILES, export_dcp, has_dcp
 from checkpointer.cli.rewrite import plan_rewrite, rewrite
-from checkpointer.dcp.storage_reader import read_tensor
 from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError
 from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, lora_scale, merge_lora, peft_pairs
+from checkpointer.format.tensor_io import read_tensor
 from checkpointer.storage.factory import make_location
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What ``export`` writes: where, split how, in which dtype, and how to read DCP metadata."""
-
-    to: str
-    base: str | None = None
-    model_type: str | None = None
-    dtype: torch.dtype | None = None
-    max_shard_size: int | str = "5GB"
-    trust_pickle: bool = False
-    private: bool = True
-    message: str | None = None
-    overwrite: bool = False
-    storage_options: dict[str, Any] | None = None
 
 
 def export(checkpoint: str, options: ExportOptions) -> Outcome:

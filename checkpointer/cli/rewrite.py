@@ -14,13 +14,12 @@ from typing import Callable
 import torch
 
 from checkpointer.cli.common import Checkpoint
-from checkpointer.dcp.storage_reader import read_tensor
-from checkpointer.dcp.storage_writer import create_files, write_tensor
 from checkpointer.format.file_layout import FileLayout, plan_file_layout
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles
 from checkpointer.format.hf_output import copy_support_files, output_config, write_index
 from checkpointer.format.json_files import write_json
 from checkpointer.format.safetensors import TensorSpec
+from checkpointer.format.tensor_io import create_files, read_tensor, write_tensor
 from checkpointer.mapping.local_shards import converted
 from checkpointer.runtime.progress import byte_bar
 

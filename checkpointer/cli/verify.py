@@ -10,13 +10,13 @@ from tqdm import tqdm
 
 from checkpointer.cli.common import Checkpoint, Outcome, Timer
 from checkpointer.cli.dcp_export import PICKLED_METADATA, has_dcp
-from checkpointer.dcp.storage_reader import read_tensor
 from checkpointer.dcp.training_state import METADATA_FILE, TRAINING_STATE_DIR, parse_metadata_json
 from checkpointer.errors import CheckpointError, CheckpointNotFoundError
 from checkpointer.format.digests import mismatch, units_to_verify
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, scan_checkpoint_files
 from checkpointer.format.manifest import MANIFEST_FILE, recorded_files
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_FILE, lora_scale
+from checkpointer.format.tensor_io import read_tensor
 from checkpointer.runtime.progress import byte_bar, human_size
 
 log = logging.getLogger(__name__)

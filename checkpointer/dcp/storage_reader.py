@@ -24,15 +24,10 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from checkpointer.format.box_runs import ByteRun, box_byte_runs, merge_runs
-from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorEntry
+from checkpointer.format.tensor_io import tensor_bytes
 from checkpointer.runtime.failpoints import failpoint
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def span_bytes(runs: list[ByteRun]) -> int:
@@ -51,13 +46,6 @@ def _spans(runs: list[ByteRun], max_gap: int) -> list[tuple[ByteRun, list[ByteRu
         grouped.append((span, runs[position:end]))
         position = end
     return grouped
-
-
-def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:
-    """One whole tensor, read from its byte range straight into a new CPU tensor (one process)."""
-    tensor = torch.empty(entry.shape, dtype=entry.dtype)
-    folder.read_into(entry.file, entry.start, tensor_bytes(tensor))
-    return tensor
 
 
 class _Scratch:

@@ -35,31 +35,14 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from checkpointer.dcp.routing import Channel, Route, plan_routes
-from checkpointer.dcp.storage_reader import tensor_bytes
 from checkpointer.errors import CheckpointError, CheckpointMismatchError, CheckpointTransportError
 from checkpointer.format.box_runs import ByteRun, box_byte_runs
 from checkpointer.format.digests import Digests, check_tiling, digest_of
 from checkpointer.format.file_layout import FileLayout
-from checkpointer.format.safetensors import TensorEntry
+from checkpointer.format.tensor_io import byte_runs, create_files, pwritev_all
 from checkpointer.runtime.failpoints import failpoint
 
 Finish = Callable[[Path], None]
-
-
-def create_files(folder: Path, layout: FileLayout) -> None:
-    """Create each file with its header, at its final size (the data is filled in by the ranks)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, header in layout.headers.items():
-        with open(folder / name, "wb") as f:
-            f.write(header)
-            f.truncate(layout.sizes[name])
-
-
-def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
-    """``pwrite`` a whole tensor, converted to ``entry``'s dtype, at its offset in an open file (from :func:`create_files`)."""
-    if tuple(tensor.shape) != entry.shape:
-        raise CheckpointMismatchError(f"{entry.file}: tensor {entry.name!r} has shape {tuple(tensor.shape)}, its header says {entry.shape}", file=entry.file, key=entry.name)
-    return _pwritev_all(fd, byte_runs(tensor.detach().to(device="cpu", dtype=entry.dtype)), entry.start)
 
 
 class SafetensorsWriter(StorageWriter):
@@ -169,7 +152,7 @@ class SafetensorsWriter(StorageWriter):
             start = 0
             for offset, length in cursor.take(len(chunk)):
                 try:
-                    self.bytes_written += _pwritev_all(fds[entry.file], [chunk[start : start + length]], offset)
+                    self.bytes_written += pwritev_all(fds[entry.file], [chunk[start : start + length]], offset)
                 except OSError as e:
                     raise CheckpointTransportError(
                         f"{self.folder / entry.file}: writing {entry.name} ({length} bytes at offset {offset}) failed: "
@@ -188,7 +171,7 @@ class SafetensorsWriter(StorageWriter):
         ranges = []
         try:
             for (offset, length), pieces in zip(runs, split_pieces(byte_runs(data), runs)):
-                ranges.append((entry.file, offset, _pwritev_all(fds[entry.file], pieces, offset), digest_of(pieces)))
+                ranges.append((entry.file, offset, pwritev_all(fds[entry.file], pieces, offset), digest_of(pieces)))
         except OSError as e:
             hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
             raise CheckpointTransportError(
@@ -249,28 +232,6 @@ def _rotated(files: list[str], rank: int) -> dict[str, int]:
     return {file: (i - rank) % len(files) for i, file in enumerate(files)} if files else {}
 
 
-def byte_runs(tensor: torch.Tensor) -> list[memoryview]:
-    """The bytes of ``tensor`` in row-major order, as few contiguous pieces of its memory as possible.
-
-    A contiguous tensor is one piece; a view whose rows (last dimension) are contiguous but
-    scattered (e.g. a transposed block of heads) is one piece per row; anything else is
-    copied into one contiguous piece.
-    """
-    if tensor.is_contiguous():
-        return [tensor_bytes(tensor)]
-    if tensor.dim() < 2 or tensor.stride(-1) != 1:
-        return [tensor_bytes(tensor.contiguous())]
-    storage = memoryview(torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy())
-    row_bytes = tensor.shape[-1] * tensor.element_size()
-    starts = torch.full(tensor.shape[:-1], tensor.storage_offset(), dtype=torch.int64)
-    for dim, (size, stride) in enumerate(zip(tensor.shape[:-1], tensor.stride()[:-1])):
-        starts += (torch.arange(size, dtype=torch.int64) * stride).view([-1 if d == dim else 1 for d in range(starts.dim())])
-    return [storage[s : s + row_bytes] for s in (starts.flatten() * tensor.element_size()).tolist()]
-
-
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-
-
 def split_pieces(pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> list[list[memoryview]]:
     """``pieces`` (bytes back to back) cut at the run boundaries: the pieces of each run, without copies."""
     pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
@@ -286,24 +247,6 @@ def split_pieces(pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> list[
                 index, used = index + 1, 0
         split.append(batch)
     return split
-
-
-def _pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
-    """Write ``pieces`` back to back from ``offset``; returns the bytes written."""
-    pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
-    done, first = 0, 0
-    while first < len(pending):
-        batch = pending[first : first + _IOV_MAX]
-        written = os.pwritev(fd, batch, offset + done)
-        done += written
-        if written == sum(map(len, batch)):  # the usual case: everything went
-            first += len(batch)
-            continue
-        while written >= len(pending[first]):
-            written -= len(pending[first])
-            first += 1
-        pending[first] = pending[first][written:]
-    return done
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:

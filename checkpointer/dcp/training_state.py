@@ -37,9 +37,9 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.json_files import parse_json
+from checkpointer.format.manifest import TRAINING_STATE_DIR
 from checkpointer.runtime.distributed import dcp_errors, is_distributed, rank
 
-TRAINING_STATE_DIR = "training_state"
 METADATA_FILE = ".metadata.json"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -12,11 +12,6 @@ from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import INDEX_FILE, SUPPORT_FILES
 from checkpointer.format.json_files import write_json
-
-if TYPE_CHECKING:
-    from checkpointer.format.safetensors import TensorSpec
-    from checkpointer.mapping.key_maps import KeyMap
-    from checkpointer.mapping.matching import Destination
 
 
 def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool | None) -> dict[str, Any]:
@@ -28,13 +23,6 @@ def output_config(base: dict[str, Any], dtype: torch.dtype | None, tied: bool | 
     if tied is not None:
         config["tie_word_embeddings"] = tied
     return config
-
-
-def saved_config(base: dict[str, Any], key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Destination]) -> dict[str, Any]:
-    """The config of weights saved as ``specs`` (dtype when there is one, tied unless lm_head is written)."""
-    tied = not any(d.hf_key in key_map.tied for d in destinations.values())
-    dtypes = {s.dtype for s in specs.values()}
-    return output_config(base, dtypes.pop() if len(dtypes) == 1 else None, tied)
 
 
 def copy_support_files(base: Folder, folder: Path) -> None:
@@ -49,4 +37,3 @@ def write_index(folder: Path, layout: FileLayout, extra_metadata: dict[str, Any]
     if layout.needs_index:
         metadata = {"total_size": layout.total_bytes, **(extra_metadata or {})}
         write_json(folder / INDEX_FILE, {"metadata": metadata, "weight_map": layout.weight_map})
-

@@ -20,6 +20,7 @@ from checkpointer.format.folder import Folder, local_files
 from checkpointer.format.json_files import parse_json, write_json
 
 MANIFEST_FILE = "checkpointer.json"
+TRAINING_STATE_DIR = "training_state"  # a checkpoint's resumable training state (DCP's format)
 
 
 FORMAT_VERSION = 1

@@ -8,11 +8,13 @@ naming the key, the file and both shapes.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.hf_files import CONFIG_FILE
+from checkpointer.format.hf_output import output_config
 from checkpointer.format.safetensors import TensorEntry, TensorSpec
 from checkpointer.mapping.key_maps import (
     KEY_MAPS,
@@ -247,3 +249,10 @@ def model_specs_from_checkpoint(
             specs[key] = (entry.dtype, (*lead, n, *shape[1:]))
     _fail(problems, f"the checkpoint at {where} does not match {key_map.name}")
     return specs
+
+
+def saved_config(base: dict[str, Any], key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Destination]) -> dict[str, Any]:
+    """The config of weights saved as ``specs`` (dtype when there is one, tied unless lm_head is written)."""
+    tied = not any(d.hf_key in key_map.tied for d in destinations.values())
+    dtypes = {s.dtype for s in specs.values()}
+    return output_config(base, dtypes.pop() if len(dtypes) == 1 else None, tied)

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import os
 import pickle
+import socket
 from typing import Callable, Iterator, TypeVar
 
 import torch.distributed as dist
@@ -56,6 +57,13 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 def local_rank(group: dist.ProcessGroup | None = None) -> int:
     """This process's index on its node (torchrun's LOCAL_RANK; the rank when unset; 0 inside :func:`alone`)."""
     return int(os.environ.get("LOCAL_RANK", rank(group))) if is_distributed() else 0
+
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

@@ -29,7 +29,6 @@ from huggingface_hub import (
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import build_hf_headers, http_backoff
 
-from checkpointer.dcp.training_state import TRAINING_STATE_DIR
 from checkpointer.errors import (
     CheckpointAccessError,
     CheckpointError,
@@ -40,7 +39,7 @@ from checkpointer.errors import (
 from checkpointer.format.digests import hash_chunks
 from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, check_relative_name, local_files
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
-from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.format.manifest import MANIFEST_FILE, TRAINING_STATE_DIR
 from checkpointer.format.model_card import CARD_MARKER, model_card
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR
 from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero

@@ -12,23 +12,17 @@ import datetime
 import io
 import os
 import queue
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
 
+from checkpointer.runtime.distributed import free_port
+
 
 class RankFailed(RuntimeError):
     """A rank raised; the message carries its traceback."""
-
-
-def free_port() -> int:
-    """A TCP port that is free on the loopback interface right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, args: tuple, results: Any) -> None:

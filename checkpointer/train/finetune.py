@@ -35,8 +35,7 @@ from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.dtypes import SHORT_DTYPES
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.mapping.key_maps import adapter_state_dict
-from checkpointer.runtime.distributed import rank, world_size
-from checkpointer.testing.multiprocess import free_port
+from checkpointer.runtime.distributed import free_port, rank, world_size
 from checkpointer.train.batches import GlobalBatches, TrainingProgress, clip_gradients, global_sum, scale_gradients
 from checkpointer.train.builders import LoraSpec
 from checkpointer.train.fsdp import (

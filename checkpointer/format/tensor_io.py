@@ -1,0 +1,85 @@
+"""Whole tensors and their bytes in safetensors files, in one process: byte views, reads, pre-sized files, pwritev.
+
+The DCP storage plug-ins (:mod:`checkpointer.dcp`) and the command line both build on these.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from checkpointer.errors import CheckpointMismatchError
+from checkpointer.format.file_layout import FileLayout
+from checkpointer.format.folder import Folder
+from checkpointer.format.safetensors import TensorEntry
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:
+    """One whole tensor, read from its byte range straight into a new CPU tensor (one process)."""
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    folder.read_into(entry.file, entry.start, tensor_bytes(tensor))
+    return tensor
+
+
+def create_files(folder: Path, file_layout: FileLayout) -> None:
+    """Create each file with its header, at its final size (the data is filled in by the ranks)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, header in file_layout.headers.items():
+        with open(folder / name, "wb") as f:
+            f.write(header)
+            f.truncate(file_layout.sizes[name])
+
+
+def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
+    """``pwrite`` a whole tensor, converted to ``entry``'s dtype, at its offset in an open file (from :func:`create_files`)."""
+    if tuple(tensor.shape) != entry.shape:
+        raise CheckpointMismatchError(f"{entry.file}: tensor {entry.name!r} has shape {tuple(tensor.shape)}, its header says {entry.shape}", file=entry.file, key=entry.name)
+    return pwritev_all(fd, byte_runs(tensor.detach().to(device="cpu", dtype=entry.dtype)), entry.start)
+
+
+def byte_runs(tensor: torch.Tensor) -> list[memoryview]:
+    """The bytes of ``tensor`` in row-major order, as few contiguous pieces of its memory as possible.
+
+    A contiguous tensor is one piece; a view whose rows (last dimension) are contiguous but
+    scattered (e.g. a transposed block of heads) is one piece per row; anything else is
+    copied into one contiguous piece.
+    """
+    if tensor.is_contiguous():
+        return [tensor_bytes(tensor)]
+    if tensor.dim() < 2 or tensor.stride(-1) != 1:
+        return [tensor_bytes(tensor.contiguous())]
+    storage = memoryview(torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy())
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    starts = torch.full(tensor.shape[:-1], tensor.storage_offset(), dtype=torch.int64)
+    for dim, (size, stride) in enumerate(zip(tensor.shape[:-1], tensor.stride()[:-1])):
+        starts += (torch.arange(size, dtype=torch.int64) * stride).view([-1 if d == dim else 1 for d in range(starts.dim())])
+    return [storage[s : s + row_bytes] for s in (starts.flatten() * tensor.element_size()).tolist()]
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
+    """Write ``pieces`` back to back from ``offset``; returns the bytes written."""
+    pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
+    done, first = 0, 0
+    while first < len(pending):
+        batch = pending[first : first + _IOV_MAX]
+        written = os.pwritev(fd, batch, offset + done)
+        done += written
+        if written == sum(map(len, batch)):  # the usual case: everything went
+            first += len(batch)
+            continue
+        while written >= len(pending[first]):
+            written -= len(pending[first])
+            first += 1
+        pending[first] = pending[first][written:]
+    return done
