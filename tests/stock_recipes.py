@@ -10,6 +10,7 @@ with ``runpy.run_path`` as ``__main__``. Nothing in the library is shimmed.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -62,10 +63,20 @@ def shim_cuda_only_calls() -> None:
 
 
 def main(argv: list[str]) -> None:
+    """Run the recipe; a finished run then leaves with ``os._exit`` (not part of the recipe's behaviour):
+    gloo's worker threads can abort interpreter finalization after ``destroy_process_group``
+    ("terminate called without an active exception", pytorch/pytorch#179291), failing a run that finished."""
     path = recipe_file(argv[0])
     shim_cuda_only_calls()
     sys.argv = [str(path), *argv[1:]]
-    runpy.run_path(str(path), run_name="__main__")
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
