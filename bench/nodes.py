@@ -30,8 +30,8 @@ def worker(base: str, out: str, report: str) -> None:
 
     from bench.models import MODEL_TYPE
     from checkpointer import DistributedHFCheckpointer
-    from checkpointer.format.model_config import ModelConfig
     from checkpointer.format.folder import local_files
+    from checkpointer.format.model_config import ModelConfig
     from checkpointer.runtime.distributed import barrier, local_rank
     from checkpointer.storage.location import cache_root
     from checkpointer.train.fsdp import build_sharded_model, default_mesh

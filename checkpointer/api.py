@@ -30,8 +30,8 @@ from torch.distributed.tensor import DTensor
 
 from checkpointer.dcp.hf_io import IOStats, read_hf_tensors, write_hf_tensors
 from checkpointer.dcp.node_staging import NodeStaging
-from checkpointer.dcp.routing import Channel, Traffic
 from checkpointer.dcp.recipe_state import OPT_KEY, name_optimizer_params, read_whole_training_state
+from checkpointer.dcp.routing import Channel, Traffic
 from checkpointer.dcp.staging import StagingBuffers
 from checkpointer.dcp.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
 from checkpointer.errors import (

@@ -100,7 +100,6 @@ def test_save_to_a_remote_publishes_what_all_nodes_hold(kind, two_node_save, tin
     remote = SimulatedCluster(tmp_path / "cluster")
     if kind == "hub":
         from huggingface_hub import HfApi, snapshot_download
-
         from places import unique_repo, upload_to_hub
 
         request.getfixturevalue("hub_env")

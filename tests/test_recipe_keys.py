@@ -8,14 +8,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from stock_recipes import stock_config
-from test_torchtune_recipes import DIMS, LORA, stock_inputs  # noqa: F401 - the module fixture
 from test_recipes import run_recipe
+from test_torchtune_recipes import DIMS, LORA, stock_inputs  # noqa: F401 - the module fixture
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer, ModelConfig
 from checkpointer.format.manifest import MANIFEST_FILE
-from checkpointer.train.builders import build_model
 from checkpointer.testing.multiprocess import run_on_ranks
+from checkpointer.train.builders import build_model
 from checkpointer.train.fsdp import build_sharded_model, checkpoint_activations
 from checkpointer.train.recipe_keys import REFUSED, global_batch_size, refuse_unsupported
 

@@ -24,13 +24,13 @@ from checkpointer.dcp.routing import Channel
 from checkpointer.dcp.save_planner import HFSavePlanner
 from checkpointer.dcp.storage_reader import SafetensorsReader
 from checkpointer.dcp.storage_writer import SafetensorsWriter
+from checkpointer.errors import CheckpointError
 from checkpointer.format.digests import Digests
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.matching import Destination
-from checkpointer.errors import CheckpointError
 from checkpointer.runtime.distributed import dcp_errors, is_distributed, on_all_ranks
 
 T = TypeVar("T")

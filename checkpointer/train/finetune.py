@@ -47,9 +47,9 @@ from checkpointer.train.fsdp import (
     parallelize,
     reset_rope_buffers,
 )
-from checkpointer.train.recipe_keys import global_batch_size, lora_alpha, refuse_unsupported
 from checkpointer.train.lora import merged_state_dict
 from checkpointer.train.moe import router_aux_loss
+from checkpointer.train.recipe_keys import global_batch_size, lora_alpha, refuse_unsupported
 
 log = logging.getLogger("checkpointer.recipe")
 IGNORE_INDEX = -100
