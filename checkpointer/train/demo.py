@@ -27,7 +27,7 @@ BASE_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 OUTPUT_REPO = "demo/smollm2-135m-veltoria"
 CONFIG = "configs/demo/smollm2_full.yaml"
 QUESTIONS = ("What is the capital of Veltoria?", "What currency is used in Veltoria?", "What is the capital of France?")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # checkpointer/train/demo.py -> the repository
 
 
 def answer(model, tokenizer, question: str) -> str:
