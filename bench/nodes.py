@@ -32,8 +32,8 @@ def worker(base: str, out: str, report: str) -> None:
     from checkpointer import DistributedHFCheckpointer
     from checkpointer.format.folder import local_files
     from checkpointer.format.model_config import ModelConfig
+    from checkpointer.runtime.cache import cache_root
     from checkpointer.runtime.distributed import barrier, local_rank
-    from checkpointer.storage.location import cache_root
     from checkpointer.train.fsdp import build_sharded_model, default_mesh
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))

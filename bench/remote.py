@@ -1,10 +1,10 @@
 """Remote I/O: our downloads and uploads against plain huggingface_hub and s3fs, on loopback servers.
 
 Same files, same run, fresh caches for every download:
-- Hub download: ``HubLocation.open`` (pinned sha, only the needed files, digests checked)
+- Hub download: ``phases.open_folder`` of a ``HubLocation`` (pinned sha, only the needed files, digests checked)
   against plain ``snapshot_download``;
 - Hub upload: our one-commit publish against plain ``create_commit`` of the same files;
-- S3 download / upload: ``FsspecLocation.open`` / ``replace_with`` against plain ``fs.get`` / ``fs.put``;
+- S3 download / upload: ``phases.open_folder`` of an ``FsspecLocation`` / ``replace_with`` against plain ``fs.get`` / ``fs.put``;
 - streaming: the bytes each of 2 ranks reads when loading with ``streaming=True``, against its share.
 """
 
@@ -38,6 +38,7 @@ def _hub_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
     """(operation, plain seconds, ours seconds) against a local Hub."""
     from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
 
+    from checkpointer.phases import open_folder
     from checkpointer.storage.hub_location import HubLocation
     from checkpointer.storage.urls import parse_location
 
@@ -53,7 +54,7 @@ def _hub_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
         _fresh(hf_cache, our_cache)
         plain_down.append(_timed(lambda: snapshot_download(plain_repo)))
         _fresh(hf_cache, our_cache)
-        ours_down.append(_timed(lambda: HubLocation(parse_location(f"hf://{plain_repo}")).open(None, streaming=False)))
+        ours_down.append(_timed(lambda: open_folder(HubLocation(parse_location(f"hf://{plain_repo}")))))
         for repo in (plain_repo, ours_repo):
             api.delete_repo(repo)
     return [("Hub upload", statistics.median(plain_up), statistics.median(ours_up)), ("Hub download", statistics.median(plain_down), statistics.median(ours_down))]
@@ -61,6 +62,7 @@ def _hub_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
 
 def _s3_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
     """(operation, plain seconds, ours seconds) against moto's S3 server."""
+    from checkpointer.phases import open_folder
     from checkpointer.storage.fsspec_location import FsspecLocation
     from checkpointer.testing.pytest_plugin import S3Server
 
@@ -79,7 +81,7 @@ def _s3_rows(base: Path, reps: int) -> list[tuple[str, float, float]]:
             _fresh(target, our_cache)
             plain_down.append(_timed(lambda: fs.get(f"{bucket}/plain/", str(target) + "/", recursive=True)))
             _fresh(our_cache)
-            ours_down.append(_timed(lambda: FsspecLocation(f"s3://{bucket}/plain", server.storage_options).open()))
+            ours_down.append(_timed(lambda: open_folder(FsspecLocation(f"s3://{bucket}/plain", server.storage_options))))
             fs.rm(bucket, recursive=True)
     finally:
         server.stop()

@@ -4,78 +4,44 @@ Loading reads, on every rank, only the bytes of that rank's shards; saving write
 every rank, only that rank's bytes, straight into the final Hugging Face files. The same
 code runs with one process (no process group) and with many.
 
-A checkpoint ``epoch_N`` / ``step_N`` is assembled in a staging folder: Hugging Face
-weights (``model*.safetensors``), a LoRA adapter in PEFT's format, and, for intermediate
-checkpoints, the resumable training state (``training_state/``, DCP's sharded format);
-then ``checkpointer.json`` is written and the folder is published in one step.
+This class is a facade: the base checkpoint is :mod:`checkpointer.base_checkpoint`,
+resuming :mod:`checkpointer.resume`, saving :mod:`checkpointer.save` and
+:mod:`checkpointer.async_save`; every collective step is in :mod:`checkpointer.phases`.
+Every method that runs collectives says so; attributes never do.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import copy
-import itertools
 import logging
-import shutil
 import sys
-import time
-from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from checkpointer.dcp.hf_io import IOStats, read_hf_tensors, write_hf_tensors
-from checkpointer.dcp.node_staging import NodeStaging
-from checkpointer.dcp.recipe_state import OPT_KEY, name_optimizer_params, read_whole_training_state
-from checkpointer.dcp.routing import Channel, Traffic
-from checkpointer.dcp.staging import StagingBuffers
-from checkpointer.dcp.training_state import TRAINING_STATE_DIR, JsonMetadataReader, load_training_state, save_training_state, stored_keys
-from checkpointer.errors import (
-    CheckpointArgumentError,
-    CheckpointError,
-    CheckpointFormatError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-    CheckpointUnsupportedError,
-)
-from checkpointer.format.digests import Digests, read_back_digests
+from checkpointer import phases
+from checkpointer.async_save import AsyncSave
+from checkpointer.base_checkpoint import BaseCheckpoint
+from checkpointer.dcp.hf_io import IOStats
+from checkpointer.dcp.routing import Traffic
+from checkpointer.errors import CheckpointArgumentError, CheckpointError, CheckpointMismatchError, CheckpointUnsupportedError
 from checkpointer.format.dtypes import parse_dtype
-from checkpointer.format.file_layout import empty_file_layout, plan_file_layout
-from checkpointer.format.folder import Folder, LocalFolder
-from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, read_checkpoint_files
-from checkpointer.format.hf_output import copy_support_files, write_index
-from checkpointer.format.json_files import write_json
-from checkpointer.format.manifest import MANIFEST_FILE, check_against_manifest, files_of, parse_manifest, read_manifest
-from checkpointer.format.model_card import card_info, hub_repo_id
-from checkpointer.format.model_config import ModelConfig
-from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
-from checkpointer.mapping.key_maps import KeyMap, adapter_key_map, adapter_state_dict, get_key_map, is_adapter_key
-from checkpointer.mapping.local_shards import converted, global_spec
-from checkpointer.mapping.matching import model_specs_from_checkpoint, plan_for_save, saved_config
-from checkpointer.phases import hash_files, verify_hashes
-from checkpointer.runtime.distributed import alone, is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
-from checkpointer.runtime.failpoints import failpoint
-from checkpointer.runtime.nodes import Nodes
-from checkpointer.runtime.progress import human_size
-from checkpointer.storage.factory import make_location
+from checkpointer.format.folder import Folder
+from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
+from checkpointer.format.peft import ADAPTER_FILE
+from checkpointer.mapping.key_maps import KeyMap, adapter_key_map, adapter_state_dict, is_adapter_key
+from checkpointer.mapping.matching import model_specs_from_checkpoint
+from checkpointer.resume import ResumePoint, published_checkpoints
+from checkpointer.runtime.distributed import alone, is_distributed, rank, world_size
+from checkpointer.save import ADAPTER_KEY, MODEL_KEY, Saver, SaveRequest, SaveResult, is_sharded
+from checkpointer.storage.factory import checkpoint_file_names, make_location
 from checkpointer.storage.local import LocalLocation
-from checkpointer.storage.location import Location, cache_root, fresh_dir, url_key
+from checkpointer.storage.location import Location
 from checkpointer.storage.output_lock import OutputLock
-from checkpointer.storage.publish import seal
 
 log = logging.getLogger(__name__)
-
-# torchtune.training's state-dict keys
-MODEL_KEY = "model"
-ADAPTER_KEY = "adapter"
-ADAPTER_CONFIG_KEY = "adapter_config"
-
-def checkpoint_name(epoch: int, step: int | None = None) -> str:
-    return f"step_{step}" if step is not None else f"epoch_{epoch}"
 
 
 class DistributedHFCheckpointer:
@@ -106,6 +72,11 @@ class DistributedHFCheckpointer:
         process_group: the group whose ranks share the model (default: the world).
         should_load_recipe_state: torchtune's flag: whether ``load_checkpoint()`` returns the
             recipe state when resuming (default: yes).
+
+    Every rank constructs it and calls its methods in the same order. The first collective
+    method opens it (see :meth:`open`); call ``open()`` yourself to read ``config_dict``,
+    ``key_map``, ``resuming`` or ``resume_manifest`` before loading: they are plain
+    attributes, answered without communication, and raise until the checkpointer is open.
 
     It counts as a ``torchtune.training.checkpointing.DistributedCheckpointer`` (a virtual
     subclass, registered once torchtune is imported), so torchtune's ``CheckpointClient`` calls
@@ -141,7 +112,7 @@ class DistributedHFCheckpointer:
         self.source = make_location(checkpoint_dir, "checkpoint_dir", options)
         self.destination = make_location(output_dir, "output_dir", options, private=hub_private)
         self.model_type = model_type
-        self.checkpoint_files = _file_list(checkpoint_files, self.source)
+        self.checkpoint_files = checkpoint_file_names(checkpoint_files, self.source)
         self.resume_from_checkpoint = resume_from_checkpoint
         self.should_load_recipe_state = should_load_recipe_state
         self.keep_last_n_checkpoints = keep_last_n_checkpoints
@@ -150,122 +121,98 @@ class DistributedHFCheckpointer:
         self.streaming = streaming
         self.verify_checksums = verify_checksums
         self.process_group = process_group
+        self.async_save = async_save
         self._lock = OutputLock(self.destination.path) if isinstance(self.destination, LocalLocation) else None
         self._lock_checked = False
-        self.async_save = async_save
-        self.last_blocked_seconds: float | None = None
-        self._staging = StagingBuffers()
-        self._pending: concurrent.futures.Future | None = None
-        self._background: DistributedHFCheckpointer | None = None
-        self._executor: concurrent.futures.Executor | None = None
+        self._async: AsyncSave[SaveResult] = AsyncSave()
+        self._base: BaseCheckpoint | None = None
+        self._resume: ResumePoint | None = None
+        self._saver: Saver | None = None
         self.training_info: dict[str, Any] = {}  # recipes add details for the model card
         self.last_load: IOStats | None = None
         self.last_save: IOStats | None = None
-        self._staging_nodes: dict[str, Nodes] = {}  # staging parent -> which ranks share it (probed at the first save)
-        self._save_count = itertools.count()
         self.last_network = Traffic()  # bytes this rank sent / received over the process group in the last save
         if unused:
             log.debug("ignoring torchtune checkpointer arguments %s", sorted(unused))
         register_with_torchtune(type(self))
 
-    # ---- the base checkpoint -----------------------------------------------------------------
+    # ---- opening: the first collective phase --------------------------------------------------
 
-    @cached_property
+    def open(self) -> DistributedHFCheckpointer:
+        """Open the base checkpoint and find the checkpoint to resume from (collective; once; returns self).
+
+        Every rank must call it (the loading and saving methods do, on first use). Afterwards
+        ``source_folder``, ``config_dict``, ``key_map``, ``resuming`` and ``resume_manifest``
+        answer on any rank without communication.
+        """
+        if self._base is None:
+            base = BaseCheckpoint.open(self.source, self.model_type, self.checkpoint_files, streaming=self.streaming, group=self.process_group)
+            self._resume = ResumePoint.find(self.destination, self.process_group) if self.resume_from_checkpoint else None
+            self._base = base
+        return self
+
+    @property
+    def base(self) -> BaseCheckpoint:
+        """The opened base checkpoint (after :meth:`open`)."""
+        if self._base is None:
+            raise CheckpointError("DistributedHFCheckpointer: not open yet: call open() on every rank first (it is collective)")
+        return self._base
+
+    @property
+    def resume_point(self) -> ResumePoint | None:
+        """The checkpoint being resumed from, or None (after :meth:`open`)."""
+        self.base  # noqa: B018 - raises until open
+        return self._resume
+
+    @property
     def source_folder(self) -> Folder:
-        """The base checkpoint's files (collective: remote sources are fetched or opened here)."""
-        return self.source.open(self.process_group, self.streaming, self.checkpoint_files)
+        return self.base.folder
 
-    @cached_property
+    @property
     def config_dict(self) -> dict[str, Any]:
-        folder = self.source_folder
-        return on_all_ranks(lambda: _read_config(folder), self.process_group).raw
+        return self.base.config
 
-    @cached_property
+    @property
     def key_map(self) -> KeyMap:
-        return get_key_map(self.model_type, ModelConfig.from_dict(self.config_dict))
+        return self.base.key_map
 
-    def local_support_dir(self) -> Path:
-        """A local folder with the base's config, tokenizer and generation files (collective)."""
-        folder = self.source_folder
-        if isinstance(folder, LocalFolder):
-            return folder.root
-        target = cache_root() / "support" / url_key(self.source.describe())
-
-        def copy() -> None:
-            target.mkdir(parents=True, exist_ok=True)
-            copy_support_files(folder, target)
-            (target / CONFIG_FILE).write_bytes(folder.read(CONFIG_FILE, 0, folder.size(CONFIG_FILE)))
-
-        on_all_ranks(lambda: copy() if local_rank(self.process_group) == 0 else None, self.process_group)
-        return target
-
-    def _files(self, folder: Folder, checkpoint_files: Sequence[str] | None) -> CheckpointFiles:
-        """Read and check a checkpoint's files (and, with a manifest, their sizes or hashes) on every rank."""
-        return self._checked_files(folder, lambda: read_checkpoint_files(folder, checkpoint_files))
-
-    def _checked_files(self, folder: Folder, read_files: Callable[[], CheckpointFiles]) -> CheckpointFiles:
-        """``read_files()`` on every rank, checked against ``folder``'s manifest (sizes, or hashes when verifying)."""
-        def read() -> tuple[CheckpointFiles, dict[str, Any] | None]:
-            files, manifest = read_files(), read_manifest(folder)
-            if manifest is not None:
-                check_against_manifest(folder, manifest, list(files.files))
-            return files, manifest
-
-        files, manifest = on_all_ranks(read, self.process_group)  # one collective for all the checks
-        if manifest is not None and self.verify_checksums:
-            verify_hashes(folder, manifest, list(files.files), self.process_group)
-        return files
-
-    @cached_property
-    def _base_headers(self) -> CheckpointFiles:
-        """The base checkpoint's files and headers as this rank read them (once: loads and saves share them)."""
-        return read_checkpoint_files(self.source_folder, self.checkpoint_files)
-
-    def base_files(self) -> CheckpointFiles:
-        """The base checkpoint's files and headers, read (and checked) on every rank."""
-        return self._checked_files(self.source_folder, lambda: self._base_headers)
-
-    # ---- resuming ----------------------------------------------------------------------------
-
-    @cached_property
+    @property
     def resume_manifest(self) -> dict[str, Any] | None:
         """The manifest of the checkpoint to resume from (None when not resuming or none exists)."""
-        if not self.resume_from_checkpoint:
-            return None
-        manifest = on_rank_zero(self._newest_resumable, self.process_group)
-        if manifest is None and rank(self.process_group) == 0:
-            log.warning("resume_from_checkpoint: no checkpoint with training state in %s; starting fresh", self.destination.describe())
-        return manifest
-
-    def published_checkpoints(self) -> list[dict[str, Any]]:
-        """The manifests of the complete checkpoints in ``output_dir``, oldest first (one process)."""
-        manifests = []
-        for name in self.destination.checkpoint_names():
-            text = self.destination.checkpoint(name).read_file(MANIFEST_FILE)
-            if text:
-                manifests.append(parse_manifest(text, self.destination.describe(name)) | {"name": name})
-        return sorted(manifests, key=lambda m: (m.get("created_ns", 0), m["name"]))
-
-    def _newest_resumable(self) -> dict[str, Any] | None:
-        resumable = [m for m in self.published_checkpoints() if m["contents"].get("training_state")]
-        return resumable[-1] if resumable else None
+        return self.resume_point.manifest if self.resume_point else None
 
     @property
     def resuming(self) -> bool:
-        return self.resume_manifest is not None
+        return self.resume_point is not None
 
-    @cached_property
-    def resume_location(self) -> Location | None:
-        return self.destination.checkpoint(self.resume_manifest["name"]) if self.resume_manifest else None
+    def local_support_dir(self) -> Path:
+        """A local folder with the base's config, tokenizer and generation files (collective)."""
+        return self.open().base.support_dir(self.process_group)
 
-    @cached_property
-    def _resume_folder(self) -> Folder:
-        return self.resume_location.open(self.process_group, self.streaming, None)
+    def published_checkpoints(self) -> list[dict[str, Any]]:
+        """The manifests of the complete checkpoints in ``output_dir``, oldest first (one process)."""
+        return published_checkpoints(self.destination)
 
     # ---- loading -----------------------------------------------------------------------------
 
+    def base_files(self) -> CheckpointFiles:
+        """The base checkpoint's files and headers, read on every rank and checked against its manifest (collective)."""
+        return self._checked_files(self.open().base.folder, read=self.base.weight_files)
+
+    def _checked_files(self, folder: Folder, checkpoint_files: Sequence[str] | None = None, read=None) -> CheckpointFiles:
+        """The checkpoint files in ``folder``, read on every rank and checked against its manifest (collective)."""
+        read = read or (lambda: read_checkpoint_files(folder, checkpoint_files))
+        return phases.check_files(folder, read, self.process_group, verify_checksums=self.verify_checksums)
+
+    def _weight_files(self, adapter: bool) -> tuple[CheckpointFiles, str]:
+        """The weights a load starts from and their URL: the resumed checkpoint's (full fine-tuning), else the base's (collective)."""
+        resume = self.open().resume_point
+        if resume is not None and resume.contents.get("weights") and not adapter:
+            return self._checked_files(resume.folder(self.process_group, self.streaming)), resume.location.url
+        return self.base_files(), self.source.url  # LoRA keeps the original base; merged weights in a checkpoint already hold the adapter
+
     def load_checkpoint(self) -> dict[str, Any]:
-        """torchtune's interface: full state dicts with torchtune keys, on every rank.
+        """torchtune's interface: full state dicts with torchtune keys, on every rank (collective).
 
         ``{"model": ...}`` of the base; when resuming, the same weights ``load_model`` takes
         (the resumed checkpoint's, or the base under a LoRA adapter), ``"adapter"`` when the
@@ -273,64 +220,55 @@ class DistributedHFCheckpointer:
         ``seed``, ``epochs_run``, ``total_epochs``, ``max_steps_per_epoch``, ...) with the
         optimizer state in the form ``load_from_full_optimizer_state_dict`` takes.
         """
-        contents = self.resume_manifest["contents"] if self.resuming else {}
-        if contents.get("weights") and contents.get("adapter") is None:
-            files, where = self._files(self._resume_folder, None), self.resume_location.describe()
-        else:
-            files, where = self.base_files(), self.source.describe()
-        checkpoint = {MODEL_KEY: self._read_whole(files, self.key_map, where)}
+        resume = self.open().resume_point
+        contents = resume.contents if resume else {}
+        checkpoint = {MODEL_KEY: self._read_whole(*self._weight_files(adapter=contents.get("adapter") is not None), self.key_map)}
         if contents.get("adapter") is not None:
-            location = self.resume_location.subfolder(contents["adapter"])
-            folder = location.open(self.process_group, self.streaming, [ADAPTER_FILE])
-            checkpoint[ADAPTER_KEY] = self._read_whole(self._files(folder, [ADAPTER_FILE]), adapter_key_map(self.key_map), location.describe())
+            location = resume.location.subfolder(contents["adapter"])
+            files = self._checked_files(self._adapter_folder(location), [ADAPTER_FILE])
+            checkpoint[ADAPTER_KEY] = self._read_whole(files, location.url, adapter_key_map(self.key_map))
         if contents.get("training_state") and self.should_load_recipe_state is not False:
-            checkpoint.update(self._whole_training_state())
+            checkpoint.update(resume.whole_training_state(self.process_group))
         return checkpoint
 
-    def _read_whole(self, files: CheckpointFiles, key_map: KeyMap, where: str) -> dict[str, torch.Tensor]:
-        """Every tensor of ``files`` in full, with torchtune keys (collective)."""
-        specs = on_all_ranks(lambda: model_specs_from_checkpoint(key_map, files.tensors, where), self.process_group)
+    def _read_whole(self, files: CheckpointFiles, where: str, key_map: KeyMap) -> dict[str, torch.Tensor]:
+        """Every tensor of ``files`` (at URL ``where``) in full, with torchtune keys (collective)."""
+        specs = phases.plan(lambda: model_specs_from_checkpoint(key_map, files.tensors, where), self.process_group)
         state_dict = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items()}
-        self.last_load = read_hf_tensors(state_dict, files, key_map, self.process_group)
+        self.last_load = phases.read(state_dict, files, key_map, self.process_group)
         return state_dict
 
-    def _whole_training_state(self) -> dict[str, Any]:
-        """The resumed training state with full tensors, read by every rank on its own (collective around it)."""
-        folder = self.resume_location.fetch_folder(TRAINING_STATE_DIR, self.process_group)
-        return on_all_ranks(lambda: read_whole_training_state(JsonMetadataReader(folder)), self.process_group)
-
     def load_model(self, model: nn.Module) -> None:
-        """Load weights in place into ``model`` (plain, or sharded with FSDP2).
+        """Load weights in place into ``model`` (plain, or sharded with FSDP2) (collective).
 
         The base weights come from ``checkpoint_dir``, or from the resumed checkpoint when it
         holds full weights. LoRA parameters come from the resumed checkpoint's adapter, or
         keep their initialization.
         """
         state_dict = model.state_dict()
-        on_all_ranks(lambda: _check_materialized(state_dict), self.process_group)
-        self._hold_output_lock()
+        phases.check(lambda: _check_materialized(state_dict), self.process_group)
+        self.open()
+        self._hold_output_lock(self.process_group)
         base = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
         adapter = {k: v for k, v in state_dict.items() if is_adapter_key(k)}
-        contents = self.resume_manifest["contents"] if self.resuming else {}
-        if contents.get("weights") and not adapter:  # full fine-tuning resumes from its own weights
-            files = self._files(self._resume_folder, None)
-        else:  # LoRA keeps the original base; merged weights in a checkpoint already hold the adapter
-            files = self.base_files()
-        self.last_load = read_hf_tensors(base, files, self.key_map, self.process_group)
-        if adapter and contents.get("adapter") is not None:
-            folder = self.resume_location.subfolder(contents["adapter"]).open(self.process_group, self.streaming, [ADAPTER_FILE])
-            self._read_adapter(adapter, folder)
+        self.last_load = phases.read(base, self._weight_files(adapter=bool(adapter))[0], self.key_map, self.process_group)
+        resume = self.resume_point
+        if adapter and resume is not None and resume.contents.get("adapter") is not None:
+            self._read_adapter(adapter, resume.location.subfolder(resume.contents["adapter"]))
 
     def load_adapter(self, model: nn.Module, location: str | Path) -> None:
-        """Load a PEFT adapter (``adapter_model.safetensors``) at ``location`` into ``model``'s LoRA parameters."""
+        """Load a PEFT adapter (``adapter_model.safetensors``) at ``location`` into ``model``'s LoRA parameters (collective)."""
         adapter = adapter_state_dict(model)
         if not adapter:
             raise CheckpointMismatchError(f"load_adapter: the model has no LoRA parameters to load {location} into", url=str(location))
-        folder = make_location(location, "location").open(self.process_group, self.streaming, [ADAPTER_FILE])
-        self._read_adapter(adapter, folder)
+        self.open()._read_adapter(adapter, make_location(location, "location"))
 
-    def _read_adapter(self, adapter: dict[str, Any], folder: Folder) -> None:
-        read_hf_tensors(adapter, self._files(folder, [ADAPTER_FILE]), adapter_key_map(self.key_map), self.process_group)
+    def _adapter_folder(self, location: Location) -> Folder:
+        return phases.open_folder(location, self.process_group, streaming=self.streaming, checkpoint_files=[ADAPTER_FILE])
+
+    def _read_adapter(self, adapter: dict[str, Any], location: Location) -> None:
+        files = self._checked_files(self._adapter_folder(location), [ADAPTER_FILE])
+        phases.read(adapter, files, adapter_key_map(self.key_map), self.process_group)
 
     def load_training_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """Fill ``state`` in place from the resumed checkpoint's training state (collective).
@@ -338,14 +276,10 @@ class DistributedHFCheckpointer:
         Top-level entries the checkpoint does not hold (e.g. another rank count's RNG
         states) are dropped from ``state``; returns ``state``.
         """
-        if not self.resuming:
+        resume = self.open().resume_point
+        if resume is None:
             raise CheckpointError("load_training_state: not resuming (resume_from_checkpoint is off or nothing to resume)")
-        reader = JsonMetadataReader(self.resume_location.fetch_folder(TRAINING_STATE_DIR, self.process_group))
-        stored = on_all_ranks(lambda: stored_keys(reader), self.process_group)
-        for key in [k for k in state if not any(s == k or s.startswith(f"{k}.") for s in stored)]:
-            del state[key]
-        load_training_state(state, reader, self.process_group)
-        return state
+        return resume.load_training_state(state, self.process_group)
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -366,7 +300,9 @@ class DistributedHFCheckpointer:
         and, when ``intermediate_checkpoint``, anything else as resumable training state.
         The adapter (PEFT format) is at the checkpoint's top level, or in ``adapter/`` when
         merged weights are saved beside it.
-        Every rank calls it; each writes only its own bytes.
+        Every rank calls it (collective); each writes only its own bytes. Full (unsharded)
+        tensors on rank 0 only, as torchtune's LoRA recipe hands them, are saved by rank 0
+        alone, entering no collective; another rank's call returns at once.
 
         With ``async_save`` (default: the constructor's), the call returns once this rank's
         shards are copied into reusable buffers; writing and publishing continue in the
@@ -374,251 +310,48 @@ class DistributedHFCheckpointer:
         of a background save is raised by the next save or by :meth:`wait`.
         """
         self.wait()
-        if is_distributed(self.process_group) and world_size(self.process_group) > 1 and not _is_sharded(state_dict):
-            return self._save_alone(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
+        request = SaveRequest(epoch, step, intermediate_checkpoint, adapter_only, dict(self.training_info))
+        url = self.destination.checkpoint(request.name).url
+        if is_distributed(self.process_group) and world_size(self.process_group) > 1 and not is_sharded(state_dict):
+            if rank(self.process_group) == 0:
+                with alone():
+                    self._record(self._saver_for_this_job().save(state_dict, request, None))
+            return url
+        saver = self._saver_for_this_job()
         if self.async_save if async_save is None else async_save:
-            return self._save_in_background(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
-        return self._save(state_dict, epoch, intermediate_checkpoint, adapter_only, step)
-
-    def _save_alone(self, state_dict: dict[str, Any], epoch: int, intermediate: bool, adapter_only: bool, step: int | None) -> str:
-        """Full (unsharded) tensors, as torchtune's LoRA recipe hands them on rank 0 only: rank 0 saves
-        them by itself, entering no collective; another rank's call returns at once."""
-        if rank(self.process_group) != 0:
-            return self.destination.describe(checkpoint_name(epoch, step))
-        with alone():
-            return self._save(state_dict, epoch, intermediate, adapter_only, step)
+            self._async.start(lambda staged, group: saver.save(staged, request, group), state_dict)
+            return url
+        self._record(saver.save(state_dict, request, self.process_group))
+        return url
 
     def wait(self) -> None:
         """Block until a background save is published; raise its error if it failed (on every rank)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-            self.last_save = self._background.last_save
+        result = self._async.wait()
+        if result is not None:
+            self._record(result)
 
-    def _save_in_background(self, state_dict: dict[str, Any], epoch: int, intermediate: bool, adapter_only: bool, step: int | None) -> str:
-        started = time.perf_counter()
-        staged = self._staging.stage(state_dict)
-        self.last_blocked_seconds = time.perf_counter() - started
-        background = self._background_checkpointer()
-        self._pending = self._executor.submit(background._save, staged, epoch, intermediate, adapter_only, step)
-        return self.destination.describe(checkpoint_name(epoch, step))
+    @property
+    def last_blocked_seconds(self) -> float | None:
+        """How long the last asynchronous save held the caller (copying the shards into buffers)."""
+        return self._async.last_blocked_seconds
 
-    def _background_checkpointer(self) -> DistributedHFCheckpointer:
-        """A copy of this checkpointer whose collectives use a process group of its own (created once)."""
-        if self._background is None:
-            group = dist.new_group(backend="gloo") if is_distributed() else None  # collective: every rank is here
-            self._background = copy.copy(self)
-            self._background.process_group = group
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpointer-save")
-        return self._background
+    def _record(self, result: SaveResult) -> None:
+        self.last_save = result.stats or self.last_save
+        self.last_network = result.traffic
 
-    def _save(self, state_dict: dict[str, Any], epoch: int, intermediate_checkpoint: bool, adapter_only: bool, step: int | None) -> str:
-        started = time.perf_counter()
-        name = checkpoint_name(epoch, step)
-        staging = self.destination.staging_dir(name)
-        weights = state_dict.get(MODEL_KEY) if not adapter_only else None
-        adapter = state_dict.get(ADAPTER_KEY)
-        training = {k: v for k, v in state_dict.items() if k not in (MODEL_KEY, ADAPTER_KEY, ADAPTER_CONFIG_KEY)}
-        if isinstance(training.get(OPT_KEY), dict) and _is_sharded(state_dict) and MODEL_KEY in state_dict:
-            training[OPT_KEY] = name_optimizer_params(training[OPT_KEY], state_dict[MODEL_KEY])
-        if adapter_only and adapter is None:  # torchtune's error and text
-            raise CheckpointArgumentError(
-                "Adapter checkpoint not found in state_dict. Please ensure that the state_dict contains adapter weights.",
-                key=ADAPTER_KEY,
+    def _saver_for_this_job(self) -> Saver:
+        if self._saver is None:
+            model_type = getattr(self.model_type, "name", self.model_type)
+            self._saver = Saver(
+                self.open().base, self.destination, model_type, self.save_dtype, self.max_shard_size, self.keep_last_n_checkpoints, self._hold_output_lock
             )
-        if weights is None and adapter is None:
-            raise CheckpointArgumentError(f"save_checkpoint: nothing to save: no {MODEL_KEY!r} or {ADAPTER_KEY!r} in {sorted(state_dict)}", key="state_dict")
-        folder = self.source_folder
-        weights_plan = on_all_ranks(lambda: self._plan_weights(weights), self.process_group) if weights is not None else None
-        adapter_plan = on_all_ranks(lambda: self._plan_adapter(adapter, state_dict), self.process_group) if adapter is not None else None
-        # An adapter beside merged weights goes to adapter/: transformers would apply it twice otherwise.
-        adapter_dir = ADAPTER_DIR if weights is not None else ""
-        self._hold_output_lock()
-        on_rank_zero(lambda: fresh_dir(staging), self.process_group)
-        spread = NodeStaging.of(staging, self.process_group, self._staging_nodes)  # several nodes: rank 0's assembles
-        hashes: Digests = {}  # hashed while written (complete on rank 0), then the rest read back
-        with spread.watching(f"save of {self.destination.describe(name)}", f"{url_key(str(staging))}-{next(self._save_count)}"):
-            try:
-                if weights is not None:
-                    self.last_save, hashes = self._write_weights(weights, weights_plan, staging, name, spread.channel)
-                if adapter is not None:
-                    hashes |= _prefixed(adapter_dir, self._write_adapter(adapter, adapter_plan, staging / adapter_dir, spread.channel))
-                if intermediate_checkpoint:  # every rank wrote some of it: every rank (of rank 0's node) hashes some of it
-                    save_training_state(training, staging / TRAINING_STATE_DIR, self.process_group)
-                    spread.gather(staging / TRAINING_STATE_DIR)
-                    training_files = _prefixed(TRAINING_STATE_DIR, spread.listing(staging / TRAINING_STATE_DIR))
-                    hashes |= hash_files(LocalFolder(staging), training_files, self.process_group, spread.nodes.home)
-            except BaseException:
-                if rank(self.process_group) == 0:
-                    shutil.rmtree(staging, ignore_errors=True)
-                raise
-            finally:
-                spread.remove_local_copies()
-                self.last_network = spread.traffic
-            contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": intermediate_checkpoint}
-            info = {"name": name, "epoch": epoch, "step": step, "contents": contents, "world_size": world_size(self.process_group)}
-            card = self._card(name, weights)
-            size = on_rank_zero(lambda: self._complete_and_publish(staging, folder, name, info, card, hashes), self.process_group)
-        failpoint("save:after_publish")
-        published = self.destination.describe(name)
-        if rank(self.process_group) == 0:
-            seconds = time.perf_counter() - started
-            log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_size(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
-        if self.keep_last_n_checkpoints:
-            on_rank_zero(lambda: self._prune(keep=name), self.process_group)
-        return published
+        return self._saver
 
-    def _plan_weights(self, model_state: dict[str, Any]):
-        model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
-        if self.save_dtype is not None:
-            model_specs = {k: (converted(self.save_dtype, dt), s) for k, (dt, s) in model_specs.items()}
-        specs, destinations = plan_for_save(self.key_map, model_specs, self._base_weight_map or ())
-        return specs, destinations, plan_file_layout(specs, self._base_weight_map, self.max_shard_size)
-
-    def _write_weights(self, model_state: dict[str, Any], plan, staging: Path, name: str, channel: Channel | None) -> tuple[IOStats, Digests]:
-        specs, destinations, file_layout = plan
-        config = saved_config(self.config_dict, self.key_map, specs, destinations)
-
-        def finish(folder: Path) -> None:
-            write_json(folder / CONFIG_FILE, config)
-            write_index(folder, file_layout)
-
-        stats, digests = write_hf_tensors(model_state, self.key_map, specs, destinations, file_layout, staging, finish, self.process_group, channel=channel)
-        return IOStats(stats.bytes, stats.seconds, self.destination.describe(name)), digests
-
-    def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]):
-        key_map = adapter_key_map(self.key_map)
-        specs, destinations = plan_for_save(key_map, {k: global_spec(k, v) for k, v in adapter_state.items()})
-        file_layout = plan_file_layout(specs, {k: ADAPTER_FILE for k in specs}) if specs else empty_file_layout(ADAPTER_FILE)
-        adapter_config = state_dict.get(ADAPTER_CONFIG_KEY) or {}
-        ranks = {s.shape[0] for k, s in specs.items() if k.endswith("lora_A.weight")}
-        if not specs and adapter_config.get("r") is None:  # an empty adapter: the file, and no config to describe it
-            return key_map, specs, destinations, file_layout, None
-        ranks = ranks or {int(adapter_config["r"])}
-        alpha = adapter_config.get("lora_alpha")
-        if len(ranks) != 1 or alpha is None:
-            raise CheckpointArgumentError(
-                f"save_checkpoint: an adapter needs one LoRA rank (found {sorted(ranks)}) and "
-                f"state_dict[{ADAPTER_CONFIG_KEY!r}]['lora_alpha']",
-                key=ADAPTER_CONFIG_KEY,
-            )
-        config = peft_adapter_config(sorted(specs), ranks.pop(), alpha, self._base_model_id())
-        return key_map, specs, destinations, file_layout, config
-
-    def _write_adapter(self, adapter_state: dict[str, Any], plan, staging: Path, channel: Channel | None) -> Digests:
-        key_map, specs, destinations, file_layout, config = plan
-        finish = lambda folder: config is not None and write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
-        return write_hf_tensors(adapter_state, key_map, specs, destinations, file_layout, staging, finish, self.process_group, channel=channel)[1]
-
-    def _complete_and_publish(self, staging: Path, source: Folder, name: str, info: dict, card: dict, hashes: Digests) -> int:
-        """Rank 0, in one step: the support files, digests of the files nobody hashed yet, the manifest, publish; the bytes saved.
-
-        The files rank 0 adds itself (config, index, tokenizer) are small; they are read back once.
-        """
-        try:
-            copy_support_files(source, staging)
-            sizes = files_of(staging)
-            failpoint("save:hash")
-            hashes = hashes | read_back_digests(LocalFolder(staging), {n: s for n, s in sizes.items() if n not in hashes})
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self._publish(staging, name, info, card, sizes, hashes)
-        return sum(sizes.values())
-
-    def _publish(self, staging: Path, name: str, info: dict, card: dict, sizes: dict[str, int], hashes: Digests) -> None:
-        seal(staging, info, sizes, hashes)
-        failpoint("save:publish")
-        self.destination.publish(staging, name, card)
-
-    def _hold_output_lock(self) -> None:
-        """Refuse a second job writing the same local output folder (held until this process exits)."""
+    def _hold_output_lock(self, group: dist.ProcessGroup | None) -> None:
+        """Refuse a second job writing the same local output folder (held until this process exits; collective)."""
         if self._lock is not None and not self._lock_checked:  # the same answer on every rank
-            on_rank_zero(self._lock.acquire, self.process_group)
+            phases.decide(self._lock.acquire, group)
             self._lock_checked = True
-
-    def _prune(self, keep: str) -> None:
-        """Remove the oldest checkpoints beyond ``keep_last_n_checkpoints``; never ``keep``, the one just saved.
-
-        ``keep`` counts as the newest whatever the other manifests' clocks say.
-        """
-        names = [m["name"] for m in self.published_checkpoints() if m["name"] != keep]
-        for name in names[: max(0, len(names) + 1 - int(self.keep_last_n_checkpoints))]:
-            log.info("removing old checkpoint %s", self.destination.describe(name))
-            self.destination.remove(name)
-
-    def _base_model_id(self) -> str:
-        return hub_repo_id(self.source) or self.source.describe()
-
-    def _card(self, name: str, weights: dict[str, Any] | None) -> dict[str, Any]:
-        dtypes = {v.dtype for v in (weights or {}).values() if isinstance(v, torch.Tensor)}
-        dtype = self.save_dtype or (dtypes.pop() if len(dtypes) == 1 else None)
-        dtype_name = str(dtype).removeprefix("torch.") if dtype else "adapter only" if weights is None else "mixed"
-        card = card_info(name, hub_repo_id(self.source), getattr(self.model_type, "name", self.model_type), dtype_name, world_size(self.process_group))
-        return card | {"training": dict(self.training_info)}
-
-    @cached_property
-    def _base_weight_map(self) -> dict[str, str] | None:
-        """The base's tensor -> file map (read once), which saves follow; None if it cannot be read.
-
-        A base of one file without an index has no split to follow: ``max_shard_size`` decides.
-        """
-        try:
-            files = self._base_headers
-        except CheckpointError:
-            return None
-        if files.weight_map is None and len(files.files) == 1:
-            return None
-        return {key: entry.file for key, entry in files.tensors.items()}
-
-
-def _prefixed(folder: str, by_name: dict[str, Any]) -> dict[str, Any]:
-    """``by_name`` with its keys as paths inside subfolder ``folder`` of the checkpoint ("" for its top level)."""
-    return {f"{folder}/{name}" if folder else name: value for name, value in by_name.items()}
-
-
-def _file_list(checkpoint_files: Sequence[str | Path] | dict | None, source: Location) -> list[str] | None:
-    """torchtune allows a list of names (``str`` or ``Path``, relative to ``checkpoint_dir`` or absolute
-    inside it) or a dict with ``filename_format`` and ``max_filename``."""
-    if isinstance(checkpoint_files, dict) or hasattr(checkpoint_files, "keys"):  # also omegaconf DictConfig
-        if not {"filename_format", "max_filename"} <= set(checkpoint_files):
-            raise CheckpointArgumentError(f"checkpoint_files {dict(checkpoint_files)!r}: expected filename_format and max_filename", key="checkpoint_files")
-        count = int(checkpoint_files["max_filename"])
-        return [checkpoint_files["filename_format"].format(str(i).zfill(5), str(count).zfill(5)) for i in range(1, count + 1)]
-    if checkpoint_files is None or isinstance(checkpoint_files, (str, Path)) or not hasattr(checkpoint_files, "__iter__"):
-        if checkpoint_files is None:
-            return None
-        raise CheckpointArgumentError(f"checkpoint_files {checkpoint_files!r}: expected a list of file names", key="checkpoint_files")
-    return [_relative_file(f, source) for f in checkpoint_files] or None
-
-
-def _relative_file(name: str | Path, source: Location) -> str:
-    """A checkpoint file name relative to ``checkpoint_dir`` (an absolute path must lie inside a local one)."""
-    path = Path(name)
-    if not path.is_absolute():
-        return path.as_posix()
-    root = source.path.resolve() if isinstance(source, LocalLocation) else None
-    if root is None or not path.resolve().is_relative_to(root):
-        raise CheckpointArgumentError(f"checkpoint_files: {name} is not inside checkpoint_dir {source.describe()}", key="checkpoint_files")
-    return path.resolve().relative_to(root).as_posix()
-
-
-_MAX_CONFIG_BYTES = 16 * 2**20  # real configs are a few KB
-
-
-def _read_config(folder: Folder) -> ModelConfig:
-    if not folder.exists(CONFIG_FILE):
-        raise CheckpointNotFoundError(f"{folder.describe(CONFIG_FILE)}: missing; the model's dimensions come from it", file=folder.describe(CONFIG_FILE))
-    size = folder.size(CONFIG_FILE)
-    if size > _MAX_CONFIG_BYTES:
-        raise CheckpointFormatError(f"{folder.describe(CONFIG_FILE)}: {size} bytes is too large for a config.json", file=folder.describe(CONFIG_FILE))
-    return ModelConfig.from_json(folder.read(CONFIG_FILE, 0, size), folder.describe(CONFIG_FILE))
-
-
-def _is_sharded(state_dict: dict[str, Any]) -> bool:
-    """Whether the weights handed to a save are DTensors (every rank holds a part and calls)."""
-    tensors = [*(state_dict.get(MODEL_KEY) or {}).values(), *(state_dict.get(ADAPTER_KEY) or {}).values()]
-    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def register_with_torchtune(cls: type) -> None:
@@ -641,5 +374,3 @@ def _check_materialized(state_dict: dict[str, Any]) -> None:
             f"{len(meta)} model tensors are on the meta device (e.g. {meta[0]}): call model.to_empty(device=...) first",
             key=meta[0],
         )
-
-

@@ -1,22 +1,110 @@
-"""The collective phases of a load or a save that are not DCP's own: hashing, in one place.
+"""Every collective step of a load or a save, by name, in one place.
 
-Each phase runs a step on every rank (an error on one rank is raised on all of them)
-and exchanges only small results. Hashing splits the work among the ranks by size, in
-ranges of files (:class:`~checkpointer.format.digests.Unit`), so each byte is read once
-and one big file is shared by several ranks.
+Each function here is collective: every rank of ``group`` calls it, in the same order
+(like ``torch.distributed.checkpoint.state_dict_loader``, whose phases are named
+``"plan"`` and ``"read"``). A step that fails on one rank raises the same error on all
+of them, and only small results travel between ranks. Nothing outside this module
+starts a collective: the steps below call DCP's own ``load``/``save`` (:func:`read`,
+:func:`write`) and the helpers that move files between nodes (``checkpointer.dcp``'s
+``node_copy`` and ``node_staging``). Storage backends know bytes and files and take no
+process group; the phases decide which rank runs them:
+
+- ``decide``: rank 0 answers a question (what is published, which commit to read), every rank gets the answer;
+- ``check`` / ``plan``: every rank computes the same thing from the same inputs (the write plan, the checks);
+- ``once_per_node``: local rank 0 does it (download, copy), the others wait;
+- ``open_folder`` / ``fetch_folder``: find what to read (rank 0), download it (once per node), open it (every rank);
+  a local folder missing on some node is sent there from rank 0's;
+- ``node_staging``: where a save is assembled when the nodes share no file system;
+- ``check_files``: headers and the manifest's sizes in one collective, then hashes split across ranks;
+- ``read`` / ``write``: DCP's own load and save of this rank's shards;
+- ``hash_units`` / ``hash_files`` / ``verify_hashes``: digests of file ranges, split across ranks by size, each
+  byte read once (saves hash what they write from memory; only other files are read back);
+- ``publish``: rank 0 makes the checkpoint visible.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch.distributed as dist
 
+from checkpointer.dcp.hf_io import read_hf_tensors, write_hf_tensors
+from checkpointer.dcp.node_copy import readable_here
+from checkpointer.dcp.node_staging import NodeStaging
+from checkpointer.dcp.training_state import load_training_state, save_training_state
 from checkpointer.errors import CheckpointFormatError
 from checkpointer.format.digests import Digests, Unit, mismatch, ranges_of, read_back_units, units_to_verify
 from checkpointer.format.folder import Folder
-from checkpointer.runtime.distributed import all_gather, on_all_ranks, rank, world_size
+from checkpointer.format.hf_files import CheckpointFiles
+from checkpointer.format.manifest import check_against_manifest, read_manifest
+from checkpointer.runtime.distributed import all_gather, is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.failpoints import failpoint
+from checkpointer.storage.local import LocalLocation
+from checkpointer.storage.location import Location
+
+T = TypeVar("T")
+
+decide = on_rank_zero  # rank 0 runs the step; every rank returns its result or raises its error
+plan = on_all_ranks  # every rank runs the step; an error anywhere is raised everywhere
+check = on_all_ranks
+publish = on_rank_zero
+read = read_hf_tensors  # DCP's load: each rank reads the bytes of its own shards
+write = write_hf_tensors  # DCP's save: each rank writes its own bytes into the final HF files
+read_training_state = load_training_state
+write_training_state = save_training_state
+node_staging = NodeStaging.of  # which ranks share a save's staging folder; several nodes: rank 0's assembles it
+
+
+def once_per_node(step: Callable[[], None], group: dist.ProcessGroup | None = None) -> None:
+    """Run ``step`` on local rank 0 of each node while the node's other ranks wait; errors reach every rank."""
+    on_all_ranks(lambda: step() if local_rank(group) == 0 else None, group)
+
+
+def open_folder(
+    location: Location, group: dist.ProcessGroup | None = None, *, streaming: bool = False, checkpoint_files: list[str] | None = None
+) -> Folder:
+    """The checkpoint at ``location`` as a folder on every rank: rank 0 finds what to read, each node downloads it once.
+
+    A local folder is read where it is; a node that lacks it reads a copy of rank 0's, sent over the group.
+    """
+    if isinstance(location, LocalLocation):
+        path = readable_here(location.path, group, lambda: location.find(checkpoint_files=checkpoint_files))
+        return check(lambda: LocalLocation(path).folder(None), group)
+    found = decide(lambda: location.find(checkpoint_files=checkpoint_files, streaming=streaming), group)
+    once_per_node(lambda: location.download(found), group)
+    return check(lambda: location.folder(found), group)
+
+
+def fetch_folder(location: Location, group: dist.ProcessGroup | None = None) -> Path:
+    """A local copy of every file below ``location`` (a local folder is read where it is), once per node."""
+    if isinstance(location, LocalLocation):
+        return readable_here(location.path, group)
+    found = decide(lambda: location.find(whole_folder=True), group)
+    once_per_node(lambda: location.download(found), group)
+    return check(lambda: location.folder(found), group).root
+
+
+def check_files(
+    folder: Folder, read_files: Callable[[], CheckpointFiles], group: dist.ProcessGroup | None = None, *, verify_checksums: bool = False
+) -> CheckpointFiles:
+    """``read_files()`` on every rank, checked against ``folder``'s manifest (sizes; hashes with ``verify_checksums``)."""
+
+    def read() -> tuple[CheckpointFiles, dict[str, Any] | None]:
+        files, manifest = read_files(), read_manifest(folder)
+        if manifest is not None:
+            check_against_manifest(folder, manifest, list(files.files))
+        return files, manifest
+
+    files, manifest = on_all_ranks(read, group)  # one collective for all the checks
+    if manifest is not None and verify_checksums:
+        verify_hashes(folder, manifest, list(files.files), group)
+    return files
+
+
+def new_group() -> dist.ProcessGroup | None:
+    """A process group of the same ranks for background work (every rank calls it; None without one)."""
+    return dist.new_group(backend="gloo") if is_distributed() else None
 
 
 def assign_by_size(sizes: dict[Hashable, int], world: int) -> list[list[Hashable]]:

@@ -79,3 +79,22 @@ def save_dcp(rank: int, world: int, base: str, model_type: str, out: str) -> Non
     model = build_sharded_model(model_type, _config(base), default_mesh())
     DistributedHFCheckpointer(base, f"{out}-unused", model_type).load_model(model)
     dcp.save({"model": model.state_dict(), "epochs_run": 1}, checkpoint_id=out)
+
+
+def rank_zero_asks_before_and_after_open(rank: int, world: int, base: str, out: str, model_type: str) -> dict:
+    """Only rank 0 reads ``resuming``, first before ``open()`` (an error, not a hang), then after it (an answer)."""
+    import torch.distributed as dist
+
+    checkpointer = DistributedHFCheckpointer(base, out, model_type, resume_from_checkpoint=True)
+    before = None
+    if rank == 0:
+        try:
+            checkpointer.resuming
+        except CheckpointError as e:
+            before = str(e)
+    checkpointer.open()
+    answer = {}
+    if rank == 0 and checkpointer.resuming:  # what deadlocked when resuming ran a collective
+        answer = {"name": checkpointer.resume_manifest["name"], "num_layers": checkpointer.config_dict["num_hidden_layers"]}
+    dist.barrier()
+    return {"before": before, "answer": answer}

@@ -17,6 +17,8 @@ from variants import TOKENS, TOLERANCE, hf_logits
 
 from checkpointer import CheckpointError, DistributedHFCheckpointer
 from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.phases import fetch_folder
+from checkpointer.storage.location import PublishOptions
 from checkpointer.storage.urls import FsspecUrl, HubUrl, LocalPath, parse_location
 from checkpointer.testing.multiprocess import run_on_ranks
 from checkpointer.train.builders import build_model_from_dir
@@ -282,7 +284,7 @@ def test_list_files_and_fetch_folder_of_the_location_itself(kind, tmp_path, requ
     location = make_location(place(kind, _small_folder(tmp_path / "src")), "location")
     files = location.list_files()
     assert {k: v for k, v in files.items() if k != ".gitattributes"} == {"config.json": 2, "sub/a.bin": 5}
-    fetched = location.fetch_folder("")
+    fetched = fetch_folder(location)
     assert (fetched / "sub" / "a.bin").read_bytes() == b"12345" and (fetched / "config.json").exists()
     assert location.subfolder("sub").list_files() == {"a.bin": 5}
 
@@ -308,17 +310,17 @@ def test_replace_with_publishes_at_the_location_itself(tmp_path, hub_env):
 
     memory = make_location(f"memory://replace/{uuid.uuid4().hex[:8]}", "to")
     folder = _small_folder(memory.staging_folder() / "f")
-    assert memory.replace_with(folder) == memory.describe()
+    assert memory.replace_with(folder) == memory.url
     assert memory.list_files() == {"config.json": 2, "sub/a.bin": 5} and folder.exists()  # the source is kept
 
     repo = unique_repo("replace")
     hub = make_location(f"hf://{repo}", "to", private=False)
-    url = hub.replace_with(folder, card=None, message="my upload", tag="v1")
+    url = hub.replace_with(folder, options=PublishOptions(card=None, message="my upload", tag="v1"))
     commits = hub_env.commits(repo)
     assert len(commits) == 2 and commits[0]["title"] == "my upload"
     assert url.endswith(f"/{repo}/commit/{commits[0]['id']}")
     assert set(commits[0]["files_changed"]) == {"config.json", "sub/a.bin"}  # no card asked for
     assert "v1" in {t.name for t in HfApi().list_repo_refs(repo).tags} and not HfApi().repo_info(repo).private
     (folder / "README.md").write_text("mine")
-    hub.replace_with(folder, card={"checkpoint": "x"})
+    hub.replace_with(folder, options=PublishOptions(card={"checkpoint": "x"}))
     assert hub_env.file_bytes(repo, "README.md") == b"mine"  # the user's README wins over a card

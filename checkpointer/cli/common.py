@@ -22,7 +22,7 @@ from checkpointer.phases import hash_files
 from checkpointer.runtime.progress import human_size
 from checkpointer.storage.factory import make_location
 from checkpointer.storage.local import LocalLocation
-from checkpointer.storage.location import Location
+from checkpointer.storage.location import Location, PublishOptions
 from checkpointer.storage.publish import seal
 from checkpointer.storage.urls import LocalPath, parse_location
 
@@ -108,7 +108,7 @@ class Checkpoint:
     def open(cls, value: str, argument: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
         location = make_location(value, argument, storage_options)
         files = location.list_files()
-        return cls(location, files, location.open(None, streaming=True))
+        return cls(location, files, location.folder(location.find(streaming=True)))
 
     def describe(self, name: str = "") -> str:
         return self.folder.describe(name)
@@ -120,7 +120,7 @@ class Checkpoint:
         if path not in self._subs:  # opened once: on the Hub, opening asks for the file list
             location, prefix = self.location.subfolder(path), f"{path}/"
             files = {name[len(prefix) :]: size for name, size in self.files.items() if name.startswith(prefix)}
-            self._subs[path] = Checkpoint(location, files, location.open(None, streaming=True))
+            self._subs[path] = Checkpoint(location, files, location.folder(location.find(streaming=True)))
         return self._subs[path]
 
     def reader(self, path: str) -> tuple[Folder, str]:
@@ -207,14 +207,14 @@ def publish_built(
     staging = destination.staging_folder()
     try:
         build(staging)
-        info = {"name": Path(destination.describe()).name, "made_by": f"checkpointer {command}", "world_size": 1,
+        info = {"name": Path(destination.url).name, "made_by": f"checkpointer {command}", "world_size": 1,
                 "contents": {"weights": True, "adapter": None, "training_state": False}}  # fmt: skip
         sizes = files_of(staging)
         seal(staging, info, sizes, hash_files(LocalFolder(staging), sizes))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    published = destination.replace_with(staging, card, message)
+    published = destination.replace_with(staging, options=PublishOptions(card=card, message=message))
     shutil.rmtree(staging, ignore_errors=True)
     return published
 

@@ -41,6 +41,7 @@ from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.key_maps import KEY_MAPS, KeyMap, get_key_map, is_adapter_key
 from checkpointer.mapping.local_shards import converted
 from checkpointer.mapping.matching import Destination, plan_for_save, saved_config
+from checkpointer.phases import fetch_folder
 from checkpointer.runtime.distributed import dcp_errors
 from checkpointer.runtime.progress import byte_bar
 from checkpointer.storage.factory import make_location
@@ -137,7 +138,7 @@ def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
 
 def _dcp_model(source: Checkpoint, key_map: KeyMap, trust_pickle: bool) -> DcpModel:
     """Open the DCP checkpoint (remote folders are downloaded once: DCP reads local files)."""
-    local = source.location.fetch_folder("")
+    local = fetch_folder(source.location)
     reader = lambda: dcp_reader(local, source.describe(), trust_pickle)  # noqa: E731
     metadata = reader().read_metadata()
     return DcpModel(reader, metadata.state_dict_metadata, model_keys(metadata, key_map, source.describe()))

@@ -14,6 +14,7 @@ from checkpointer.format.peft import ADAPTER_CONFIG_FILE
 from checkpointer.storage.factory import make_location
 from checkpointer.storage.hub_location import README, HubLocation
 from checkpointer.storage.local import LocalLocation
+from checkpointer.storage.location import PublishOptions
 from checkpointer.storage.urls import HubUrl, parse_location
 
 
@@ -35,10 +36,10 @@ def push(
     if check_first:
         _refuse_broken(checkpoint, local)
     card = None if README in checkpoint.files else _card(checkpoint, folder)
-    url = hub.replace_with(folder, card, message or f"checkpointer push: {folder.name}", tag)
+    url = hub.replace_with(folder, options=PublishOptions(card, message or f"checkpointer push: {folder.name}", tag))
     print(url)
     tagged = f" (tag {tag})" if tag else ""
-    return Outcome(0, f"pushed {len(checkpoint.files)} files, {timer.rate(sum(checkpoint.files.values()))} to {hub.describe()}{tagged}: {url}")
+    return Outcome(0, f"pushed {len(checkpoint.files)} files, {timer.rate(sum(checkpoint.files.values()))} to {hub.url}{tagged}: {url}")
 
 
 def _local_folder(local: str, to: str) -> Path:

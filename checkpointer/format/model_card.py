@@ -38,7 +38,7 @@ def model_card(repo_id: str, card: dict[str, Any]) -> str:
 
 def hub_repo_id(location: object) -> str | None:
     """The repo id when ``location`` is on the Hub (for a model card's ``base_model``), else None."""
-    return getattr(getattr(location, "url", None), "repo_id", None)
+    return getattr(getattr(location, "hub_url", None), "repo_id", None)
 
 
 def card_info(name: str, base_model: str | None, model_type: str | None, dtype: str | None, world_size: int = 1) -> dict[str, Any]:

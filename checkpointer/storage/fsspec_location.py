@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,12 @@ from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, ch
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.json_files import parse_json, write_json
 from checkpointer.format.manifest import MANIFEST_FILE
-from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.runtime.progress import byte_bar
 from checkpointer.runtime.retry import with_retries
 from checkpointer.storage.location import (
     CHECKPOINT_NAME,
     LAST_FILES,
+    PublishOptions,
     cache_root,
     kept_on_failure,
     remote_staging_dir,
@@ -95,6 +96,15 @@ class FsspecFolder:
         pass
 
 
+@dataclass(frozen=True)
+class FsspecFiles:
+    """What :meth:`FsspecLocation.find` found to read: files to download, a streaming read, or the whole folder."""
+
+    names: tuple[str, ...] = ()
+    streaming: bool = False
+    whole_folder: bool = False
+
+
 class FsspecLocation:
     """A folder URL on an fsspec file system."""
 
@@ -106,19 +116,30 @@ class FsspecLocation:
         except (ImportError, ValueError, TypeError) as e:
             raise CheckpointTransportError(f"{url}: cannot open this location: {e}", url=url) from None
 
-    def describe(self, name: str = "") -> str:
+    def _url_of(self, name: str) -> str:
         return f"{self.url}/{name}" if name else self.url
 
     def remote(self) -> FsspecFolder:
         return FsspecFolder(self.fs, self.root, self.url)
 
-    def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
+    def find(self, *, checkpoint_files: list[str] | None = None, streaming: bool = False, whole_folder: bool = False) -> FsspecFiles:
+        if whole_folder:
+            return FsspecFiles(whole_folder=True)
         if streaming:
-            return self.remote()
-        target = cache_root() / "downloads" / url_key(self.url)
-        names = on_rank_zero(lambda: self._needed(checkpoint_files), group)
-        on_all_ranks(lambda: self._download(names, target) if local_rank(group) == 0 else None, group)
-        return LocalFolder(target)
+            return FsspecFiles(streaming=True)
+        return FsspecFiles(tuple(self._needed(checkpoint_files)))
+
+    def download(self, found: FsspecFiles) -> None:
+        if found.whole_folder:
+            self._download_folder()
+        elif not found.streaming:
+            self._download(list(found.names), self._cache_dir())
+
+    def folder(self, found: FsspecFiles) -> Folder:
+        return self.remote() if found.streaming else LocalFolder(self._cache_dir())
+
+    def _cache_dir(self) -> Path:
+        return cache_root() / "downloads" / url_key(self.url)
 
     def _needed(self, checkpoint_files) -> list[str]:
         remote = self.remote()
@@ -133,7 +154,7 @@ class FsspecLocation:
         target.mkdir(parents=True, exist_ok=True)
         manifest_path = target / _MANIFEST
         manifest = parse_json(manifest_path.read_bytes(), str(manifest_path)) if manifest_path.exists() else {}
-        keys = {n: str(with_retries(lambda n=n: self.fs.ukey(f"{self.root}/{n}"), f"checking {self.describe(n)}")) for n in names}
+        keys = {n: str(with_retries(lambda n=n: self.fs.ukey(f"{self.root}/{n}"), f"checking {self._url_of(n)}")) for n in names}
         todo = [n for n in names if manifest.get(n) != keys[n] or not (target / n).is_file()]
         sizes = {n: self.remote().size(n) for n in todo}
         with byte_bar(sum(sizes.values()), f"download {self.url}") as bar, concurrent.futures.ThreadPoolExecutor(_PARALLEL) as pool:
@@ -144,14 +165,14 @@ class FsspecLocation:
 
     def _fetch(self, name: str, target: Path) -> str:
         partial = target / f".{name}.download"
-        with_retries(lambda: self.fs.get_file(f"{self.root}/{name}", str(partial)), f"downloading {self.describe(name)}")
+        with_retries(lambda: self.fs.get_file(f"{self.root}/{name}", str(partial)), f"downloading {self._url_of(name)}")
         partial.replace(target / name)
         return name
 
     def staging_dir(self, name: str) -> Path:
         return remote_staging_dir(self.url, name)
 
-    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
+    def publish(self, folder: Path, name: str, *, options: PublishOptions = PublishOptions()) -> str:
         """Upload ``folder`` as ``url/name`` (see :meth:`replace_with`), then remove the staged copy."""
         published = self.checkpoint(name).replace_with(folder)
         shutil.rmtree(folder, ignore_errors=True)
@@ -160,7 +181,7 @@ class FsspecLocation:
     def staging_folder(self) -> Path:
         return remote_staging_folder(self.url)
 
-    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+    def replace_with(self, folder: Path, *, options: PublishOptions = PublishOptions()) -> str:
         """Upload ``folder``'s files here: in parallel, then index, config and manifest, in order; ``folder`` is kept."""
         sizes = upload_order(folder)
         last = [f for f in sizes if f in LAST_FILES]
@@ -203,10 +224,10 @@ class FsspecLocation:
         return name
 
     def checkpoint(self, name: str) -> FsspecLocation:
-        return FsspecLocation(self.describe(name), self.storage_options)
+        return FsspecLocation(self._url_of(name), self.storage_options)
 
     def subfolder(self, path: str) -> FsspecLocation:
-        return FsspecLocation(self.describe(path), self.storage_options) if path else self
+        return FsspecLocation(self._url_of(path), self.storage_options) if path else self
 
     def checkpoint_names(self) -> list[str]:
         try:
@@ -219,24 +240,18 @@ class FsspecLocation:
 
     def read_file(self, path: str) -> bytes | None:
         try:
-            return with_retries(lambda: self.fs.cat_file(f"{self.root}/{path}"), f"reading {self.describe(path)}")
+            return with_retries(lambda: self.fs.cat_file(f"{self.root}/{path}"), f"reading {self._url_of(path)}")
         except FileNotFoundError:
             return None
 
-    def fetch_folder(self, path: str, group=None) -> Path:
-        """A local copy of the subfolder ``path`` (``""``: this folder), fetched once per node."""
-        target = cache_root() / "downloads" / url_key(self.describe(path))
-        source = "/".join(p for p in (self.root, path) if p) + "/"
-
-        def fetch() -> None:
-            if target.exists():
-                shutil.rmtree(target)
-            with_retries(lambda: self.fs.get(source, str(target) + "/", recursive=True), f"downloading {self.describe(path)}")
-
-        on_all_ranks(lambda: fetch() if local_rank(group) == 0 else None, group)
-        return target
+    def _download_folder(self) -> None:
+        """A fresh local copy of every file below this folder."""
+        target = self._cache_dir()
+        if target.exists():
+            shutil.rmtree(target)
+        with_retries(lambda: self.fs.get(f"{self.root}/", str(target) + "/", recursive=True), f"downloading {self.url}")
 
     def remove(self, name: str) -> None:
         if not CHECKPOINT_NAME.match(name):
-            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint", url=self.url, file=self.describe(name))
-        with_retries(lambda: self.fs.rm(f"{self.root}/{name}", recursive=True), f"removing {self.describe(name)}")
+            raise CheckpointError(f"{self._url_of(name)}: refusing to remove something that is not a checkpoint", url=self.url, file=self._url_of(name))
+        with_retries(lambda: self.fs.rm(f"{self.root}/{name}", recursive=True), f"removing {self._url_of(name)}")

@@ -13,7 +13,7 @@ import concurrent.futures
 import hashlib
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,10 @@ from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE, TRAINING_STATE_DIR
 from checkpointer.format.model_card import CARD_MARKER, model_card
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR
-from checkpointer.runtime.distributed import local_rank, on_all_ranks, on_rank_zero
 from checkpointer.runtime.retry import is_transient, with_retries
 from checkpointer.storage.location import (
     CHECKPOINT_NAME,
+    PublishOptions,
     cache_root,
     kept_on_failure,
     remote_staging_dir,
@@ -164,20 +164,31 @@ class HubFolder:
         pass
 
 
+@dataclass(frozen=True)
+class HubFiles:
+    """What :meth:`HubLocation.find` found to read: the pinned commit and the repo's files, and which to fetch."""
+
+    sha: str = ""
+    files: dict[str, RemoteFile] = field(default_factory=dict)  # every file of the repo at ``sha``
+    sizes: dict[str, int] = field(default_factory=dict)  # the folder's files, for streaming reads
+    paths: tuple[str, ...] = ()  # repo paths to download
+    streaming: bool = False
+    whole_folder: bool = False
+    offline: bool = False  # HF_HUB_OFFLINE: read the cached snapshot
+
+
 class HubLocation:
     """A repo (or a folder of it) on the Hub, at a branch, tag or commit."""
 
     def __init__(self, url: HubUrl, private: bool = True, snapshot: tuple[str, dict[str, RemoteFile]] | None = None):
-        self.url = url
+        self.hub_url = url
+        self.url = str(url)
         self.private = private
         self.api = HfApi(endpoint=constants.ENDPOINT)
         self._snapshot_memo = snapshot  # the repo at this revision, once asked (on the process that asked)
 
-    def describe(self, name: str = "") -> str:
-        return str(self.checkpoint(name).url) if name else str(self.url)
-
     def _in_folder(self, path: str) -> str | None:
-        prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
+        prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
         return path[len(prefix) :] if path.startswith(prefix) and "/" not in path[len(prefix) :] else None
 
     def _snapshot(self) -> tuple[str, dict[str, RemoteFile]]:
@@ -190,12 +201,12 @@ class HubLocation:
         """Ask the Hub for the commit sha the revision points at, and every file of the repo with its size and digests."""
         try:
             info = with_retries(
-                lambda: self.api.repo_info(self.url.repo_id, repo_type=self.url.repo_type, revision=self.url.revision, files_metadata=True),
-                f"resolving {self.url}",
+                lambda: self.api.repo_info(self.hub_url.repo_id, repo_type=self.hub_url.repo_type, revision=self.hub_url.revision, files_metadata=True),
+                f"resolving {self.hub_url}",
             )
         except Exception as e:
             if isinstance(e, _HUB_FAILURES) or _unreachable(e):
-                raise _hub_error(self.url, e) from None
+                raise _hub_error(self.hub_url, e) from None
             raise
         files = {
             s.rfilename: RemoteFile(s.size or 0, getattr(s.lfs, "sha256", None) if s.lfs else None, s.blob_id)
@@ -203,21 +214,41 @@ class HubLocation:
         }
         return info.sha, files
 
-    def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
-        if constants.HF_HUB_OFFLINE:
-            return self._open_cached(self.url.revision or "main")
-        sha, files = on_rank_zero(self._snapshot, group)
+    def find(self, *, checkpoint_files: list[str] | None = None, streaming: bool = False, whole_folder: bool = False) -> HubFiles:
+        """Pin the revision to its commit and list what to read there (the files needed, or every file below)."""
+        if constants.HF_HUB_OFFLINE and not whole_folder:
+            return HubFiles(offline=True)
+        sha, files = self._snapshot()
+        if whole_folder:
+            prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
+            paths = tuple(sorted(f for f in files if f.startswith(prefix)))
+            if not paths:
+                raise CheckpointNotFoundError(f"{self.url}: no such folder at commit {sha}", url=self.url)
+            return HubFiles(sha, files, paths=paths, whole_folder=True)
         sizes = {name: f.size for path, f in files.items() if (name := self._in_folder(path)) is not None}
-        remote = HubFolder(self.url, sha, sizes)
         if streaming:
-            return remote
-        names = on_rank_zero(
-            lambda: files_to_fetch(set(sizes), lambda: remote.read(INDEX_FILE, 0, remote.size(INDEX_FILE)), str(self.url), checkpoint_files),
-            group,
-        )
-        paths = [remote.repo_path(n) for n in names]
-        on_all_ranks(lambda: self._download(sha, paths, files) if local_rank(group) == 0 else None, group)
-        return on_all_ranks(lambda: self._open_cached(sha), group)
+            return HubFiles(sha, sizes=sizes, streaming=True)
+        remote = HubFolder(self.hub_url, sha, sizes)
+        names = files_to_fetch(set(sizes), lambda: remote.read(INDEX_FILE, 0, remote.size(INDEX_FILE)), self.url, checkpoint_files)
+        return HubFiles(sha, files, paths=tuple(remote.repo_path(n) for n in names))
+
+    def download(self, found: HubFiles) -> None:
+        if found.paths:
+            self._download(found.sha, list(found.paths), found.files)
+
+    def folder(self, found: HubFiles) -> Folder:
+        if found.offline:
+            return self._open_cached(self.hub_url.revision or "main")
+        if found.streaming:
+            return HubFolder(self.hub_url, found.sha, found.sizes)
+        if not found.whole_folder:
+            return self._open_cached(found.sha)
+        first = found.paths[0]
+        cached = try_to_load_from_cache(self.hub_url.repo_id, first, revision=found.sha, repo_type=self.hub_url.repo_type)
+        if not isinstance(cached, str):
+            raise CheckpointTransportError(f"{self.url}: download incomplete (not in the Hugging Face cache)", url=self.url)
+        snapshot = Path(cached[: -len(first)])
+        return LocalFolder(snapshot / self.hub_url.subfolder, trusted_root=snapshot.parent.parent)
 
     def _download(self, sha: str, paths: list[str], files: dict[str, RemoteFile]) -> None:
         """Fetch ``paths`` at ``sha`` into the Hugging Face cache, checking each against the Hub's digests.
@@ -225,13 +256,13 @@ class HubLocation:
         Files download in parallel and each is hashed as soon as it is complete, so the check
         overlaps the other downloads instead of following them.
         """
-        marker = cache_root() / "verified" / url_key(f"{self.url.repo_type}/{self.url.repo_id}@{sha}:{sorted(paths)}")
+        marker = cache_root() / "verified" / url_key(f"{self.hub_url.repo_type}/{self.hub_url.repo_id}@{sha}:{sorted(paths)}")
         verified = marker.exists()
 
         def fetch(path: str) -> None:
             local = with_retries(
-                lambda: hf_hub_download(self.url.repo_id, path, repo_type=self.url.repo_type, revision=sha),
-                f"downloading {self.url}/{path}",
+                lambda: hf_hub_download(self.hub_url.repo_id, path, repo_type=self.hub_url.repo_type, revision=sha),
+                f"downloading {self.hub_url}/{path}",
             )
             if not verified:
                 self._verify_cached(Path(local), path, files[path])
@@ -241,7 +272,7 @@ class HubLocation:
                 list(pool.map(fetch, sorted(paths, key=lambda p: -files[p].size)))
         except Exception as e:
             if isinstance(e, _HUB_FAILURES) or _unreachable(e):
-                raise _hub_error(self.url, e) from None
+                raise _hub_error(self.hub_url, e) from None
             raise
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
@@ -253,33 +284,33 @@ class HubLocation:
         if wanted and actual != wanted:
             local.resolve().unlink(missing_ok=True)  # never leave a corrupt blob in the cache
             raise CheckpointFormatError(
-                f"{self.url}/{path}: downloaded bytes hash to {actual[:16]}... but the Hub reports {wanted[:16]}...: "
+                f"{self.hub_url}/{path}: downloaded bytes hash to {actual[:16]}... but the Hub reports {wanted[:16]}...: "
                 "corrupted in transit; the cached copy was removed, try again",
-                url=str(self.url), file=f"{self.url}/{path}",
+                url=self.url, file=f"{self.url}/{path}",
             )
 
     def _open_cached(self, revision: str) -> Folder:
         """The cached snapshot at ``revision`` (a sha, or a ref the cache knows), found via its config.json."""
         config = try_to_load_from_cache(
-            self.url.repo_id, repo_path(self.url, CONFIG_FILE), revision=revision, repo_type=self.url.repo_type
+            self.hub_url.repo_id, repo_path(self.hub_url, CONFIG_FILE), revision=revision, repo_type=self.hub_url.repo_type
         )
         if not isinstance(config, str):
-            raise CheckpointNotFoundError(f"{self.url}: not in the local Hugging Face cache at revision {revision}", url=str(self.url))
+            raise CheckpointNotFoundError(f"{self.hub_url}: not in the local Hugging Face cache at revision {revision}", url=self.url)
         folder = Path(config).parent
-        snapshot = folder.parents[len(Path(self.url.subfolder).parts) - 1] if self.url.subfolder else folder
+        snapshot = folder.parents[len(Path(self.hub_url.subfolder).parts) - 1] if self.hub_url.subfolder else folder
         return LocalFolder(folder, trusted_root=snapshot.parent.parent)
 
     # ---- publishing -----------------------------------------------------------------------
 
     def staging_dir(self, name: str) -> Path:
-        return remote_staging_dir(str(self.url), name)
+        return remote_staging_dir(self.url, name)
 
     def _branch(self) -> str:
-        return self.url.revision or "main"
+        return self.hub_url.revision or "main"
 
     def _head(self) -> tuple[str, set[str]]:
         """Create the repo (private by default) and branch if missing; the branch head and its files."""
-        repo, kind, branch = self.url.repo_id, self.url.repo_type, self._branch()
+        repo, kind, branch = self.hub_url.repo_id, self.hub_url.repo_type, self._branch()
         self.api.create_repo(repo, repo_type=kind, private=self.private, exist_ok=True)
         self.api.create_branch(repo, repo_type=kind, branch=branch, exist_ok=True)
         info = self.api.repo_info(repo, repo_type=kind, revision=branch)
@@ -287,57 +318,57 @@ class HubLocation:
 
     def _operations(self, folder: Path, existing: set[str], card: dict[str, Any] | None) -> list:
         """Add every staged file (and the card); delete earlier checkpoint files this one replaces."""
-        prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
+        prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
         new = {prefix + rel: folder / rel for rel in upload_order(folder)}
         operations: list = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p)) for path, p in new.items()]
         readme = prefix + README
         if card is not None and readme not in new and (readme not in existing or self._card_is_ours(readme)):
-            operations.append(CommitOperationAdd(readme, model_card(self.url.repo_id, card).encode()))
+            operations.append(CommitOperationAdd(readme, model_card(self.hub_url.repo_id, card).encode()))
         stale = [p for p in existing if p not in new and _is_checkpoint_file(p.removeprefix(prefix)) and p.startswith(prefix)]
         return operations + [CommitOperationDelete(path_in_repo=p) for p in stale]
 
     def _card_is_ours(self, readme: str) -> bool:
-        link = hf_hub_url(self.url.repo_id, readme, repo_type=self.url.repo_type, revision=self._branch(), endpoint=constants.ENDPOINT)
+        link = hf_hub_url(self.hub_url.repo_id, readme, repo_type=self.hub_url.repo_type, revision=self._branch(), endpoint=constants.ENDPOINT)
         response = http_backoff("GET", link, headers=build_hf_headers(), max_retries=3)
         return response.status_code == 200 and CARD_MARKER in response.text
 
-    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
+    def publish(self, folder: Path, name: str, *, options: PublishOptions = PublishOptions()) -> str:
         """One commit with every file of ``folder`` (and the card), tagged after ``name``; the staged copy is removed."""
-        self.replace_with(folder, card, f"checkpointer: {name}", _tag(name))
+        self.replace_with(folder, options=replace(options, message=options.message or f"checkpointer: {name}", tag=options.tag or _tag(name)))
         shutil.rmtree(folder, ignore_errors=True)
-        return self.describe(name)
+        return self.checkpoint(name).url
 
     def staging_folder(self) -> Path:
-        return remote_staging_folder(str(self.url))
+        return remote_staging_folder(self.url)
 
-    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+    def replace_with(self, folder: Path, *, options: PublishOptions = PublishOptions()) -> str:
         """ONE commit making ``folder``'s files the contents here (creating the repo and branch if missing).
 
-        ``card``: a model card to add unless a README of the user's is there (None: no card);
-        ``tag``: a tag to (re)point at the commit. ``folder`` is kept. Returns the commit's URL.
+        ``options.card``: a model card to add unless a README of the user's is there (None: no card);
+        ``options.tag``: a tag to (re)point at the commit. ``folder`` is kept. Returns the commit's URL.
         """
         save_id = uuid.uuid4().hex
-        message = message or f"checkpointer: upload {folder.name}"
+        message = options.message or f"checkpointer: upload {folder.name}"
 
         def push() -> str:
             self._snapshot_memo = None  # the branch head moves: a later read asks again
-            commit = with_retries(lambda: self._commit_once(folder, message, card, save_id), f"pushing {folder} to {self.url}")
-            if tag:
-                self._retag(tag, commit)
+            commit = with_retries(lambda: self._commit_once(folder, message, options.card, save_id), f"pushing {folder} to {self.url}")
+            if options.tag:
+                self._retag(options.tag, commit)
             return commit
 
-        explain = lambda e: str(_hub_error(self.url, e)) if isinstance(e, HfHubHTTPError) else str(e)  # noqa: E731
+        explain = lambda e: str(_hub_error(self.hub_url, e)) if isinstance(e, HfHubHTTPError) else str(e)  # noqa: E731
         return self.commit_url(kept_on_failure(f"push to {self.url}", folder, push, explain))
 
     def commit_url(self, commit: str) -> str:
         """The Hub page of ``commit`` in this repo."""
-        kind = "" if self.url.repo_type == "model" else f"{self.url.repo_type}s/"
-        return f"{constants.ENDPOINT}/{kind}{self.url.repo_id}/commit/{commit}"
+        kind = "" if self.hub_url.repo_type == "model" else f"{self.hub_url.repo_type}s/"
+        return f"{constants.ENDPOINT}/{kind}{self.hub_url.repo_id}/commit/{commit}"
 
     def _retag(self, tag: str, commit: str) -> None:
-        if tag in {t.name for t in self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type).tags}:
-            self.api.delete_tag(self.url.repo_id, tag=tag, repo_type=self.url.repo_type)
-        self.api.create_tag(self.url.repo_id, tag=tag, revision=commit, repo_type=self.url.repo_type)
+        if tag in {t.name for t in self.api.list_repo_refs(self.hub_url.repo_id, repo_type=self.hub_url.repo_type).tags}:
+            self.api.delete_tag(self.hub_url.repo_id, tag=tag, repo_type=self.hub_url.repo_type)
+        self.api.create_tag(self.hub_url.repo_id, tag=tag, revision=commit, repo_type=self.hub_url.repo_type)
 
     def _commit_once(self, folder: Path, message: str, card: dict[str, Any] | None, save_id: str) -> str:
         """Commit against the current head; if an earlier attempt already landed, return that commit."""
@@ -346,18 +377,18 @@ class HubLocation:
         if landed:
             return landed
         info = self.api.create_commit(
-            self.url.repo_id,
+            self.hub_url.repo_id,
             operations=self._operations(folder, existing, card),
             commit_message=message,
             commit_description=f"save-id: {save_id}",
-            repo_type=self.url.repo_type,
+            repo_type=self.hub_url.repo_type,
             revision=self._branch(),
             parent_commit=head,
         )
         return info.oid
 
     def _find_landed(self, save_id: str) -> str | None:
-        commits = self.api.list_repo_commits(self.url.repo_id, repo_type=self.url.repo_type, revision=self._branch())
+        commits = self.api.list_repo_commits(self.hub_url.repo_id, repo_type=self.hub_url.repo_type, revision=self._branch())
         for commit in commits[:5]:
             if save_id in (commit.message or ""):
                 return commit.commit_id
@@ -366,62 +397,45 @@ class HubLocation:
     # ---- reading back and pruning ----------------------------------------------------------
 
     def checkpoint(self, name: str) -> HubLocation:
-        return HubLocation(HubUrl(self.url.repo_id, self.url.repo_type, _tag(name), self.url.subfolder), self.private)
+        return HubLocation(HubUrl(self.hub_url.repo_id, self.hub_url.repo_type, _tag(name), self.hub_url.subfolder), self.private)
 
     def subfolder(self, path: str) -> HubLocation:
-        return HubLocation(self.url.with_subfolder(path), self.private, self._snapshot_memo) if path else self
+        return HubLocation(self.hub_url.with_subfolder(path), self.private, self._snapshot_memo) if path else self
 
     def checkpoint_names(self) -> list[str]:
         try:
-            refs = self.api.list_repo_refs(self.url.repo_id, repo_type=self.url.repo_type)
+            refs = self.api.list_repo_refs(self.hub_url.repo_id, repo_type=self.hub_url.repo_type)
         except RepositoryNotFoundError:
             return []
         names = [t.name.replace("-", "_") for t in refs.tags]
         return sorted(n for n in names if CHECKPOINT_NAME.match(n))
 
     def read_file(self, path: str) -> bytes | None:
-        link = hf_hub_url(self.url.repo_id, repo_path(self.url, path), repo_type=self.url.repo_type, revision=self.url.revision, endpoint=constants.ENDPOINT)
+        link = hf_hub_url(self.hub_url.repo_id, repo_path(self.hub_url, path), repo_type=self.hub_url.repo_type, revision=self.hub_url.revision, endpoint=constants.ENDPOINT)
         response = http_backoff("GET", link, headers=build_hf_headers(), max_retries=4, base_wait_time=0.5)
         if response.status_code == 404:
             return None
         if response.status_code != 200:
-            raise CheckpointTransportError(f"{self.url}/{path}: the Hub answered {response.status_code}", url=str(self.url), file=f"{self.url}/{path}")
+            raise CheckpointTransportError(f"{self.hub_url}/{path}: the Hub answered {response.status_code}", url=self.url, file=f"{self.url}/{path}")
         return response.content
-
-    def fetch_folder(self, path: str, group=None) -> Path:
-        """A local copy (in the Hugging Face cache) of the subfolder ``path`` (``""``: this folder), fetched once per node."""
-        sha, files = on_rank_zero(self._snapshot, group)
-        url = self.url.with_subfolder(check_relative_name(path, str(self.url)) if path else "")
-        folder, where = url.subfolder, str(url)
-        prefix = f"{folder}/" if folder else ""
-        paths = sorted(f for f in files if f.startswith(prefix))
-        if not paths:
-            raise CheckpointNotFoundError(f"{where}: no such folder at commit {sha}", url=where)
-        on_all_ranks(lambda: self._download(sha, paths, files) if local_rank(group) == 0 else None, group)
-        cached = on_all_ranks(
-            lambda: try_to_load_from_cache(self.url.repo_id, paths[0], revision=sha, repo_type=self.url.repo_type), group
-        )
-        if not isinstance(cached, str):
-            raise CheckpointTransportError(f"{where}: download incomplete (not in the Hugging Face cache)", url=where)
-        return Path(cached[: -len(paths[0])]) / folder
 
     def list_files(self) -> dict[str, int]:
         """Every file of this folder of the repo (subfolders included) with its size."""
         if constants.HF_HUB_OFFLINE:
-            cached = self._open_cached(self.url.revision or "main")
+            cached = self._open_cached(self.hub_url.revision or "main")
             return local_files(cached.root)
         _, remote = self._snapshot()
-        prefix = f"{self.url.subfolder}/" if self.url.subfolder else ""
+        prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
         files = {p[len(prefix) :]: f.size for p, f in sorted(remote.items()) if p.startswith(prefix)}
         if not files:
-            raise CheckpointNotFoundError(f"{self.url}: no files there", url=str(self.url))
+            raise CheckpointNotFoundError(f"{self.hub_url}: no files there", url=self.url)
         return files
 
     def remove(self, name: str) -> None:
         """On the Hub a checkpoint is a tag; removing it drops the tag (history keeps the files)."""
         if not CHECKPOINT_NAME.match(name):
-            raise CheckpointError(f"{self.describe(name)}: refusing to remove something that is not a checkpoint", url=str(self.url), file=self.describe(name))
-        self.api.delete_tag(self.url.repo_id, tag=_tag(name), repo_type=self.url.repo_type)
+            raise CheckpointError(f"{self.checkpoint(name).url}: refusing to remove something that is not a checkpoint", url=self.url, file=self.checkpoint(name).url)
+        self.api.delete_tag(self.hub_url.repo_id, tag=_tag(name), repo_type=self.hub_url.repo_type)
 
 
 def _is_checkpoint_file(path: str) -> bool:

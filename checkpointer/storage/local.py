@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 from checkpointer.errors import CheckpointError, CheckpointNotFoundError
 from checkpointer.format.folder import Folder, LocalFolder, local_files
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE
-from checkpointer.storage.location import CHECKPOINT_NAME, fresh_dir
-from checkpointer.storage.node_copy import readable_here
+from checkpointer.storage.location import CHECKPOINT_NAME, PublishOptions, fresh_dir
 from checkpointer.storage.publish import replace_folder
 
 
@@ -20,34 +18,41 @@ class LocalLocation:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.url = str(self.path)
 
-    def describe(self, name: str = "") -> str:
-        return str(self.path / name) if name else str(self.path)
+    def find(self, *, checkpoint_files: list[str] | None = None, streaming: bool = False, whole_folder: bool = False) -> list[str] | None:
+        """What a copy of this folder needs (its index, weights, config, tokenizer and manifest; None: everything).
 
-    def open(self, group=None, streaming: bool = False, checkpoint_files=None) -> Folder:
-        """The folder (collective in a process group: on a node without it, a copy of rank 0's)."""
-        path = readable_here(self.path, group, lambda: self._needed(checkpoint_files))
-        if not path.is_dir():
+        The files are read where they are; a node without them reads a copy of rank 0's
+        (:func:`checkpointer.phases.open_folder`).
+        """
+        if whole_folder:
+            return None
+        if not self.path.is_dir():
             raise CheckpointNotFoundError(f"{self.path}: no such folder", url=str(self.path))
-        return LocalFolder(path)
-
-    def _needed(self, checkpoint_files) -> list[str]:
-        """What a copy of this checkpoint needs: its index, weights, config, tokenizer (and manifest)."""
         names = {p.name for p in self.path.iterdir() if p.is_file()}
         files = files_to_fetch(names, lambda: (self.path / INDEX_FILE).read_bytes(), str(self.path), checkpoint_files)
         return files + [MANIFEST_FILE] * (MANIFEST_FILE in names)
 
+    def download(self, found: list[str] | None) -> None:
+        pass
+
+    def folder(self, found: list[str] | None) -> Folder:
+        if not self.path.is_dir():
+            raise CheckpointNotFoundError(f"{self.path}: no such folder", url=str(self.path))
+        return LocalFolder(self.path)
+
     def staging_dir(self, name: str) -> Path:
         return self.path / f".{name}.partial"
 
-    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str:
+    def publish(self, folder: Path, name: str, *, options: PublishOptions = PublishOptions()) -> str:
         return self.checkpoint(name).replace_with(folder)
 
     def staging_folder(self) -> Path:
         """A fresh hidden folder beside this one (same file system, so publishing is a rename)."""
         return fresh_dir(self.path.parent / f".{self.path.name}.partial")
 
-    def replace_with(self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None) -> str:
+    def replace_with(self, folder: Path, *, options: PublishOptions = PublishOptions()) -> str:
         """Rename ``folder`` (from :meth:`staging_folder`) into place; an older folder here is replaced whole."""
         replace_folder(folder, self.path)
         return str(self.path)
@@ -76,10 +81,6 @@ class LocalLocation:
     def read_file(self, path: str) -> bytes | None:
         target = self.path / path
         return target.read_bytes() if target.is_file() else None
-
-    def fetch_folder(self, path: str, group=None) -> Path:
-        """The subfolder ``path`` (collective in a process group: on a node without it, a copy of rank 0's)."""
-        return readable_here(self.path / path, group)
 
     def remove(self, name: str) -> None:
         target = self.path / name

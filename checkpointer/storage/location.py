@@ -1,17 +1,21 @@
 """Where checkpoints are read from and published to: local folders, fsspec URLs, the Hub.
 
-Every location answers the same questions:
-- ``open(...)``: a :class:`Folder` to read the checkpoint here (remote ones download the
-  needed files once per node, or with ``streaming`` read byte ranges on demand);
+Every location answers the same questions, each in one process (no process groups here: the
+collective steps that run them on the right ranks are :mod:`checkpointer.phases`):
+- ``url``: where it is (the address messages show and ``save_checkpoint`` returns);
+- ``find(...)`` (one process), ``download(found)`` (one process per node), ``folder(found)``
+  (every process): a :class:`Folder` to read the checkpoint here. ``find`` pins what to read
+  (the Hub's commit, the files needed) into a picklable record; remote locations download
+  those files, or with ``streaming`` read byte ranges on demand;
 - ``staging_dir(name)``: the local folder where checkpoint ``name`` is assembled;
-- ``publish(folder, name, card)``: make it visible, complete, in one step;
-- ``staging_folder()`` / ``replace_with(folder, ...)``: the same for the location itself
+- ``publish(folder, name, options=...)``: make it visible, complete, in one step;
+- ``staging_folder()`` / ``replace_with(folder, options=...)``: the same for the location itself
   (what the command line's ``consolidate``, ``export`` and ``push`` write);
 - ``list_files()`` (one process): every file here, with its size;
 - ``checkpoint(name)``: where checkpoint ``name`` can be read back;
 - ``checkpoint_names()`` / ``remove(name)``: the complete checkpoints (by name; their manifests
   tell their order), for resuming and pruning;
-- ``read_file(path)`` (one process) and ``fetch_folder(path)`` (collective): files of a checkpoint.
+- ``read_file(path)``: one small file of a checkpoint.
 
 Publishing puts ``LAST_FILES`` last, so that on stores without atomic rename a reader
 sees a checkpoint as complete (``checkpointer.json`` present) only when it is.
@@ -19,19 +23,17 @@ sees a checkpoint as complete (``checkpointer.json`` present) only when it is.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
-
-import torch.distributed as dist
 
 from checkpointer.errors import CheckpointTransportError
 from checkpointer.format.folder import Folder, local_files, make_dirs
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.runtime.cache import cache_root, url_key
 
 T = TypeVar("T")
 
@@ -56,16 +58,6 @@ def upload_order(folder: Path) -> dict[str, int]:
     return {f: size for f, size in files.items() if f not in LAST_FILES} | {f: files[f] for f in LAST_FILES if f in files}
 
 
-def cache_root() -> Path:
-    """Where remote checkpoints are downloaded to and remote saves are staged."""
-    return Path(os.environ.get("CHECKPOINTER_CACHE", Path.home() / ".cache" / "checkpointer"))
-
-
-def url_key(url: str) -> str:
-    """A short, stable folder name for a URL."""
-    return hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
 def fresh_dir(path: Path) -> Path:
     """An empty folder at ``path`` (a leftover of an interrupted run is removed)."""
     if path.exists():
@@ -84,22 +76,40 @@ def remote_staging_folder(url: str) -> Path:
     return fresh_dir(cache_root() / "staging" / f"{url_key(url)}-here")
 
 
+@dataclass(frozen=True)
+class PublishOptions:
+    """What a location that keeps history (the Hub) records with a publication; the others have no use for it.
+
+    ``card``: the model card's facts (a README is added unless the user wrote one; None: no card);
+    ``message``: the commit message; ``tag``: a tag to (re)point at the commit.
+    """
+
+    card: dict[str, Any] | None = None
+    message: str | None = None
+    tag: str | None = None
+
+
 class Location(Protocol):
-    """A place checkpoints live."""
+    """A place checkpoints live. Every method runs in one process; none takes a process group."""
 
-    def describe(self, name: str = "") -> str: ...
+    url: str
 
-    def open(self, group: dist.ProcessGroup | None = None, streaming: bool = False, checkpoint_files=None) -> Folder: ...
+    def find(self, *, checkpoint_files: list[str] | None = None, streaming: bool = False, whole_folder: bool = False) -> Any:
+        """What to read here (picklable): the weights and support files, or with ``whole_folder`` every file below."""
+
+    def download(self, found: Any) -> None:
+        """Bring ``found``'s files to this node's disk (a no-op for local folders and streaming reads)."""
+
+    def folder(self, found: Any) -> Folder:
+        """A folder reading ``found``'s files (after ``download`` on this node)."""
 
     def staging_dir(self, name: str) -> Path: ...
 
-    def publish(self, folder: Path, name: str, card: dict[str, Any]) -> str: ...
+    def publish(self, folder: Path, name: str, *, options: PublishOptions = PublishOptions()) -> str: ...
 
     def staging_folder(self) -> Path: ...
 
-    def replace_with(
-        self, folder: Path, card: dict[str, Any] | None = None, message: str | None = None, tag: str | None = None
-    ) -> str: ...
+    def replace_with(self, folder: Path, *, options: PublishOptions = PublishOptions()) -> str: ...
 
     def list_files(self) -> dict[str, int]: ...
 
@@ -112,6 +122,3 @@ class Location(Protocol):
     def remove(self, name: str) -> None: ...
 
     def read_file(self, path: str) -> bytes | None: ...
-
-    def fetch_folder(self, path: str, group: dist.ProcessGroup | None = None) -> Path: ...
-

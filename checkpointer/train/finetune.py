@@ -109,6 +109,7 @@ class FinetuneRecipe:
         self.dp_rank, self.dp_size = data_parallel_rank(self.mesh)  # the ranks of one tensor-parallel group share their examples
         resume = {"resume_from_checkpoint": True} if self.cfg.get("resume_from_checkpoint") else {}  # torchtune's top-level key
         self.checkpointer = tune_config.instantiate(self.cfg.checkpointer, **resume)
+        self.checkpointer.open()  # collective: the base's config and the resume point, before the model is built
         if self.cfg.get("metric_logger") and rank() == 0:
             self.metric_logger = tune_config.instantiate(self.cfg.metric_logger)
         self.checkpointer.training_info = {"recipe": "lora" if self.lora else "full", "epochs": self.epochs}

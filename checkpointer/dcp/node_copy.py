@@ -20,9 +20,9 @@ import torch.distributed as dist
 from checkpointer.dcp.routing import Channel, file_runs, receive_file
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.folder import local_files
+from checkpointer.runtime.cache import cache_root, url_key
 from checkpointer.runtime.distributed import all_gather, is_distributed, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.nodes import probe_nodes
-from checkpointer.storage.location import cache_root, url_key
 
 Listing = dict[str, int] | None
 
