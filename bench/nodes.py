@@ -40,7 +40,7 @@ def worker(base: str, out: str, report: str) -> None:
     checkpointer = DistributedHFCheckpointer(base, out, MODEL_TYPE)
     barrier()
     started = time.perf_counter()  # opening the base (and sending it to other nodes) is part of the load
-    model = build_sharded_model(MODEL_TYPE, ModelConfig.from_dict(checkpointer.config_dict), default_mesh())
+    model = build_sharded_model(MODEL_TYPE, ModelConfig.from_dict(checkpointer.open().config_dict), default_mesh())
     checkpointer.load_model(model)
     barrier()
     loaded = time.perf_counter() - started

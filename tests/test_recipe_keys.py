@@ -74,7 +74,7 @@ def test_gradient_accumulation_sets_the_global_batch():
 
 def test_activation_checkpointing_wraps_every_layer_and_keeps_the_logits(tiny_models, tmp_path):
     base = tiny_models["llama3_2_9_heads"]
-    checkpointer = DistributedHFCheckpointer(base, tmp_path / "out", "LLAMA3_2")
+    checkpointer = DistributedHFCheckpointer(base, tmp_path / "out", "LLAMA3_2").open()
     config = ModelConfig.from_dict(checkpointer.config_dict)
     plain, wrapped = build_model("LLAMA3_2", config), checkpoint_activations(build_model("LLAMA3_2", config))
     assert all(isinstance(layer, CheckpointWrapper) for layer in wrapped.layers)
@@ -88,7 +88,7 @@ def _shard_with_custom_layers(rank: int, world: int, untied: str, tied: str) -> 
     from torch.distributed.fsdp import FSDPModule
 
     def build(base: str, model_type: str):
-        config = ModelConfig.from_dict(DistributedHFCheckpointer(base, base, model_type).config_dict)
+        config = ModelConfig.from_dict(DistributedHFCheckpointer(base, base, model_type).open().config_dict)
         return build_sharded_model(model_type, config, custom_sharded_layers=["tok_embeddings", "output"])
 
     model = build(untied, "LLAMA3")
