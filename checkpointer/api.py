@@ -30,6 +30,7 @@ from checkpointer.errors import CheckpointArgumentError, CheckpointError, Checkp
 from checkpointer.format.dtypes import parse_dtype
 from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
+from checkpointer.format.manifest import Contents
 from checkpointer.format.peft import ADAPTER_FILE
 from checkpointer.mapping.key_maps import KeyMap, adapter_key_map, adapter_state_dict, is_adapter_key
 from checkpointer.mapping.matching import model_specs_from_checkpoint
@@ -207,7 +208,7 @@ class DistributedHFCheckpointer:
     def _weight_files(self, adapter: bool) -> tuple[CheckpointFiles, str]:
         """The weights a load starts from and their URL: the resumed checkpoint's (full fine-tuning), else the base's (collective)."""
         resume = self.open().resume_point
-        if resume is not None and resume.contents.get("weights") and not adapter:
+        if resume is not None and resume.contents.weights and not adapter:
             return self._checked_files(resume.folder(self.process_group, self.streaming)), resume.location.url
         return self.base_files(), self.source.url  # LoRA keeps the original base; merged weights in a checkpoint already hold the adapter
 
@@ -221,13 +222,13 @@ class DistributedHFCheckpointer:
         optimizer state in the form ``load_from_full_optimizer_state_dict`` takes.
         """
         resume = self.open().resume_point
-        contents = resume.contents if resume else {}
-        checkpoint = {MODEL_KEY: self._read_whole(*self._weight_files(adapter=contents.get("adapter") is not None), self.key_map)}
-        if contents.get("adapter") is not None:
-            location = resume.location.subfolder(contents["adapter"])
+        contents = resume.contents if resume else Contents()
+        checkpoint = {MODEL_KEY: self._read_whole(*self._weight_files(adapter=contents.adapter is not None), self.key_map)}
+        if contents.adapter is not None:
+            location = resume.location.subfolder(contents.adapter)
             files = self._checked_files(self._adapter_folder(location), [ADAPTER_FILE])
             checkpoint[ADAPTER_KEY] = self._read_whole(files, location.url, adapter_key_map(self.key_map))
-        if contents.get("training_state") and self.should_load_recipe_state is not False:
+        if contents.training_state and self.should_load_recipe_state is not False:
             checkpoint.update(resume.whole_training_state(self.process_group))
         return checkpoint
 
@@ -253,8 +254,8 @@ class DistributedHFCheckpointer:
         adapter = {k: v for k, v in state_dict.items() if is_adapter_key(k)}
         self.last_load = phases.read(base, self._weight_files(adapter=bool(adapter))[0], self.key_map, self.process_group)
         resume = self.resume_point
-        if adapter and resume is not None and resume.contents.get("adapter") is not None:
-            self._read_adapter(adapter, resume.location.subfolder(resume.contents["adapter"]))
+        if adapter and resume is not None and resume.contents.adapter is not None:
+            self._read_adapter(adapter, resume.location.subfolder(resume.contents.adapter))
 
     def load_adapter(self, model: nn.Module, location: str | Path) -> None:
         """Load a PEFT adapter (``adapter_model.safetensors``) at ``location`` into ``model``'s LoRA parameters (collective)."""

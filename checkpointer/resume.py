@@ -12,7 +12,7 @@ from checkpointer import phases
 from checkpointer.dcp.recipe_state import read_whole_training_state
 from checkpointer.dcp.training_state import JsonMetadataReader, stored_keys
 from checkpointer.format.folder import Folder
-from checkpointer.format.manifest import MANIFEST_FILE, TRAINING_STATE_DIR, parse_manifest
+from checkpointer.format.manifest import MANIFEST_FILE, TRAINING_STATE_DIR, Contents, parse_manifest
 from checkpointer.runtime.distributed import rank
 from checkpointer.storage.location import Location
 
@@ -32,7 +32,7 @@ def published_checkpoints(destination: Location) -> list[dict[str, Any]]:
 
 def newest_resumable(destination: Location) -> dict[str, Any] | None:
     """The manifest of the newest published checkpoint that holds training state (one process)."""
-    resumable = [m for m in published_checkpoints(destination) if m["contents"].get("training_state")]
+    resumable = [m for m in published_checkpoints(destination) if Contents.of(m).training_state]
     return resumable[-1] if resumable else None
 
 
@@ -49,8 +49,8 @@ class ResumePoint:
         return self.manifest["name"]
 
     @property
-    def contents(self) -> dict[str, Any]:
-        return self.manifest["contents"]
+    def contents(self) -> Contents:
+        return Contents.of(self.manifest)
 
     @classmethod
     def find(cls, destination: Location, group: dist.ProcessGroup | None) -> ResumePoint | None:

@@ -22,23 +22,23 @@ from torch.distributed.tensor import DTensor
 
 from checkpointer import phases
 from checkpointer.base_checkpoint import BaseCheckpoint
-from checkpointer.dcp.hf_io import IOStats
+from checkpointer.dcp.hf_io import IOStats, WritePlan
 from checkpointer.dcp.node_staging import NodeStaging
 from checkpointer.dcp.recipe_state import OPT_KEY, name_optimizer_params
 from checkpointer.dcp.routing import Channel, Traffic
 from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.digests import Digests, read_back_digests
-from checkpointer.format.file_layout import empty_file_layout, plan_file_layout
+from checkpointer.format.file_layout import empty_file_layout, layout_files
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE
 from checkpointer.format.hf_output import copy_support_files, write_index
 from checkpointer.format.json_files import write_json
-from checkpointer.format.manifest import TRAINING_STATE_DIR, files_of
+from checkpointer.format.manifest import TRAINING_STATE_DIR, Contents, files_of
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE, peft_adapter_config
 from checkpointer.mapping.key_maps import adapter_key_map
 from checkpointer.mapping.local_shards import converted, global_spec
-from checkpointer.mapping.matching import plan_for_save, saved_config
+from checkpointer.mapping.matching import match_for_save, saved_config
 from checkpointer.resume import prune
 from checkpointer.runtime.cache import url_key
 from checkpointer.runtime.distributed import rank, world_size
@@ -130,8 +130,8 @@ class Saver:
                 raise
             finally:
                 spread.remove_local_copies()
-            contents = {"weights": weights is not None, "adapter": adapter_dir if adapter is not None else None, "training_state": request.intermediate}
-            info = {"name": name, "epoch": request.epoch, "step": request.step, "contents": contents, "world_size": world_size(group)}
+            contents = Contents(weights is not None, adapter_dir if adapter is not None else None, request.intermediate)
+            info = {"name": name, "epoch": request.epoch, "step": request.step, "contents": contents.as_json(), "world_size": world_size(group)}
             card = self._card(name, weights, request.training_info, group)
             size = phases.publish(lambda: self._complete_and_publish(staging, name, info, card, hashes), group)
         failpoint("save:after_publish")
@@ -143,34 +143,34 @@ class Saver:
             phases.decide(lambda: prune(self.destination, keep=name, keep_last=int(self.keep_last_n_checkpoints)), group)
         return SaveResult(published, stats, spread.traffic)
 
-    def _plan_weights(self, model_state: dict[str, Any]):
+    def _plan_weights(self, model_state: dict[str, Any]) -> WritePlan:
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
         if self.save_dtype is not None:
             model_specs = {k: (converted(self.save_dtype, dt), s) for k, (dt, s) in model_specs.items()}
         weight_map = self.base.weight_map()
-        specs, destinations = plan_for_save(self.base.key_map, model_specs, weight_map or ())
-        return specs, destinations, plan_file_layout(specs, weight_map, self.max_shard_size)
+        specs, destinations = match_for_save(self.base.key_map, model_specs, weight_map or ())
+        return WritePlan(self.base.key_map, specs, destinations, layout_files(specs, weight_map, self.max_shard_size))
 
-    def _write_weights(self, model_state, plan, staging: Path, name: str, group, channel: Channel | None) -> tuple[IOStats, Digests]:
-        specs, destinations, file_layout = plan
-        config = saved_config(self.base.config, self.base.key_map, specs, destinations)
+    def _write_weights(self, model_state, plan: WritePlan, staging: Path, name: str, group, channel: Channel | None) -> tuple[IOStats, Digests]:
+        config = saved_config(self.base.config, plan.key_map, plan.specs, plan.destinations)
 
         def finish(folder: Path) -> None:
             write_json(folder / CONFIG_FILE, config)
-            write_index(folder, file_layout)
+            write_index(folder, plan.file_layout)
 
-        stats, digests = phases.write(model_state, self.base.key_map, specs, destinations, file_layout, staging, finish, group, channel=channel)
+        stats, digests = phases.write(model_state, plan, staging, finish, group, channel=channel)
         return IOStats(stats.bytes, stats.seconds, self.destination.checkpoint(name).url), digests
 
-    def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]):
+    def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]) -> tuple[WritePlan, dict[str, Any] | None]:
+        """The adapter's plan and its PEFT config (None for an empty adapter: the file, and no config to describe it)."""
         key_map = adapter_key_map(self.base.key_map)
-        specs, destinations = plan_for_save(key_map, {k: global_spec(k, v) for k, v in adapter_state.items()})
-        file_layout = plan_file_layout(specs, {k: ADAPTER_FILE for k in specs}) if specs else empty_file_layout(ADAPTER_FILE)
+        specs, destinations = match_for_save(key_map, {k: global_spec(k, v) for k, v in adapter_state.items()})
+        file_layout = layout_files(specs, {k: ADAPTER_FILE for k in specs}) if specs else empty_file_layout(ADAPTER_FILE)
+        plan = WritePlan(key_map, specs, destinations, file_layout)
         adapter_config = state_dict.get(ADAPTER_CONFIG_KEY) or {}
-        ranks = {s.shape[0] for k, s in specs.items() if k.endswith("lora_A.weight")}
-        if not specs and adapter_config.get("r") is None:  # an empty adapter: the file, and no config to describe it
-            return key_map, specs, destinations, file_layout, None
-        ranks = ranks or {int(adapter_config["r"])}
+        if not specs and adapter_config.get("r") is None:
+            return plan, None
+        ranks = {s.shape[0] for k, s in specs.items() if k.endswith("lora_A.weight")} or {int(adapter_config["r"])}
         alpha = adapter_config.get("lora_alpha")
         if len(ranks) != 1 or alpha is None:
             raise CheckpointArgumentError(
@@ -178,13 +178,12 @@ class Saver:
                 f"state_dict[{ADAPTER_CONFIG_KEY!r}]['lora_alpha']",
                 key=ADAPTER_CONFIG_KEY,
             )
-        config = peft_adapter_config(sorted(specs), ranks.pop(), alpha, self.base_model_id())
-        return key_map, specs, destinations, file_layout, config
+        return plan, peft_adapter_config(sorted(specs), ranks.pop(), alpha, self.base_model_id())
 
-    def _write_adapter(self, adapter_state, plan, staging: Path, group, channel: Channel | None) -> Digests:
-        key_map, specs, destinations, file_layout, config = plan
+    def _write_adapter(self, adapter_state, planned: tuple[WritePlan, dict[str, Any] | None], staging: Path, group, channel: Channel | None) -> Digests:
+        plan, config = planned
         finish = lambda folder: config is not None and write_json(folder / ADAPTER_CONFIG_FILE, config)  # noqa: E731
-        return phases.write(adapter_state, key_map, specs, destinations, file_layout, staging, finish, group, channel=channel)[1]
+        return phases.write(adapter_state, plan, staging, finish, group, channel=channel)[1]
 
     def _write_training_state(self, training: dict[str, Any], staging: Path, group, spread: NodeStaging) -> Digests:
         """Every rank writes some of it, and every rank of rank 0's node hashes some of it."""

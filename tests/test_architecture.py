@@ -62,6 +62,35 @@ def test_imports_point_down_the_layers():
     assert _violations() == []
 
 
+def _all_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (any package), anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_format_and_storage_know_no_process_groups():
+    """Bytes and files only: the phases decide which rank runs a storage step."""
+    import inspect
+
+    from checkpointer.storage.fsspec_location import FsspecLocation
+    from checkpointer.storage.hub_location import HubLocation
+    from checkpointer.storage.local import LocalLocation
+
+    distributed = ("torch.distributed", "checkpointer.runtime.distributed", "checkpointer.dcp")
+    for package in ("format", "storage"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            used = sorted(m for m in _all_imports(path) if m.startswith(distributed))
+            assert not used, f"{package}/{path.name} imports {used}"
+    for cls in (LocalLocation, FsspecLocation, HubLocation):
+        for name, method in inspect.getmembers(cls, inspect.isfunction):
+            assert not {"group", "process_group"} & set(inspect.signature(method).parameters), f"{cls.__name__}.{name} takes a process group"
+
+
 def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     fake = tmp_path / "checkpointer"
     (fake / "format").mkdir(parents=True)

@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWr
 from checkpointer.dcp.storage_writer import SafetensorsWriter
 from checkpointer.errors import CheckpointError
 from checkpointer.format.box_runs import box_byte_runs
-from checkpointer.format.file_layout import plan_file_layout
+from checkpointer.format.file_layout import layout_files
 from checkpointer.format.safetensors import TensorEntry, TensorSpec
 
 BOXES = {  # (shape, offsets, sizes)
@@ -58,7 +58,7 @@ class _Boxes(SavePlanner):
 
 
 def _write(tmp_path, full: torch.Tensor, boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]):
-    layout = plan_file_layout({"w": TensorSpec("w", full.dtype, tuple(full.shape))})
+    layout = layout_files({"w": TensorSpec("w", full.dtype, tuple(full.shape))})
     writer = SafetensorsWriter(tmp_path, layout, on_finish=lambda folder: None)
     items = [
         WriteItem(

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from safetensors_files import write_raw
 
 from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError
-from checkpointer.format.file_layout import parse_size, plan_file_layout
+from checkpointer.format.file_layout import layout_files, parse_size
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_header
 from checkpointer.format.safetensors import TensorSpec, build_header
@@ -102,15 +102,15 @@ def test_sizes_follow_hugging_face_units():
 
 def test_file_layout_follows_the_base_weight_map_or_splits_by_size():
     specs = {f"layers.{i}.w": TensorSpec(f"layers.{i}.w", torch.float32, (10, 10)) for i in range(12)}
-    by_size = plan_file_layout(specs, None, max_shard_size=1000)
+    by_size = layout_files(specs, None, max_shard_size=1000)
     assert len(by_size.headers) == 6 and by_size.needs_index
     assert [by_size.entries[f"layers.{i}.w"].file for i in (0, 1, 2, 11)] == [
         "model-00001-of-00006.safetensors", "model-00001-of-00006.safetensors",
         "model-00002-of-00006.safetensors", "model-00006-of-00006.safetensors",
     ]  # fmt: skip
     weight_map = {name: ("a.safetensors" if i % 2 else "b.safetensors") for i, name in enumerate(specs)}
-    assert plan_file_layout(specs, weight_map).weight_map == {n: weight_map[n] for n in by_size.weight_map}
-    single = plan_file_layout(specs, None)
+    assert layout_files(specs, weight_map).weight_map == {n: weight_map[n] for n in by_size.weight_map}
+    single = layout_files(specs, None)
     assert list(single.headers) == ["model.safetensors"] and not single.needs_index
 
 
@@ -127,7 +127,7 @@ def test_one_tensor_at_a_time_read_and_pwritten_into_a_planned_layout(tmp_path):
     assert all(torch.equal(read[n], t) and read[n].dtype == t.dtype for n, t in tensors.items())
 
     specs = {n: TensorSpec(n, torch.float32 if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in tensors.items()}
-    layout = plan_file_layout(specs, {"a.weight": "1.safetensors", "b.bias": "1.safetensors", "c.scalar": "2.safetensors", "d.ids": "2.safetensors"})
+    layout = layout_files(specs, {"a.weight": "1.safetensors", "b.bias": "1.safetensors", "c.scalar": "2.safetensors", "d.ids": "2.safetensors"})
     for file in layout.headers:
         one = layout.subset(file)
         create_files(tmp_path / "out", one)

@@ -15,7 +15,7 @@ from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError, 
 from checkpointer.format.folder import Folder, LocalFolder
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointFiles, read_checkpoint_files
 from checkpointer.format.json_files import parse_json
-from checkpointer.format.manifest import MANIFEST_FILE, files_of, parse_manifest
+from checkpointer.format.manifest import MANIFEST_FILE, Contents, files_of, parse_manifest
 from checkpointer.format.peft import ADAPTER_DIR, ADAPTER_FILE
 from checkpointer.mapping.key_maps import model_types_for_keys
 from checkpointer.phases import hash_files
@@ -208,7 +208,7 @@ def publish_built(
     try:
         build(staging)
         info = {"name": Path(destination.url).name, "made_by": f"checkpointer {command}", "world_size": 1,
-                "contents": {"weights": True, "adapter": None, "training_state": False}}  # fmt: skip
+                "contents": Contents(weights=True).as_json()}  # fmt: skip
         sizes = files_of(staging)
         seal(staging, info, sizes, hash_files(LocalFolder(staging), sizes))
     except BaseException:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from checkpointer.cli.common import Checkpoint, Outcome, Timer, publish_built
-from checkpointer.cli.rewrite import plan_rewrite, rewrite
+from checkpointer.cli.rewrite import rewrite, rewrite_layout
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, SUPPORT_FILES, CheckpointFiles
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.storage.factory import make_location
@@ -34,17 +34,17 @@ def consolidate(
     checkpoint = Checkpoint.open(source, "LOCATION", storage_options)
     destination = make_location(to, "--to", storage_options, private=private)
     files = checkpoint.weights()
-    layout = plan_rewrite(files, dtype, max_shard_size)
+    file_layout = rewrite_layout(files, dtype, max_shard_size)
     _mention_what_stays(checkpoint, files)
 
     def build(out: Path) -> None:
-        rewrite(checkpoint, files, layout, out, f"consolidate -> {to}")
+        rewrite(checkpoint, files, file_layout, out, f"consolidate -> {to}")
         if README in checkpoint.files:  # the model's card describes the same model
             (out / README).write_bytes(checkpoint.read_bytes(README))
 
-    message = message or f"checkpointer consolidate: {len(layout.headers)} file(s) from {source}"
+    message = message or f"checkpointer consolidate: {len(file_layout.headers)} file(s) from {source}"
     where = publish_built(destination, build, command="consolidate", message=message, overwrite=overwrite)
-    return Outcome(0, f"consolidated {len(files.tensors)} tensors into {len(layout.headers)} file(s), {timer.rate(layout.total_bytes)} -> {where}")
+    return Outcome(0, f"consolidated {len(files.tensors)} tensors into {len(file_layout.headers)} file(s), {timer.rate(file_layout.total_bytes)} -> {where}")
 
 
 def _mention_what_stays(checkpoint: Checkpoint, files: CheckpointFiles) -> None:

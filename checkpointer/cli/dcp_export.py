@@ -22,7 +22,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from checkpointer.cli.common import Checkpoint, ExportOptions, Outcome, Timer, base_location, dtypes_name, publish_built
-from checkpointer.dcp.hf_io import quiet_dcp, write_hf_tensors
+from checkpointer.dcp.hf_io import WritePlan, quiet_dcp, write_hf_tensors
 from checkpointer.dcp.training_state import METADATA_FILE, JsonMetadataReader, WeightsOnlyLoadPlanner
 from checkpointer.errors import (
     CheckpointArgumentError,
@@ -31,16 +31,15 @@ from checkpointer.errors import (
     CheckpointNotFoundError,
     CheckpointUnsupportedError,
 )
-from checkpointer.format.file_layout import FileLayout, plan_file_layout
+from checkpointer.format.file_layout import layout_files
 from checkpointer.format.hf_files import CONFIG_FILE
 from checkpointer.format.hf_output import copy_support_files, write_index
 from checkpointer.format.json_files import write_json
 from checkpointer.format.model_card import card_info, hub_repo_id
 from checkpointer.format.model_config import ModelConfig
-from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.key_maps import KEY_MAPS, KeyMap, get_key_map, is_adapter_key
 from checkpointer.mapping.local_shards import converted
-from checkpointer.mapping.matching import Destination, plan_for_save, saved_config
+from checkpointer.mapping.matching import match_for_save, saved_config
 from checkpointer.phases import fetch_folder
 from checkpointer.runtime.distributed import dcp_errors
 from checkpointer.runtime.progress import byte_bar
@@ -91,26 +90,6 @@ class DcpModel:
         return {t: state[self.keys[t]] for t in tune_keys}
 
 
-@dataclass(frozen=True)
-class HFPlan:
-    """Where each torchtune tensor goes in the Hugging Face files."""
-
-    key_map: KeyMap
-    specs: dict[str, TensorSpec]
-    destinations: dict[str, Destination]
-    files: FileLayout
-
-    def keys_in(self, file: str) -> list[str]:
-        return [t for t, d in self.destinations.items() if any(self.files.entries[h].file == file for h in d.hf_keys)]
-
-    def write(self, file: str, tensors: dict[str, torch.Tensor], out: Path) -> int:
-        """Write the one file ``file`` from its torchtune ``tensors`` with the library's DCP writer."""
-        one = self.files.subset(file)
-        specs, destinations = {h: self.specs[h] for h in one.entries}, {t: self.destinations[t] for t in tensors}
-        write_hf_tensors(tensors, self.key_map, specs, destinations, one, out, lambda _: None, None, subset=True)
-        return one.total_bytes
-
-
 def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
     """Write the model weights of the DCP checkpoint at ``source`` as Hugging Face files."""
     timer, where = Timer(), source.describe()
@@ -118,22 +97,24 @@ def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
     config = config_source.config()
     key_map = get_key_map(_model_type(options, where), ModelConfig.from_dict(config, config_source.describe(CONFIG_FILE)))
     model = _dcp_model(source, key_map, options.trust_pickle)
-    specs, destinations = plan_for_save(key_map, {t: model.spec(t, options.dtype) for t in model.keys})
-    plan = HFPlan(key_map, specs, destinations, plan_file_layout(specs, None, options.max_shard_size))
+    specs, destinations = match_for_save(key_map, {t: model.spec(t, options.dtype) for t in model.keys})
+    plan = WritePlan(key_map, specs, destinations, layout_files(specs, None, options.max_shard_size))
 
     def build(out: Path) -> None:
-        with byte_bar(plan.files.total_bytes, f"export -> {options.to}") as bar:
-            for file in plan.files.headers:
-                bar.update(plan.write(file, model.load(plan.keys_in(file)), out))
+        with byte_bar(plan.file_layout.total_bytes, f"export -> {options.to}") as bar:
+            for file in plan.file_layout.headers:  # one file at a time: memory holds that file's tensors
+                one = plan.only(file)
+                write_hf_tensors(model.load(plan.keys_in(file)), one, out, lambda _: None, None)
+                bar.update(one.file_layout.total_bytes)
         write_json(out / CONFIG_FILE, saved_config(config, key_map, specs, destinations))
         copy_support_files(config_source.folder, out)
-        write_index(out, plan.files)
+        write_index(out, plan.file_layout)
 
     destination = make_location(options.to, "--to", options.storage_options, private=options.private)
     card = card_info(Path(where).name, hub_repo_id(config_source.location), key_map.name, dtypes_name(s.dtype for s in specs.values()))
     message = options.message or f"checkpointer export: {where} as {key_map.name}"
     published = publish_built(destination, build, command="export", message=message, card=card, overwrite=options.overwrite)
-    return Outcome(0, f"exported {len(model.keys)} tensors of {where} as {key_map.name}: {len(plan.files.headers)} file(s), {timer.rate(plan.files.total_bytes)} -> {published}")
+    return Outcome(0, f"exported {len(model.keys)} tensors of {where} as {key_map.name}: {len(plan.file_layout.headers)} file(s), {timer.rate(plan.file_layout.total_bytes)} -> {published}")
 
 
 def _dcp_model(source: Checkpoint, key_map: KeyMap, trust_pickle: bool) -> DcpModel:

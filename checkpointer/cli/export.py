@@ -16,7 +16,7 @@ import torch
 
 from checkpointer.cli.common import Checkpoint, ExportOptions, Outcome, Timer, base_location, dtypes_name, model_types, publish_built
 from checkpointer.cli.dcp_export import DCP_METADATA_FILES, export_dcp, has_dcp
-from checkpointer.cli.rewrite import plan_rewrite, rewrite
+from checkpointer.cli.rewrite import rewrite, rewrite_layout
 from checkpointer.errors import CheckpointArgumentError, CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError
 from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
 from checkpointer.format.model_card import card_info, hub_repo_id
@@ -56,14 +56,14 @@ def export_adapter(source: Checkpoint, options: ExportOptions) -> Outcome:
     adapter = read_checkpoint_files(source.folder, [ADAPTER_FILE])
     weights = base.weights()
     merge = _merger(adapter, weights, scale, source.describe(ADAPTER_FILE))
-    layout = plan_rewrite(weights, options.dtype, options.max_shard_size)
+    file_layout = rewrite_layout(weights, options.dtype, options.max_shard_size)
     destination = make_location(options.to, "--to", options.storage_options, private=options.private)
     names = " / ".join(model_types(weights.tensors, base.config())) or None
-    card = card_info(Path(source.describe()).name, hub_repo_id(base.location), names, dtypes_name(e.dtype for e in layout.entries.values()))
-    build = lambda out: rewrite(base, weights, layout, out, f"export -> {options.to}", merge)  # noqa: E731
+    card = card_info(Path(source.describe()).name, hub_repo_id(base.location), names, dtypes_name(e.dtype for e in file_layout.entries.values()))
+    build = lambda out: rewrite(base, weights, file_layout, out, f"export -> {options.to}", merge)  # noqa: E731
     message = options.message or f"checkpointer export: {source.describe()} merged into {base.describe()}"
     where = publish_built(destination, build, command="export", message=message, card=card, overwrite=options.overwrite)
-    return Outcome(0, f"merged {len(merge.pairs)} LoRA pair(s) into {base.describe()}: {len(layout.headers)} file(s), {timer.rate(layout.total_bytes)} -> {where}")
+    return Outcome(0, f"merged {len(merge.pairs)} LoRA pair(s) into {base.describe()}: {len(file_layout.headers)} file(s), {timer.rate(file_layout.total_bytes)} -> {where}")
 
 
 def _base_name(source: Checkpoint, config: dict[str, Any], options: ExportOptions) -> str:

@@ -2,7 +2,7 @@
 
 Each tensor is read from its byte range, optionally transformed (an adapter merged),
 converted to its saved dtype and ``pwrite``-n at its offset in a layout computed up front by
-``plan_file_layout``; memory holds one tensor at a time. The index is written last.
+``layout_files``; memory holds one tensor at a time. The index is written last.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from checkpointer.cli.common import Checkpoint
-from checkpointer.format.file_layout import FileLayout, plan_file_layout
+from checkpointer.format.file_layout import FileLayout, layout_files
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles
 from checkpointer.format.hf_output import copy_support_files, output_config, write_index
 from checkpointer.format.json_files import write_json
@@ -26,10 +26,10 @@ from checkpointer.runtime.progress import byte_bar
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def plan_rewrite(files: CheckpointFiles, dtype: torch.dtype | None, max_shard_size: int | str) -> FileLayout:
+def rewrite_layout(files: CheckpointFiles, dtype: torch.dtype | None, max_shard_size: int | str) -> FileLayout:
     """The new files: every tensor of ``files`` (floating-point ones in ``dtype``), split by ``max_shard_size``."""
     specs = {k: TensorSpec(k, converted(dtype, e.dtype), e.shape) for k, e in files.tensors.items()}
-    return plan_file_layout(specs, None, max_shard_size)
+    return layout_files(specs, None, max_shard_size)
 
 
 def copy_tensors(files: CheckpointFiles, layout: FileLayout, out: Path, label: str, transform: Transform | None = None) -> int:

@@ -14,7 +14,7 @@ from checkpointer.dcp.training_state import METADATA_FILE, TRAINING_STATE_DIR, p
 from checkpointer.errors import CheckpointError, CheckpointNotFoundError
 from checkpointer.format.digests import mismatch, units_to_verify
 from checkpointer.format.hf_files import CONFIG_FILE, CheckpointFiles, scan_checkpoint_files
-from checkpointer.format.manifest import MANIFEST_FILE, recorded_files
+from checkpointer.format.manifest import MANIFEST_FILE, Contents, recorded_files
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_FILE, lora_scale
 from checkpointer.format.tensor_io import read_tensor
 from checkpointer.runtime.progress import byte_bar, human_size
@@ -143,16 +143,16 @@ def _check_dcp(checkpoint: Checkpoint, prefix: str, findings: Findings) -> None:
 
 def _check_contents(checkpoint: Checkpoint, manifest: dict[str, Any], findings: Findings) -> None:
     """What the manifest says the checkpoint holds is there."""
-    contents = manifest.get("contents") or {}
-    needed = [CONFIG_FILE] if contents.get("weights") else []
-    if contents.get("adapter") is not None:
-        needed += [f"{contents['adapter']}/{name}".lstrip("/") for name in (ADAPTER_FILE, ADAPTER_CONFIG_FILE)]
-    if contents.get("training_state"):
+    contents = Contents.of(manifest, checkpoint.describe(MANIFEST_FILE))
+    needed = [CONFIG_FILE] if contents.weights else []
+    if contents.adapter is not None:
+        needed += [f"{contents.adapter}/{name}".lstrip("/") for name in (ADAPTER_FILE, ADAPTER_CONFIG_FILE)]
+    if contents.training_state:
         needed.append(f"{TRAINING_STATE_DIR}/{METADATA_FILE}")
     for path in needed:
         if path not in checkpoint.files:
             findings.problems.append(f"{checkpoint.describe(path)}: missing: {MANIFEST_FILE} says the checkpoint holds it")
-    if contents.get("weights") and not checkpoint.has_weights:
+    if contents.weights and not checkpoint.has_weights:
         findings.problems.append(f"{checkpoint.describe()}: {MANIFEST_FILE} says it holds weights, but there is no index or model.safetensors")
 
 

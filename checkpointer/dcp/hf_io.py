@@ -30,7 +30,7 @@ from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.key_maps import KeyMap
-from checkpointer.mapping.matching import Destination
+from checkpointer.mapping.pieces import Placement
 from checkpointer.runtime.distributed import dcp_errors, is_distributed, on_all_ranks
 
 T = TypeVar("T")
@@ -79,32 +79,48 @@ def _alone(call: Callable[[], T]) -> T:
         raise CheckpointError(str(e)) from None
 
 
+@dataclass(frozen=True)
+class WritePlan:
+    """What every rank writes, the same on each: the HF tensors, where each torchtune tensor goes, the files' bytes."""
+
+    key_map: KeyMap
+    specs: dict[str, TensorSpec]
+    destinations: dict[str, Placement]
+    file_layout: FileLayout
+    subset: bool = False  # the state dict may hold more than these files take (see HFSavePlanner)
+
+    def keys_in(self, file: str) -> list[str]:
+        """The torchtune keys with rows in ``file``."""
+        return [t for t, d in self.destinations.items() if any(self.file_layout.entries[h].file == file for h in d.hf_keys)]
+
+    def only(self, file: str) -> WritePlan:
+        """The plan of the one file ``file`` (to write the files one at a time)."""
+        one = self.file_layout.subset(file)
+        destinations = {t: self.destinations[t] for t in self.keys_in(file)}
+        return WritePlan(self.key_map, {h: self.specs[h] for h in one.entries}, destinations, one, subset=True)
+
+
 def write_hf_tensors(
     state_dict: dict[str, Any],
-    key_map: KeyMap,
-    specs: dict[str, TensorSpec],
-    destinations: dict[str, Destination],
-    file_layout: FileLayout,
+    plan: WritePlan,
     folder: Path,
     finish: Callable[[Path], None],
     group: dist.ProcessGroup | None,
-    subset: bool = False,
     channel: Channel | None = None,
 ) -> tuple[IOStats, Digests]:
-    """Write ``state_dict`` into the files ``file_layout`` describes, in ``folder``; ``finish`` runs last on rank 0.
+    """Write ``state_dict`` into the files ``plan`` lays out, in ``folder``; ``finish`` runs last on rank 0.
 
-    ``subset``: ``state_dict`` may hold more than these files take (see ``HFSavePlanner``).
-
+    With ``plan.subset`` (one file of a larger plan), ``state_dict`` may hold more than the file takes.
     Returns this rank's stats and, on rank 0, the digests of every file written (computed
     from memory by the ranks that wrote each box, or sent it; empty on the other ranks).
     With a ``channel`` (the ranks share no file system), ranks off rank 0's node send their boxes there.
     """
-    writer, started = SafetensorsWriter(folder, file_layout, finish, channel), time.perf_counter()
+    writer, started = SafetensorsWriter(folder, plan.file_layout, finish, channel), time.perf_counter()
     with quiet_dcp(), dcp_errors(group), torch.no_grad():
         dcp.save(
             state_dict,
             storage_writer=writer,
-            planner=HFSavePlanner(key_map, specs, destinations, subset),
+            planner=HFSavePlanner(plan.key_map, plan.specs, plan.destinations, plan.subset),
             process_group=group,
             no_dist=not is_distributed(),
         )

@@ -48,9 +48,9 @@ Finish = Callable[[Path], None]
 class SafetensorsWriter(StorageWriter):
     """Writes the boxes of a save plan into files laid out by a :class:`FileLayout`."""
 
-    def __init__(self, folder: Path, layout: FileLayout, on_finish: Finish, channel: Channel | None = None):
+    def __init__(self, folder: Path, file_layout: FileLayout, on_finish: Finish, channel: Channel | None = None):
         self.folder = Path(folder)
-        self.layout = layout
+        self.file_layout = file_layout
         self.on_finish = on_finish
         self.channel = channel  # set when the ranks share no file system: boxes travel to rank 0's node
         self.is_coordinator = False
@@ -70,13 +70,13 @@ class SafetensorsWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        create_files(self.folder, self.layout)
+        create_files(self.folder, self.file_layout)
         if self.channel is None or self.channel.nodes.shared:
             return plans
         for plan in plans:  # a bad box fails here, on every rank, not on its sender while its receiver waits
             for item in plan.items:
                 self._file_runs(item)
-        routes = plan_routes(plans, self.channel.nodes, lambda item: self.layout.entries[item.index.fqn].dtype.itemsize)
+        routes = plan_routes(plans, self.channel.nodes, lambda item: self.file_layout.entries[item.index.fqn].dtype.itemsize)
         return [dataclasses.replace(plan, storage_data=route) for plan, route in zip(plans, routes)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -84,8 +84,8 @@ class SafetensorsWriter(StorageWriter):
         route = plan.storage_data if isinstance(plan.storage_data, Route) else None
         if route is not None and route.send_to is not None:
             return self._send_items(plan, planner, route.send_to)
-        order = _rotated(sorted(self.layout.headers), self.rank)
-        items = sorted(plan.items, key=lambda i: (order[self.layout.entries[i.index.fqn].file], i.index.offset))
+        order = _rotated(sorted(self.file_layout.headers), self.rank)
+        items = sorted(plan.items, key=lambda i: (order[self.file_layout.entries[i.index.fqn].file], i.index.offset))
         boxes = [(item, self._file_runs(item)) for item in items]  # every box is checked before any byte is written
         results, fds = [], {}
         try:
@@ -104,7 +104,7 @@ class SafetensorsWriter(StorageWriter):
         return future
 
     def _file_runs(self, item: WriteItem) -> list[ByteRun]:
-        entry = self.layout.entries.get(item.index.fqn)
+        entry = self.file_layout.entries.get(item.index.fqn)
         if entry is None or item.tensor_data is None:
             raise CheckpointMismatchError(
                 f"{self.folder}: the save plan names {item.index.fqn!r}, which the file layout does not hold", key=item.index.fqn
@@ -113,7 +113,7 @@ class SafetensorsWriter(StorageWriter):
 
     def _box_data(self, item: WriteItem, planner: SavePlanner) -> torch.Tensor:
         """The box's data in its file's dtype, on the CPU (checked against the box's size)."""
-        entry = self.layout.entries[item.index.fqn]
+        entry = self.file_layout.entries[item.index.fqn]
         data = planner.resolve_data(item).detach().to(device="cpu", dtype=entry.dtype)
         sizes = tuple(item.tensor_data.chunk.sizes)
         if data.numel() != math.prod(sizes):
@@ -130,7 +130,7 @@ class SafetensorsWriter(StorageWriter):
         boxes = [(item, self._file_runs(item)) for item in plan.items]  # every box is checked before any byte is sent
         results = []
         for item, runs in boxes:
-            entry = self.layout.entries[item.index.fqn]
+            entry = self.file_layout.entries[item.index.fqn]
             pieces = byte_runs(self._box_data(item, planner))
             size = sum(length for _, length in runs)
             self.channel.send(pieces, size, receiver, f"sending {entry.name} of {entry.file}")
@@ -142,7 +142,7 @@ class SafetensorsWriter(StorageWriter):
 
     def _receive_item(self, item: WriteItem, sender: int, fds: dict[str, int]) -> None:
         """Receive one box from ``sender`` in chunks and write them along its file runs (its sender reports the digests)."""
-        entry = self.layout.entries[item.index.fqn]
+        entry = self.file_layout.entries[item.index.fqn]
         runs = self._file_runs(item)
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
@@ -164,7 +164,7 @@ class SafetensorsWriter(StorageWriter):
 
     def _write_item(self, item: WriteItem, runs: list[ByteRun], planner: SavePlanner, fds: dict[str, int]) -> WriteResult:
         """Write one box, run by run; its result holds ``(file, offset, length, digest)`` of each run."""
-        entry = self.layout.entries[item.index.fqn]
+        entry = self.file_layout.entries[item.index.fqn]
         data = self._box_data(item, planner)
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
@@ -186,7 +186,7 @@ class SafetensorsWriter(StorageWriter):
         return WriteResult(index=item.index, size_in_bytes=written, storage_data=ranges)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        self.digests = file_digests(self.layout, [run for rank_results in results for r in rank_results for run in r.storage_data])
+        self.digests = file_digests(self.file_layout, [run for rank_results in results for r in rank_results for run in r.storage_data])
         self.on_finish(self.folder)
 
     def storage_meta(self):
@@ -197,14 +197,14 @@ class SafetensorsWriter(StorageWriter):
         return False
 
 
-def file_digests(layout: FileLayout, boxes: list[tuple[str, int, int, str]]) -> Digests:
+def file_digests(file_layout: FileLayout, boxes: list[tuple[str, int, int, str]]) -> Digests:
     """Every file's ranges: its header (hashed from the layout) and each written box (hashed by its writer)."""
-    ranges: Digests = {name: [(0, len(header), digest_of([header]))] for name, header in layout.headers.items()}
+    ranges: Digests = {name: [(0, len(header), digest_of([header]))] for name, header in file_layout.headers.items()}
     for file, offset, length, digest in boxes:
         if length:
             ranges[file].append((offset, length, digest))
     try:
-        return {name: check_tiling(name, found, layout.sizes[name]) for name, found in ranges.items()}
+        return {name: check_tiling(name, found, file_layout.sizes[name]) for name, found in ranges.items()}
     except CheckpointError as e:
         raise CheckpointError(f"the written boxes do not cover every byte of their file (a planning bug): {e}") from None
 

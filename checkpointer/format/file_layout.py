@@ -87,7 +87,7 @@ def assign_files(specs: dict[str, TensorSpec], weight_map: dict[str, str] | None
     return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups, start=1)}
 
 
-def plan_file_layout(
+def layout_files(
     specs: dict[str, TensorSpec], weight_map: dict[str, str] | None = None, max_shard_size: int | str = "5GB"
 ) -> FileLayout:
     """Lay out every tensor in its file."""

@@ -32,8 +32,8 @@ def copy_support_files(base: Folder, folder: Path) -> None:
             (folder / name).write_bytes(base.read(name, 0, base.size(name)))
 
 
-def write_index(folder: Path, layout: FileLayout, extra_metadata: dict[str, Any] | None = None) -> None:
+def write_index(folder: Path, file_layout: FileLayout, extra_metadata: dict[str, Any] | None = None) -> None:
     """Write ``model.safetensors.index.json`` (when the layout needs one)."""
-    if layout.needs_index:
-        metadata = {"total_size": layout.total_bytes, **(extra_metadata or {})}
-        write_json(folder / INDEX_FILE, {"metadata": metadata, "weight_map": layout.weight_map})
+    if file_layout.needs_index:
+        metadata = {"total_size": file_layout.total_bytes, **(extra_metadata or {})}
+        write_json(folder / INDEX_FILE, {"metadata": metadata, "weight_map": file_layout.weight_map})

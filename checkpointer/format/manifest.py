@@ -10,7 +10,7 @@ Manifests written before record one sha256 per file instead; both verify.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,30 @@ TRAINING_STATE_DIR = "training_state"  # a checkpoint's resumable training state
 
 
 FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a checkpoint holds (the manifest's ``contents``): full weights, a LoRA adapter, resumable training state.
+
+    ``adapter`` is the adapter's subfolder (``""``: the checkpoint's top level), None without one.
+    """
+
+    weights: bool = False
+    adapter: str | None = None
+    training_state: bool = False
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any], where: str = MANIFEST_FILE) -> Contents:
+        """The contents the manifest at ``where`` records (one without them holds nothing known)."""
+        raw = manifest.get("contents") or {}
+        adapter = raw.get("adapter") if isinstance(raw, dict) else None
+        if not isinstance(raw, dict) or not (adapter is None or isinstance(adapter, str)):
+            raise CheckpointFormatError(f"{where}: 'contents' must be an object with weights, adapter and training_state, not {raw!r}", file=where)
+        return cls(bool(raw.get("weights")), adapter, bool(raw.get("training_state")))
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def files_of(folder: Path) -> dict[str, int]:

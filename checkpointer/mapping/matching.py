@@ -29,9 +29,6 @@ from checkpointer.mapping.pieces import Placement
 
 _MAX_LISTED = 12
 
-Source = Placement  # where to read a torchtune tensor
-Destination = Placement  # where to write one
-
 
 def _fail(problems: list[str], what: str) -> None:
     if problems:
@@ -87,7 +84,7 @@ def _part_offsets(parts: tuple[str, ...], rows: dict[str, int]) -> dict[str, int
 
 def match_for_load(
     key_map: KeyMap, model_shapes: dict[str, tuple[int, ...]], tensors: dict[str, TensorEntry], where: str
-) -> dict[str, Source]:
+) -> dict[str, Placement]:
     """For each model key, the checkpoint tensor to read; raises on any mismatch.
 
     ``model_shapes`` holds global shapes of the model's tensors; ``tensors`` the
@@ -95,7 +92,7 @@ def match_for_load(
     """
     key_map = key_map.for_hf_keys(tensors)
     problems: list[str] = model_type_problems(key_map, where)
-    sources: dict[str, Source] = {}
+    sources: dict[str, Placement] = {}
     used: set[str] = set()
     for key, shape in model_shapes.items():
         try:
@@ -115,7 +112,7 @@ def match_for_load(
         used.update(found)
         if ok:
             offsets = _part_offsets(target.parts, _part_rows(target, model_shapes))
-            sources[key] = Source(found[0] if len(found) == 1 else target.hf_key, target.rule, offsets[key], _experts(target, shape))
+            sources[key] = Placement(found[0] if len(found) == 1 else target.hf_key, target.rule, offsets[key], _experts(target, shape))
     for hf_key, entry in tensors.items():
         if hf_key in used or key_map.is_ignored(hf_key) or _is_spare_tied_copy(key_map, hf_key, tensors):
             continue
@@ -177,9 +174,9 @@ def _fused_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return (sum(s[0] for s in shapes), *tails.pop())
 
 
-def plan_for_save(
+def match_for_save(
     key_map: KeyMap, model_specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], base_keys: Iterable[str] = ()
-) -> tuple[dict[str, TensorSpec], dict[str, Destination]]:
+) -> tuple[dict[str, TensorSpec], dict[str, Placement]]:
     """The HF tensors to write (dtype, global shape) and where each model tensor goes.
 
     ``base_keys``: the HF keys of the base checkpoint, whose layout (per-expert or fused
@@ -188,7 +185,7 @@ def plan_for_save(
     key_map = key_map.for_hf_keys(base_keys)
     problems: list[str] = model_type_problems(key_map)
     specs: dict[str, TensorSpec] = {}
-    destinations: dict[str, Destination] = {}
+    destinations: dict[str, Placement] = {}
     shapes = {key: shape for key, (_, shape) in model_specs.items()}
     for key in model_specs:
         try:
@@ -208,11 +205,11 @@ def plan_for_save(
         if shape == (-1,):
             problems.append(f"the parts of {target.hf_key} ({list(target.parts)}) have incompatible shapes")
             continue
-        destination = Destination(target.hf_key, target.rule, 0, _experts(target, shapes[key]))
+        destination = Placement(target.hf_key, target.rule, 0, _experts(target, shapes[key]))
         for hf_key in destination.hf_keys:
             specs[hf_key] = TensorSpec(hf_key, next(iter(dtypes)), shape)
         offsets = _part_offsets(target.parts, _part_rows(target, shapes))
-        destinations[key] = Destination(target.hf_key, target.rule, offsets[key], destination.experts)
+        destinations[key] = Placement(target.hf_key, target.rule, offsets[key], destination.experts)
     _fail(problems, f"the state dict cannot be saved as {key_map.name}")
     return specs, destinations
 
@@ -251,7 +248,7 @@ def model_specs_from_checkpoint(
     return specs
 
 
-def saved_config(base: dict[str, Any], key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Destination]) -> dict[str, Any]:
+def saved_config(base: dict[str, Any], key_map: KeyMap, specs: dict[str, TensorSpec], destinations: dict[str, Placement]) -> dict[str, Any]:
     """The config of weights saved as ``specs`` (dtype when there is one, tied unless lm_head is written)."""
     tied = not any(d.hf_key in key_map.tied for d in destinations.values())
     dtypes = {s.dtype for s in specs.values()}
