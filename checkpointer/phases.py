@@ -69,7 +69,7 @@ def open_folder(
     A local folder is read where it is; a node that lacks it reads a copy of rank 0's, sent over the group.
     """
     if isinstance(location, LocalLocation):
-        path = readable_here(location.path, group, lambda: location.find(checkpoint_files=checkpoint_files))
+        path = readable_here(location.path, group, lambda: location.files_to_copy(checkpoint_files))
         return check(lambda: LocalLocation(path).folder(None), group)
     found = decide(lambda: location.find(checkpoint_files=checkpoint_files, streaming=streaming), group)
     once_per_node(lambda: location.download(found), group)

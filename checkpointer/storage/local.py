@@ -20,24 +20,22 @@ class LocalLocation:
         self.path = Path(path)
         self.url = str(self.path)
 
-    def find(self, *, checkpoint_files: list[str] | None = None, streaming: bool = False, whole_folder: bool = False) -> list[str] | None:
-        """What a copy of this folder needs (its index, weights, config, tokenizer and manifest; None: everything).
-
-        The files are read where they are; a node without them reads a copy of rank 0's
-        (:func:`checkpointer.phases.open_folder`).
-        """
-        if whole_folder:
-            return None
-        if not self.path.is_dir():
+    def find(self, *, checkpoint_files: list[str] | None = None, streaming: bool = False, whole_folder: bool = False) -> None:
+        """Nothing to pin or fetch: the files are read where they are (a node without them reads a
+        copy of rank 0's: :func:`checkpointer.phases.open_folder` and :meth:`files_to_copy`)."""
+        if not whole_folder and not self.path.is_dir():
             raise CheckpointNotFoundError(f"{self.path}: no such folder", url=str(self.path))
+
+    def files_to_copy(self, checkpoint_files: list[str] | None = None) -> list[str]:
+        """What a copy of this checkpoint needs: its index, weights, config, tokenizer and manifest."""
         names = {p.name for p in self.path.iterdir() if p.is_file()}
         files = files_to_fetch(names, lambda: (self.path / INDEX_FILE).read_bytes(), str(self.path), checkpoint_files)
         return files + [MANIFEST_FILE] * (MANIFEST_FILE in names)
 
-    def download(self, found: list[str] | None) -> None:
+    def download(self, found: None) -> None:
         pass
 
-    def folder(self, found: list[str] | None) -> Folder:
+    def folder(self, found: None) -> Folder:
         if not self.path.is_dir():
             raise CheckpointNotFoundError(f"{self.path}: no such folder", url=str(self.path))
         return LocalFolder(self.path)
