@@ -5,7 +5,7 @@ every rank, only that rank's bytes, straight into the final Hugging Face files. 
 code runs with one process (no process group) and with many.
 
 This class is a facade: the base checkpoint is :mod:`checkpointer.base_checkpoint`,
-resuming :mod:`checkpointer.resume`, saving :mod:`checkpointer.save` and
+resuming :mod:`checkpointer.resume`, loading :mod:`checkpointer.load`, saving :mod:`checkpointer.save` and
 :mod:`checkpointer.async_save`; every collective step is in :mod:`checkpointer.phases`.
 Every method that runs collectives says so; attributes never do.
 """
@@ -29,17 +29,14 @@ from checkpointer.dcp.routing import Traffic
 from checkpointer.errors import CheckpointArgumentError, CheckpointError, CheckpointMismatchError, CheckpointUnsupportedError
 from checkpointer.format.dtypes import parse_dtype
 from checkpointer.format.folder import Folder
-from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
-from checkpointer.format.manifest import Contents
-from checkpointer.format.peft import ADAPTER_FILE
-from checkpointer.mapping.key_maps import KeyMap, adapter_key_map, adapter_state_dict, is_adapter_key
-from checkpointer.mapping.matching import model_specs_from_checkpoint
+from checkpointer.format.hf_files import CheckpointFiles
+from checkpointer.load import Loader
+from checkpointer.mapping.key_maps import KeyMap, adapter_state_dict, is_adapter_key
 from checkpointer.resume import ResumePoint, published_checkpoints
 from checkpointer.runtime.distributed import alone, is_distributed, rank, world_size
 from checkpointer.save import ADAPTER_KEY, MODEL_KEY, Saver, SaveRequest, SaveResult, is_sharded
 from checkpointer.storage.factory import checkpoint_file_names, make_location
 from checkpointer.storage.local import LocalLocation
-from checkpointer.storage.location import Location
 from checkpointer.storage.output_lock import OutputLock
 
 log = logging.getLogger(__name__)
@@ -196,21 +193,14 @@ class DistributedHFCheckpointer:
 
     # ---- loading -----------------------------------------------------------------------------
 
+    def _loader(self) -> Loader:
+        """The loading steps of this job (opens the checkpointer first: collective the first time)."""
+        self.open()
+        return Loader(self.base, self.resume_point, self.process_group, self.streaming, self.verify_checksums)
+
     def base_files(self) -> CheckpointFiles:
         """The base checkpoint's files and headers, read on every rank and checked against its manifest (collective)."""
-        return self._checked_files(self.open().base.folder, read=self.base.weight_files)
-
-    def _checked_files(self, folder: Folder, checkpoint_files: Sequence[str] | None = None, read=None) -> CheckpointFiles:
-        """The checkpoint files in ``folder``, read on every rank and checked against its manifest (collective)."""
-        read = read or (lambda: read_checkpoint_files(folder, checkpoint_files))
-        return phases.check_files(folder, read, self.process_group, verify_checksums=self.verify_checksums)
-
-    def _weight_files(self, adapter: bool) -> tuple[CheckpointFiles, str]:
-        """The weights a load starts from and their URL: the resumed checkpoint's (full fine-tuning), else the base's (collective)."""
-        resume = self.open().resume_point
-        if resume is not None and resume.contents.weights and not adapter:
-            return self._checked_files(resume.folder(self.process_group, self.streaming)), resume.location.url
-        return self.base_files(), self.source.url  # LoRA keeps the original base; merged weights in a checkpoint already hold the adapter
+        return self._loader().base_files()
 
     def load_checkpoint(self) -> dict[str, Any]:
         """torchtune's interface: full state dicts with torchtune keys, on every rank (collective).
@@ -221,23 +211,15 @@ class DistributedHFCheckpointer:
         ``seed``, ``epochs_run``, ``total_epochs``, ``max_steps_per_epoch``, ...) with the
         optimizer state in the form ``load_from_full_optimizer_state_dict`` takes.
         """
-        resume = self.open().resume_point
-        contents = resume.contents if resume else Contents()
-        checkpoint = {MODEL_KEY: self._read_whole(*self._weight_files(adapter=contents.adapter is not None), self.key_map)}
+        loader = self._loader()
+        contents = loader.contents
+        checkpoint = {MODEL_KEY: loader.read_whole(*loader.weight_files(adapter=contents.adapter is not None), self.key_map)}
+        self.last_load = loader.last
         if contents.adapter is not None:
-            location = resume.location.subfolder(contents.adapter)
-            files = self._checked_files(self._adapter_folder(location), [ADAPTER_FILE])
-            checkpoint[ADAPTER_KEY] = self._read_whole(files, location.url, adapter_key_map(self.key_map))
+            checkpoint[ADAPTER_KEY] = loader.read_whole(*loader.adapter_files(loader.resumed_adapter()), loader.adapter_key_map())
         if contents.training_state and self.should_load_recipe_state is not False:
-            checkpoint.update(resume.whole_training_state(self.process_group))
+            checkpoint.update(loader.resume.whole_training_state(self.process_group))
         return checkpoint
-
-    def _read_whole(self, files: CheckpointFiles, where: str, key_map: KeyMap) -> dict[str, torch.Tensor]:
-        """Every tensor of ``files`` (at URL ``where``) in full, with torchtune keys (collective)."""
-        specs = phases.plan(lambda: model_specs_from_checkpoint(key_map, files.tensors, where), self.process_group)
-        state_dict = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items()}
-        self.last_load = phases.read(state_dict, files, key_map, self.process_group)
-        return state_dict
 
     def load_model(self, model: nn.Module) -> None:
         """Load weights in place into ``model`` (plain, or sharded with FSDP2) (collective).
@@ -248,28 +230,22 @@ class DistributedHFCheckpointer:
         """
         state_dict = model.state_dict()
         phases.check(lambda: _check_materialized(state_dict), self.process_group)
-        self.open()
+        loader = self._loader()
         self._hold_output_lock(self.process_group)
         base = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
         adapter = {k: v for k, v in state_dict.items() if is_adapter_key(k)}
-        self.last_load = phases.read(base, self._weight_files(adapter=bool(adapter))[0], self.key_map, self.process_group)
-        resume = self.resume_point
-        if adapter and resume is not None and resume.contents.adapter is not None:
-            self._read_adapter(adapter, resume.location.subfolder(resume.contents.adapter))
+        loader.read(base, loader.weight_files(adapter=bool(adapter))[0], self.key_map)
+        self.last_load = loader.last
+        if adapter and loader.contents.adapter is not None:
+            loader.read(adapter, loader.adapter_files(loader.resumed_adapter())[0], loader.adapter_key_map())
 
     def load_adapter(self, model: nn.Module, location: str | Path) -> None:
         """Load a PEFT adapter (``adapter_model.safetensors``) at ``location`` into ``model``'s LoRA parameters (collective)."""
         adapter = adapter_state_dict(model)
         if not adapter:
             raise CheckpointMismatchError(f"load_adapter: the model has no LoRA parameters to load {location} into", url=str(location))
-        self.open()._read_adapter(adapter, make_location(location, "location"))
-
-    def _adapter_folder(self, location: Location) -> Folder:
-        return phases.open_folder(location, self.process_group, streaming=self.streaming, checkpoint_files=[ADAPTER_FILE])
-
-    def _read_adapter(self, adapter: dict[str, Any], location: Location) -> None:
-        files = self._checked_files(self._adapter_folder(location), [ADAPTER_FILE])
-        phases.read(adapter, files, adapter_key_map(self.key_map), self.process_group)
+        loader = self._loader()
+        loader.read(adapter, loader.adapter_files(make_location(location, "location"))[0], loader.adapter_key_map())
 
     def load_training_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """Fill ``state`` in place from the resumed checkpoint's training state (collective).

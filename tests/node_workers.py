@@ -97,4 +97,4 @@ def save_on_one_node(rank: int, world: int, base: str, out: str) -> dict:
     checkpointer = DistributedHFCheckpointer(base, out, MODEL_TYPE)
     checkpointer.load_model(model)
     checkpointer.save_checkpoint({"model": model.state_dict(), "progress": {"step": 0}}, epoch=0, intermediate_checkpoint=True)
-    return {"sent": checkpointer.last_network.sent, "received": checkpointer.last_network.received, "nodes": len(checkpointer._staging_nodes[out].groups)}
+    return {"sent": checkpointer.last_network.sent, "received": checkpointer.last_network.received, "nodes": len(checkpointer._saver.staging_nodes[out].groups)}

@@ -11,7 +11,7 @@ ROOT = Path(checkpointer.__file__).parent
 
 # A module may import from its own layer and the layers below it; runtime and errors from anywhere.
 LAYERS = ["format", "mapping", "dcp", "storage", "facade", "train", "cli", "testing"]
-FACADE = {"api", "phases", "resume", "save", "async_save", "base_checkpoint", "__init__", "__main__", "fsdp", "hf_tokenizer"}
+FACADE = {"api", "phases", "resume", "load", "save", "async_save", "base_checkpoint", "__init__", "__main__", "fsdp", "hf_tokenizer"}
 ANYWHERE = {"runtime", "errors"}
 UPWARD_EXCEPTIONS = {
     ("fsdp", "train"),  # documented alias: checkpointer.fsdp.build_sharded_model
