@@ -25,7 +25,7 @@ process group; the phases decide which rank runs them:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Sequence
 
 import torch.distributed as dist
 
@@ -42,8 +42,6 @@ from checkpointer.runtime.distributed import all_gather, is_distributed, local_r
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.storage.local import LocalLocation
 from checkpointer.storage.location import Location
-
-T = TypeVar("T")
 
 decide = on_rank_zero  # rank 0 runs the step; every rank returns its result or raises its error
 plan = on_all_ranks  # every rank runs the step; an error anywhere is raised everywhere
