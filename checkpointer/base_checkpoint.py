@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,12 @@ class BaseCheckpoint:
             self._weight_files = read_checkpoint_files(self.folder, self.checkpoint_files)
         return self._weight_files
 
+    @cached_property
     def weight_map(self) -> dict[str, str] | None:
         """The tensor -> file map that saves follow; None if the base's weights cannot be read.
 
         A base of one file without an index has no split to follow: ``max_shard_size`` decides.
+        Worked out once (this process): every save of a job follows the same map.
         """
         try:
             files = self.weight_files()

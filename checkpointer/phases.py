@@ -38,7 +38,7 @@ from checkpointer.format.digests import Digests, Unit, mismatch, ranges_of, read
 from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.manifest import check_against_manifest, read_manifest
-from checkpointer.runtime.distributed import all_gather, is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
+from checkpointer.runtime.distributed import gather_on_all_ranks, is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.storage.local import LocalLocation
 from checkpointer.storage.location import Location
@@ -69,18 +69,21 @@ def open_folder(
     if isinstance(location, LocalLocation):
         path = readable_here(location.path, group, lambda: location.files_to_copy(checkpoint_files))
         return check(lambda: LocalLocation(path).folder(None), group)
-    found = decide(lambda: location.find(checkpoint_files=checkpoint_files, streaming=streaming), group)
-    once_per_node(lambda: location.download(found), group)
-    return check(lambda: location.folder(found), group)
+    return _find_download_open(location, group, checkpoint_files=checkpoint_files, streaming=streaming)
 
 
 def fetch_folder(location: Location, group: dist.ProcessGroup | None = None) -> Path:
     """A local copy of every file below ``location`` (a local folder is read where it is), once per node."""
     if isinstance(location, LocalLocation):
         return readable_here(location.path, group)
-    found = decide(lambda: location.find(whole_folder=True), group)
+    return _find_download_open(location, group, whole_folder=True).root
+
+
+def _find_download_open(location: Location, group: dist.ProcessGroup | None, **what: Any) -> Folder:
+    """Rank 0 finds what to read (``what``: ``find``'s arguments), each node downloads it once, every rank opens it."""
+    found = decide(lambda: location.find(**what), group)
     once_per_node(lambda: location.download(found), group)
-    return check(lambda: location.folder(found), group).root
+    return check(lambda: location.folder(found), group)
 
 
 def check_files(
@@ -128,8 +131,7 @@ def hash_units(
         failpoint("save:hash")
         return {i: units[i].hash(folder) for i in mine}
 
-    local = on_all_ranks(hash_mine, group)
-    found = {i: digest for part in all_gather(local, group) for i, digest in part.items()}
+    found = {i: digest for part in gather_on_all_ranks(hash_mine, group) for i, digest in part.items()}
     return [found[i] for i in range(len(units))]
 
 

@@ -45,10 +45,6 @@ class ResumePoint:
     _folder: Folder | None = field(default=None, repr=False)
 
     @property
-    def name(self) -> str:
-        return self.manifest["name"]
-
-    @property
     def contents(self) -> Contents:
         return Contents.of(self.manifest)
 

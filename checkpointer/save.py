@@ -29,7 +29,7 @@ from checkpointer.dcp.routing import Channel, Traffic
 from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.digests import Digests, read_back_digests
 from checkpointer.format.file_layout import empty_file_layout, layout_files
-from checkpointer.format.folder import LocalFolder
+from checkpointer.format.folder import LocalFolder, fresh_dir
 from checkpointer.format.hf_files import CONFIG_FILE
 from checkpointer.format.hf_output import copy_support_files, write_index
 from checkpointer.format.json_files import write_json
@@ -45,7 +45,7 @@ from checkpointer.runtime.distributed import rank, world_size
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.runtime.nodes import Nodes
 from checkpointer.runtime.progress import human_size
-from checkpointer.storage.location import Location, PublishOptions, fresh_dir
+from checkpointer.storage.location import Location, PublishOptions
 from checkpointer.storage.publish import seal
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,8 @@ class SaveRequest:
 
 @dataclass(frozen=True)
 class SaveResult:
-    """Where a checkpoint was published, what writing its weights took, and what crossed the network."""
+    """What writing a checkpoint's weights took, and what crossed the network."""
 
-    url: str
     stats: IOStats | None
     traffic: Traffic
 
@@ -107,6 +106,7 @@ class Saver:
     def save(self, state_dict: dict[str, Any], request: SaveRequest, group: dist.ProcessGroup | None) -> SaveResult:
         """Write, seal and publish one checkpoint (collective)."""
         started, name = time.perf_counter(), request.name
+        published = self.destination.checkpoint(name).url
         weights, adapter, training = _split(state_dict, request.adapter_only)
         weights_plan = phases.plan(lambda: self._plan_weights(weights), group) if weights is not None else None
         adapter_plan = phases.plan(lambda: self._plan_adapter(adapter, state_dict), group) if adapter is not None else None
@@ -116,10 +116,10 @@ class Saver:
         phases.decide(lambda: fresh_dir(staging), group)
         spread = phases.node_staging(staging, group, self.staging_nodes)  # several nodes: rank 0's assembles
         stats, hashes = None, {}  # hashed while written (complete on rank 0), then the rest read back
-        with spread.watching(f"save of {self.destination.checkpoint(name).url}", f"{url_key(str(staging))}-{next(self._count)}"):
+        with spread.watching(f"save of {published}", f"{url_key(str(staging))}-{next(self._count)}"):
             try:
                 if weights is not None:
-                    stats, hashes = self._write_weights(weights, weights_plan, staging, name, group, spread.channel)
+                    stats, hashes = self._write_weights(weights, weights_plan, staging, published, group, spread.channel)
                 if adapter is not None:
                     hashes |= _prefixed(adapter_dir, self._write_adapter(adapter, adapter_plan, staging / adapter_dir, group, spread.channel))
                 if request.intermediate:
@@ -135,23 +135,22 @@ class Saver:
             card = self._card(name, weights, request.training_info, group)
             size = phases.publish(lambda: self._complete_and_publish(staging, name, info, card, hashes), group)
         failpoint("save:after_publish")
-        published = self.destination.checkpoint(name).url
         if rank(group) == 0:
             seconds = time.perf_counter() - started
             log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_size(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
         if self.keep_last_n_checkpoints:
             phases.decide(lambda: prune(self.destination, keep=name, keep_last=int(self.keep_last_n_checkpoints)), group)
-        return SaveResult(published, stats, spread.traffic)
+        return SaveResult(stats, spread.traffic)
 
     def _plan_weights(self, model_state: dict[str, Any]) -> WritePlan:
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
         if self.save_dtype is not None:
             model_specs = {k: (converted(self.save_dtype, dt), s) for k, (dt, s) in model_specs.items()}
-        weight_map = self.base.weight_map()
+        weight_map = self.base.weight_map
         specs, destinations = match_for_save(self.base.key_map, model_specs, weight_map or ())
         return WritePlan(self.base.key_map, specs, destinations, layout_files(specs, weight_map, self.max_shard_size))
 
-    def _write_weights(self, model_state, plan: WritePlan, staging: Path, name: str, group, channel: Channel | None) -> tuple[IOStats, Digests]:
+    def _write_weights(self, model_state, plan: WritePlan, staging: Path, url: str, group, channel: Channel | None) -> tuple[IOStats, Digests]:
         config = saved_config(self.base.config, plan.key_map, plan.specs, plan.destinations)
 
         def finish(folder: Path) -> None:
@@ -159,7 +158,7 @@ class Saver:
             write_index(folder, plan.file_layout)
 
         stats, digests = phases.write(model_state, plan, staging, finish, group, channel=channel)
-        return IOStats(stats.bytes, stats.seconds, self.destination.checkpoint(name).url), digests
+        return IOStats(stats.bytes, stats.seconds, url), digests
 
     def _plan_adapter(self, adapter_state: dict[str, Any], state_dict: dict[str, Any]) -> tuple[WritePlan, dict[str, Any] | None]:
         """The adapter's plan and its PEFT config (None for an empty adapter: the file, and no config to describe it)."""

@@ -104,7 +104,7 @@ def export_dcp(source: Checkpoint, options: ExportOptions) -> Outcome:
         with byte_bar(plan.file_layout.total_bytes, f"export -> {options.to}") as bar:
             for file in plan.file_layout.headers:  # one file at a time: memory holds that file's tensors
                 one = plan.only(file)
-                write_hf_tensors(model.load(plan.keys_in(file)), one, out, lambda _: None, None)
+                write_hf_tensors(model.load(list(one.destinations)), one, out, lambda _: None, None)
                 bar.update(one.file_layout.total_bytes)
         write_json(out / CONFIG_FILE, saved_config(config, key_map, specs, destinations))
         copy_support_files(config_source.folder, out)

@@ -89,14 +89,10 @@ class WritePlan:
     file_layout: FileLayout
     subset: bool = False  # the state dict may hold more than these files take (see HFSavePlanner)
 
-    def keys_in(self, file: str) -> list[str]:
-        """The torchtune keys with rows in ``file``."""
-        return [t for t, d in self.destinations.items() if any(self.file_layout.entries[h].file == file for h in d.hf_keys)]
-
     def only(self, file: str) -> WritePlan:
-        """The plan of the one file ``file`` (to write the files one at a time)."""
+        """The plan of the one file ``file`` (to write the files one at a time); its destinations are the torchtune keys with rows there."""
         one = self.file_layout.subset(file)
-        destinations = {t: self.destinations[t] for t in self.keys_in(file)}
+        destinations = {t: d for t, d in self.destinations.items() if any(self.file_layout.entries[h].file == file for h in d.hf_keys)}
         return WritePlan(self.key_map, {h: self.specs[h] for h in one.entries}, destinations, one, subset=True)
 
 

@@ -35,7 +35,6 @@ class HFLoadPlanner(LoadPlanner):
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         files: CheckpointFiles = metadata.storage_data  # type: ignore[union-attr]
-        self.key_map = self.key_map.for_hf_keys(files.tensors)
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
         self.sources = match_for_load(self.key_map, shapes, files.tensors, files.folder.describe())
         self.state_dict = state_dict

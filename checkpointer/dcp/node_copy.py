@@ -21,7 +21,7 @@ from checkpointer.dcp.routing import Channel, file_runs, receive_file
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.folder import local_files
 from checkpointer.runtime.cache import cache_root, url_key
-from checkpointer.runtime.distributed import all_gather, is_distributed, on_all_ranks, on_rank_zero, rank, world_size
+from checkpointer.runtime.distributed import gather_on_all_ranks, is_distributed, on_all_ranks, on_rank_zero, rank, world_size
 from checkpointer.runtime.nodes import probe_nodes
 
 Listing = dict[str, int] | None
@@ -34,7 +34,7 @@ def readable_here(path: Path, group: dist.ProcessGroup | None = None, needed: Ca
     """
     if not is_distributed(group) or world_size(group) == 1:
         return path
-    listings: list[Listing] = all_gather(on_all_ranks(lambda: local_files(path) if path.is_dir() else None, group), group)
+    listings: list[Listing] = gather_on_all_ranks(lambda: local_files(path) if path.is_dir() else None, group)
     if all(listing == listings[0] for listing in listings):
         return path  # one shared folder, identical copies, or missing everywhere (the caller says so)
     _check_copyable(path, listings)

@@ -19,7 +19,7 @@ from typing import ContextManager
 import torch.distributed as dist
 
 from checkpointer.dcp.routing import Channel, Traffic, ship_folder
-from checkpointer.format.folder import local_files, make_dirs
+from checkpointer.format.folder import fresh_dir, local_files
 from checkpointer.runtime.distributed import on_all_ranks, on_rank_zero, rank
 from checkpointer.runtime.liveness import watching
 from checkpointer.runtime.nodes import Nodes, probe_nodes
@@ -48,7 +48,7 @@ class NodeStaging:
         nodes = known[key]
         staging = cls(folder, group, nodes, None if nodes.shared else Channel(group, nodes), rank(group))
         if not nodes.shared:
-            on_all_ranks(lambda: staging._fresh_local_copy() if staging.leads_a_remote_node else None, group)
+            on_all_ranks(lambda: fresh_dir(staging.folder) if staging.leads_a_remote_node else None, group)
         return staging
 
     @property
@@ -78,8 +78,3 @@ class NodeStaging:
         """Remove other nodes' local staging folders (rank 0's is published or removed by the caller)."""
         if self.leads_a_remote_node:
             shutil.rmtree(self.folder, ignore_errors=True)
-
-    def _fresh_local_copy(self) -> None:
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        make_dirs(self.folder)

@@ -22,14 +22,8 @@ from checkpointer.dcp.hf_io import quiet_dcp
 from checkpointer.dcp.training_state import JsonMetadataReader, WeightsOnlyLoadPlanner
 from checkpointer.errors import CheckpointArgumentError
 
-# torchtune.training's recipe-state keys (string constants, so that no torchtune import is needed)
+# torchtune.training's optimizer key (a string constant, so that no torchtune import is needed)
 OPT_KEY = "optimizer"
-SEED_KEY = "seed"
-EPOCHS_KEY = "epochs_run"
-TOTAL_EPOCHS_KEY = "total_epochs"
-MAX_STEPS_KEY = "max_steps_per_epoch"
-DATALOADER_KEY = "dataloader"
-RECIPE_STATE_KEYS = (OPT_KEY, SEED_KEY, EPOCHS_KEY, TOTAL_EPOCHS_KEY, MAX_STEPS_KEY, DATALOADER_KEY)
 
 
 def read_whole_training_state(reader: JsonMetadataReader) -> dict[str, Any]:

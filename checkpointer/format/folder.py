@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -54,6 +55,14 @@ def make_dirs(path: Path) -> None:
     """``path`` and its missing parents, each created 0755 (less under a stricter umask): never world-writable."""
     for missing in reversed([p for p in (path, *path.parents) if not p.exists()]):
         missing.mkdir(mode=0o755, exist_ok=True)
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at ``path`` (a leftover of an interrupted run is removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    make_dirs(path)
+    return path
 
 
 def check_relative_name(name: str, folder: str) -> str:

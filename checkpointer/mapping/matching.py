@@ -205,11 +205,10 @@ def match_for_save(
         if shape == (-1,):
             problems.append(f"the parts of {target.hf_key} ({list(target.parts)}) have incompatible shapes")
             continue
-        destination = Placement(target.hf_key, target.rule, 0, _experts(target, shapes[key]))
-        for hf_key in destination.hf_keys:
-            specs[hf_key] = TensorSpec(hf_key, next(iter(dtypes)), shape)
         offsets = _part_offsets(target.parts, _part_rows(target, shapes))
-        destinations[key] = Placement(target.hf_key, target.rule, offsets[key], destination.experts)
+        destinations[key] = Placement(target.hf_key, target.rule, offsets[key], _experts(target, shapes[key]))
+        for hf_key in destinations[key].hf_keys:
+            specs[hf_key] = TensorSpec(hf_key, next(iter(dtypes)), shape)
     _fail(problems, f"the state dict cannot be saved as {key_map.name}")
     return specs, destinations
 

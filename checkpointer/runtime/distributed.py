@@ -100,25 +100,44 @@ def on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) 
     its fields, when it is a CheckpointError, else a CheckpointError with its message (also
     on one process). The local exception, if any, is its cause.
     """
-    local_error: BaseException | None = None
-    result: T | None = None
-    try:
-        result = step()
-    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
-        local_error = e
-    report = None if local_error is None else (rank(group), portable(local_error))
+    result, local_error, report = _attempt(step, group)
+    if is_distributed(group):
+        reports: list = [None] * world_size(group)
+        dist.all_gather_object(reports, report, group=group)
+        _raise_any(reports, local_error, group)
+    return result  # type: ignore[return-value]
+
+
+def gather_on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> list[T]:
+    """Run ``step`` on every rank and return every rank's (picklable) result in rank order, in one collective.
+
+    Errors as :func:`on_all_ranks`; ``[result]`` without a process group.
+    """
+    result, local_error, report = _attempt(step, group)
     if not is_distributed(group):
-        if isinstance(local_error, CheckpointError):
-            raise local_error
-        if report is not None:
-            _raise_first([report], local_error, 1)
-        return result  # type: ignore[return-value]
-    reports: list = [None] * world_size(group)
-    dist.all_gather_object(reports, report, group=group)
+        return [result]  # type: ignore[list-item]
+    pairs: list = [None] * world_size(group)
+    dist.all_gather_object(pairs, (report, result if report is None else None), group=group)
+    _raise_any([r for r, _ in pairs], local_error, group)
+    return [value for _, value in pairs]
+
+
+def _attempt(step: Callable[[], T], group: dist.ProcessGroup | None) -> tuple[T | None, BaseException | None, Failure | None]:
+    """``step()`` on this rank: its result, or its error and the report the other ranks get (raised now without a group)."""
+    try:
+        return step(), None, None
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        if not is_distributed(group):
+            if isinstance(e, CheckpointError):
+                raise
+            _raise_first([(rank(group), portable(e))], e, 1)
+        return None, e, (rank(group), portable(e))
+
+
+def _raise_any(reports: list[Failure | None], local_error: BaseException | None, group: dist.ProcessGroup | None) -> None:
     failures = [r for r in reports if r is not None]
     if failures:
         _raise_first(failures, local_error, world_size(group))
-    return result  # type: ignore[return-value]
 
 
 def all_gather(value: T, group: dist.ProcessGroup | None = None) -> list[T]:

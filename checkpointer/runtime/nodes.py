@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from checkpointer.errors import CheckpointError
-from checkpointer.runtime.distributed import all_gather, barrier, is_distributed, on_all_ranks, on_rank_zero, rank, world_size
+from checkpointer.runtime.distributed import gather_on_all_ranks, is_distributed, on_all_ranks, on_rank_zero, rank, world_size
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,8 @@ def probe_nodes(folder: Path, group: dist.ProcessGroup | None = None) -> Nodes:
         (probes / f"rank-{me}").write_text(str(me))
 
     on_all_ranks(write_probe, group)
-    seen = on_all_ranks(lambda: tuple(sorted(int(p.name.removeprefix("rank-")) for p in probes.glob("rank-*"))), group)
-    views = all_gather(seen, group)
-    barrier(group)  # every rank has listed before the probes go
+    views = gather_on_all_ranks(lambda: tuple(sorted(int(p.name.removeprefix("rank-")) for p in probes.glob("rank-*"))), group)
+    # every rank has listed its view before the gather returns: the probes may go
     if min(views[me]) == me:
         shutil.rmtree(probes, ignore_errors=True)
     return _nodes_from_views(views, folder)

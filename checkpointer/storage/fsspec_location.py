@@ -21,18 +21,17 @@ from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, ch
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.json_files import parse_json, write_json
 from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.runtime.cache import cache_root, url_key
 from checkpointer.runtime.progress import byte_bar
 from checkpointer.runtime.retry import with_retries
 from checkpointer.storage.location import (
     CHECKPOINT_NAME,
     LAST_FILES,
     PublishOptions,
-    cache_root,
     kept_on_failure,
     remote_staging_dir,
     remote_staging_folder,
     upload_order,
-    url_key,
 )
 
 _PARALLEL = 8

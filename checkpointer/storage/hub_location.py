@@ -10,12 +10,13 @@ exactly one commit per checkpoint with ``create_commit`` against the branch head
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import shutil
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from huggingface_hub import (
     CommitOperationAdd,
@@ -42,16 +43,15 @@ from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE, TRAINING_STATE_DIR
 from checkpointer.format.model_card import CARD_MARKER, model_card
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR
+from checkpointer.runtime.cache import cache_root, url_key
 from checkpointer.runtime.retry import is_transient, with_retries
 from checkpointer.storage.location import (
     CHECKPOINT_NAME,
     PublishOptions,
-    cache_root,
     kept_on_failure,
     remote_staging_dir,
     remote_staging_folder,
     upload_order,
-    url_key,
 )
 from checkpointer.storage.urls import HubUrl
 
@@ -94,6 +94,17 @@ def _unreachable(error: Exception) -> bool:
 _HUB_FAILURES = (HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError)
 
 
+@contextlib.contextmanager
+def _hub_errors(url: HubUrl) -> Iterator[None]:
+    """The Hub's refusals and an unreachable endpoint as checkpointer errors naming ``url``; other errors as they are."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, _HUB_FAILURES) or _unreachable(e):
+            raise _hub_error(url, e) from None
+        raise
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """A file of a Hub repo as the Hub describes it."""
@@ -114,7 +125,7 @@ def _digest(path: Path, expected: RemoteFile) -> str:
 def repo_path(url: HubUrl, name: str) -> str:
     """The path of file ``name`` of the folder ``url`` names, inside its repo."""
     check_relative_name(name, str(url))
-    return f"{url.subfolder}/{name}" if url.subfolder else name
+    return url.folder_prefix + name
 
 
 class HubFolder:
@@ -188,7 +199,7 @@ class HubLocation:
         self._snapshot_memo = snapshot  # the repo at this revision, once asked (on the process that asked)
 
     def _in_folder(self, path: str) -> str | None:
-        prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
+        prefix = self.hub_url.folder_prefix
         return path[len(prefix) :] if path.startswith(prefix) and "/" not in path[len(prefix) :] else None
 
     def _snapshot(self) -> tuple[str, dict[str, RemoteFile]]:
@@ -199,15 +210,11 @@ class HubLocation:
 
     def _fetch_snapshot(self) -> tuple[str, dict[str, RemoteFile]]:
         """Ask the Hub for the commit sha the revision points at, and every file of the repo with its size and digests."""
-        try:
+        with _hub_errors(self.hub_url):
             info = with_retries(
                 lambda: self.api.repo_info(self.hub_url.repo_id, repo_type=self.hub_url.repo_type, revision=self.hub_url.revision, files_metadata=True),
                 f"resolving {self.hub_url}",
             )
-        except Exception as e:
-            if isinstance(e, _HUB_FAILURES) or _unreachable(e):
-                raise _hub_error(self.hub_url, e) from None
-            raise
         files = {
             s.rfilename: RemoteFile(s.size or 0, getattr(s.lfs, "sha256", None) if s.lfs else None, s.blob_id)
             for s in info.siblings or []
@@ -220,7 +227,7 @@ class HubLocation:
             return HubFiles(offline=True)
         sha, files = self._snapshot()
         if whole_folder:
-            prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
+            prefix = self.hub_url.folder_prefix
             paths = tuple(sorted(f for f in files if f.startswith(prefix)))
             if not paths:
                 raise CheckpointNotFoundError(f"{self.url}: no such folder at commit {sha}", url=self.url)
@@ -267,13 +274,8 @@ class HubLocation:
             if not verified:
                 self._verify_cached(Path(local), path, files[path])
 
-        try:
-            with concurrent.futures.ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
-                list(pool.map(fetch, sorted(paths, key=lambda p: -files[p].size)))
-        except Exception as e:
-            if isinstance(e, _HUB_FAILURES) or _unreachable(e):
-                raise _hub_error(self.hub_url, e) from None
-            raise
+        with _hub_errors(self.hub_url), concurrent.futures.ThreadPoolExecutor(_DOWNLOAD_THREADS) as pool:
+            list(pool.map(fetch, sorted(paths, key=lambda p: -files[p].size)))
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
 
@@ -318,7 +320,7 @@ class HubLocation:
 
     def _operations(self, folder: Path, existing: set[str], card: dict[str, Any] | None) -> list:
         """Add every staged file (and the card); delete earlier checkpoint files this one replaces."""
-        prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
+        prefix = self.hub_url.folder_prefix
         new = {prefix + rel: folder / rel for rel in upload_order(folder)}
         operations: list = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(p)) for path, p in new.items()]
         readme = prefix + README
@@ -425,7 +427,7 @@ class HubLocation:
             cached = self._open_cached(self.hub_url.revision or "main")
             return local_files(cached.root)
         _, remote = self._snapshot()
-        prefix = f"{self.hub_url.subfolder}/" if self.hub_url.subfolder else ""
+        prefix = self.hub_url.folder_prefix
         files = {p[len(prefix) :]: f.size for p, f in sorted(remote.items()) if p.startswith(prefix)}
         if not files:
             raise CheckpointNotFoundError(f"{self.hub_url}: no files there", url=self.url)

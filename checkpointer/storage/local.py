@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 from checkpointer.errors import CheckpointError, CheckpointNotFoundError
-from checkpointer.format.folder import Folder, LocalFolder, local_files
+from checkpointer.format.folder import Folder, LocalFolder, fresh_dir, local_files
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE
-from checkpointer.storage.location import CHECKPOINT_NAME, PublishOptions, fresh_dir
+from checkpointer.storage.location import CHECKPOINT_NAME, PublishOptions
 from checkpointer.storage.publish import replace_folder
 
 

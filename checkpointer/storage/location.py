@@ -24,13 +24,12 @@ sees a checkpoint as complete (``checkpointer.json`` present) only when it is.
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
 from checkpointer.errors import CheckpointTransportError
-from checkpointer.format.folder import Folder, local_files, make_dirs
+from checkpointer.format.folder import Folder, fresh_dir, local_files
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.runtime.cache import cache_root, url_key
@@ -56,14 +55,6 @@ def upload_order(folder: Path) -> dict[str, int]:
     """Every file under ``folder`` (relative path -> size), with ``LAST_FILES`` (top level) at the end."""
     files = local_files(folder)
     return {f: size for f, size in files.items() if f not in LAST_FILES} | {f: files[f] for f in LAST_FILES if f in files}
-
-
-def fresh_dir(path: Path) -> Path:
-    """An empty folder at ``path`` (a leftover of an interrupted run is removed)."""
-    if path.exists():
-        shutil.rmtree(path)
-    make_dirs(path)
-    return path
 
 
 def remote_staging_dir(url: str, name: str) -> Path:

@@ -48,6 +48,11 @@ class HubUrl:
         revision = f"@{self.revision.replace('/', '%2F')}" if self.revision else ""
         return f"hf://{prefix}{self.repo_id}{revision}" + (f"/{self.subfolder}" if self.subfolder else "")
 
+    @property
+    def folder_prefix(self) -> str:
+        """The repo paths below this folder start with it (``""`` at the repo root)."""
+        return f"{self.subfolder}/" if self.subfolder else ""
+
     def with_subfolder(self, name: str) -> HubUrl:
         return HubUrl(self.repo_id, self.repo_type, self.revision, "/".join(p for p in (self.subfolder, name) if p))
 

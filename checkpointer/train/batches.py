@@ -105,9 +105,9 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     squares = [g.norm(2) ** 2 for g in grads]
     total = torch.stack([s.full_tensor() if isinstance(s, DTensor) else s for s in squares]).sum().sqrt() if squares else torch.tensor(0.0)
-    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0).item()  # one host sync, not one per gradient
     for g in grads:
-        g.mul_(coefficient.item())
+        g.mul_(coefficient)
     return total
 
 

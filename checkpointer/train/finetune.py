@@ -35,7 +35,7 @@ from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.dtypes import SHORT_DTYPES
 from checkpointer.format.model_config import ModelConfig
 from checkpointer.mapping.key_maps import adapter_state_dict
-from checkpointer.runtime.distributed import free_port, rank, world_size
+from checkpointer.runtime.distributed import free_port, on_rank_zero, rank, world_size
 from checkpointer.train.batches import GlobalBatches, TrainingProgress, clip_gradients, global_sum, scale_gradients
 from checkpointer.train.builders import LoraSpec
 from checkpointer.train.fsdp import (
@@ -270,7 +270,7 @@ class FinetuneRecipe:
             loss = sum(chunk.sum() for chunk in (logits if isinstance(logits, list) else [logits])) * 0.0
         else:
             loss = self.loss_fn(logits, labels) * count
-        aux = router_aux_loss(self.model)  # mixture-of-experts load balancing, weighted as transformers does
+        aux = router_aux_loss(self.model) if self.router_aux_loss_coef else None  # MoE load balancing, weighted as transformers does
         if aux is not None:
             loss = loss + self.router_aux_loss_coef * aux * count
         loss.backward()
@@ -308,11 +308,9 @@ def shared_seed(seed: int | None) -> int:
     """The config's seed; for ``seed: null`` (torchtune: a random one) rank 0 draws it and every rank takes it."""
     if seed is not None:
         return int(seed)
-    drawn = [int.from_bytes(os.urandom(4), "little") if rank() == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(drawn, src=0)
-    log.info("seed: null: using seed %d", drawn[0])
-    return drawn[0]
+    drawn = on_rank_zero(lambda: int.from_bytes(os.urandom(4), "little"))
+    log.info("seed: null: using seed %d", drawn)
+    return drawn
 
 
 def shutdown(succeeded: bool) -> None:
