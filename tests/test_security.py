@@ -306,11 +306,13 @@ class FifoWatch:
         while not self._stop.is_set():
             for path in self.paths:
                 try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-                    self.opened.append(path.name)
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
                 except OSError as e:
                     if e.errno != errno.ENXIO:  # ENXIO: no reader, as it should be
                         self.errors.append(e)
+                    continue
+                self.opened.append(path.name)  # before the close: the reader's read returns only after it
+                os.close(fd)
             time.sleep(0.005)
 
     def __enter__(self) -> FifoWatch:
