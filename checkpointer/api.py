@@ -228,7 +228,7 @@ class DistributedHFCheckpointer:
         holds full weights. LoRA parameters come from the resumed checkpoint's adapter, or
         keep their initialization.
         """
-        state_dict = model.state_dict()
+        state_dict = model.state_dict(keep_vars=True)  # the parameters themselves: no detached copy of each to make
         phases.check(lambda: _check_materialized(state_dict), self.process_group)
         loader = self._loader()
         self._hold_output_lock(self.process_group)

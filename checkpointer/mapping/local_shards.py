@@ -11,12 +11,14 @@ strided shard whose rows are not consecutive gives several boxes, never a gather
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+from torch.distributed.tensor.placement_types import Placement as DTensorPlacement
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from checkpointer.errors import CheckpointArgumentError, CheckpointMismatchError, CheckpointUnsupportedError
@@ -49,43 +51,59 @@ def local_boxes(key: str, value: object) -> list[LocalShard]:
 
 
 def _dtensor_boxes(key: str, value: DTensor) -> list[LocalShard]:
-    local, shape = value.to_local(), tuple(value.shape)
-    indices = _global_indices(key, value)
-    if tuple(local.shape) != tuple(len(indices.get(d, range(n))) for d, n in enumerate(shape)):
+    local, shape, placements = value.to_local(), tuple(value.shape), tuple(value.placements)
+    _check_placements(key, placements)
+    mesh = value.device_mesh
+    local_shape, per_dim = _layout(shape, placements, tuple(mesh.shape), tuple(mesh.get_coordinate()))
+    if tuple(local.shape) != local_shape:
         raise CheckpointMismatchError(f"{key}: local shard shape {tuple(local.shape)} differs from its DTensor layout {value.placements}", key=key)
     if local.numel() == 0:
         return []
-    per_dim = [_intervals(indices[d]) if d in indices else [(0, 0, n)] for d, n in enumerate(shape)]
     boxes = []
     for box in itertools.product(*per_dim):
         view = local
         for dim, (local_start, _, length) in enumerate(box):
-            view = view.narrow(dim, local_start, length)
+            if length != local_shape[dim]:
+                view = view.narrow(dim, local_start, length)
         boxes.append(LocalShard(view, tuple(start for _, start, _ in box), shape))
     return boxes
 
 
-def _global_indices(key: str, value: DTensor) -> dict[int, torch.Tensor]:
-    """Sharded dim -> the global index of each local position along it (torch's own computation)."""
-    mesh, shape = value.device_mesh, tuple(value.shape)
-    coordinate = mesh.get_coordinate()
-    indices: dict[int, torch.Tensor] = {}
-    sizes = list(shape)
-    for mesh_dim, placement in enumerate(value.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if not isinstance(placement, (Shard, _StridedShard)):
+def _check_placements(key: str, placements: tuple[DTensorPlacement, ...]) -> None:
+    for placement in placements:
+        if not isinstance(placement, (Replicate, Shard, _StridedShard)):
             raise CheckpointUnsupportedError(
                 f"{key}: DTensor placement {placement} holds partial values, not a part of the tensor: "
                 "reduce it (redistribute to Replicate or Shard) before saving",
                 key=key,
             )
+
+
+Intervals = tuple[tuple[int, int, int], ...]  # (local start, global start, length) per run of one dim
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(
+    shape: tuple[int, ...], placements: tuple[DTensorPlacement, ...], mesh_shape: tuple[int, ...], coordinate: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[Intervals, ...]]:
+    """The local shape and, per dim, the runs of global indices of the shard at ``coordinate`` of a mesh.
+
+    A model's layouts are the same at every load and save, so each is worked out once per process.
+    """
+    indices: dict[int, torch.Tensor] = {}  # sharded dim -> the global index of each local position (torch's own computation)
+    sizes = list(shape)
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Replicate):
+            continue
         dim = placement.dim
         size, index = _get_shard_size_and_offsets(
-            sizes[dim], mesh.size(mesh_dim), coordinate[mesh_dim], placement, indices.get(dim), shape[dim], False
+            sizes[dim], mesh_shape[mesh_dim], coordinate[mesh_dim], placement, indices.get(dim), shape[dim], False
         )
         sizes[dim], indices[dim] = size, index[:size]
-    return indices
+    local_shape = tuple(len(indices[d]) if d in indices else n for d, n in enumerate(shape))
+    if not all(local_shape):
+        return local_shape, ()
+    return local_shape, tuple(tuple(_intervals(indices[d])) if d in indices else ((0, 0, n),) for d, n in enumerate(shape))
 
 
 def _intervals(index: torch.Tensor) -> list[tuple[int, int, int]]:
