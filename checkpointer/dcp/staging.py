@@ -2,8 +2,8 @@
 
 Only this rank's data is copied (the local tensor of each DTensor); each staged DTensor
 keeps its mesh, placements and global shape, so the planners see the same boxes. The
-buffers are allocated once per key and reused by every later save (pinned when the
-source is on an accelerator).
+buffers, and the DTensors around them, are made once per key and reused by every later
+save (pinned when the source is on an accelerator).
 """
 
 from __future__ import annotations
@@ -20,6 +20,30 @@ class StagingBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._staged: dict[str, tuple[torch.Tensor, DTensor]] = {}  # path -> (its buffer, that buffer as a DTensor)
+
+    def stage(self, value: Any) -> Any:
+        """A copy of ``value`` whose tensors live in this object's buffers (containers rebuilt, others deep-copied)."""
+        with torch.no_grad():
+            staged = self._stage(value, "")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies are done before training changes the sources
+        return staged
+
+    def _stage(self, value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._tensor(path, value)
+        if isinstance(value, dict):
+            return {k: self._stage(v, f"{path}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._stage(v, f"{path}/{i}") for i, v in enumerate(value))
+        return copy.deepcopy(value)
+
+    def _tensor(self, path: str, value: torch.Tensor) -> torch.Tensor:
+        local = value.to_local() if isinstance(value, DTensor) else value
+        buffer = self._buffer(path, local)
+        buffer.copy_(local, non_blocking=True)
+        return self._as_dtensor(path, value, buffer) if isinstance(value, DTensor) else buffer
 
     def _buffer(self, path: str, like: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(path)
@@ -29,24 +53,14 @@ class StagingBuffers:
             self._buffers[path] = buffer
         return buffer
 
-    def _tensor(self, path: str, value: torch.Tensor) -> torch.Tensor:
-        local = value.to_local() if isinstance(value, DTensor) else value
-        buffer = self._buffer(path, local)
-        buffer.copy_(local.detach(), non_blocking=True)
-        if isinstance(value, DTensor):
-            return DTensor.from_local(buffer, value.device_mesh, value.placements, shape=value.shape, stride=value.stride(), run_check=False)
-        return buffer
-
-    def stage(self, value: Any, path: str = "") -> Any:
-        """A copy of ``value`` whose tensors live in this object's buffers (containers rebuilt, others deep-copied)."""
-        if isinstance(value, torch.Tensor):
-            staged = self._tensor(path, value)
-        elif isinstance(value, dict):
-            staged = {k: self.stage(v, f"{path}/{k}") for k, v in value.items()}
-        elif isinstance(value, (list, tuple)):
-            staged = type(value)(self.stage(v, f"{path}/{i}") for i, v in enumerate(value))
-        else:
-            staged = copy.deepcopy(value)
-        if path == "" and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking copies are done before training changes the sources
+    def _as_dtensor(self, path: str, value: DTensor, buffer: torch.Tensor) -> DTensor:
+        """``buffer`` as the local shard of a DTensor laid out as ``value`` (reused while buffer and layout stay)."""
+        wrapped, staged = self._staged.get(path, (None, None))
+        if wrapped is not buffer or not _same_layout(staged, value):
+            staged = DTensor.from_local(buffer, value.device_mesh, value.placements, shape=value.shape, stride=value.stride(), run_check=False)
+            self._staged[path] = (buffer, staged)
         return staged
+
+
+def _same_layout(a: DTensor, b: DTensor) -> bool:
+    return a.device_mesh is b.device_mesh and a.placements == b.placements and a.shape == b.shape and a.stride() == b.stride()
