@@ -21,6 +21,8 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
 - ``load/ours_tp``, ``save/ours_tp``: the same with tensor parallelism over every rank;
   ``load/ours_fsdp_tp``, ``save/ours_fsdp_tp``: FSDP2 over tensor parallel 2 (W >= 4). Each
   records the bytes the rank read or wrote (``moved``), which the report sets against W's share.
+- ``stage/floor``: a plain copy of this rank's shards into buffers allocated beforehand (what
+  ``save/ours_async`` must do before it returns), checked like a load.
 - ``load/floor``, ``save/floor``: plain ``os.preadv`` of this rank's rows into its shards;
   ``safetensors.torch.save_file`` of this rank's shards into a file of its own
   (``save/floor_fsync``: the same, then fsync, as durable as ours).
@@ -172,7 +174,7 @@ Prepare = Callable[[Context, int], Operation]
 
 @dataclass(frozen=True)
 class Method:
-    """One way to load or save: ``op`` is "load" or "save"; ``name`` is who does it."""
+    """One way to load, save or stage: ``op`` is "load", "save" or "stage"; ``name`` is who does it."""
 
     op: str
     name: str
@@ -355,6 +357,29 @@ def save_ours_async(ctx: Context, rep: int) -> Operation:
         return Unfinished(finish)
 
     return operation
+
+
+@method("stage", "floor", "torch copy_ of this rank's shards into reused buffers: the least a save that returns before writing can block")
+def stage_floor(ctx: Context, rep: int) -> Operation:
+    sources = ctx.loaded_model.state_dict()
+    buffers = {key: torch.empty_like(local_tensor(value)) for key, value in sources.items()}
+    for key, buffer in buffers.items():  # touched once, as the async save's first save touches its buffers
+        buffer.copy_(local_tensor(sources[key]))
+    staged = {key: _like(sources[key], buffer) for key, buffer in buffers.items()}  # the same memory, checked as shards
+
+    def operation() -> dict[str, torch.Tensor]:
+        for key, buffer in buffers.items():
+            buffer.copy_(local_tensor(sources[key]))
+        return staged
+
+    return operation
+
+
+def _like(value: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as the local shard of a DTensor laid out as ``value`` (``local`` itself for a plain tensor)."""
+    if not isinstance(value, DTensor):
+        return local
+    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride())
 
 
 @method("save", "torchtune", "gather_cpu_state_dict + rank 0 FullModelHFCheckpointer.save_checkpoint")

@@ -3,7 +3,7 @@
 Repetitions are the outer loop, and each repetition runs the methods in its own
 shuffled order (the same on every rank), so that drift and what one method leaves behind
 for the next (on this VM, memory freed seconds ago is several times faster to touch again
-than memory the host has taken back) spread over all methods alike. Each operation is checked after it is timed: a load by a checksum of
+than memory the host has taken back) spread over all methods alike. Each operation is checked after it is timed: a load (or a copy) by a checksum of
 everything the ranks loaded (a sum, so the same for torchtune and HF row orders), a
 save by the tensor bytes found in the files it wrote.
 """
@@ -53,7 +53,7 @@ def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]
     logging.getLogger("torchtune").setLevel(logging.WARNING)  # one INFO line per file saved
     ctx = Context(rank, world, Path(settings.base), Path(settings.out))
     methods = [METHODS[key] for key in settings.methods if METHODS[key].applies(world, ctx.config)]
-    if any(m.op == "save" for m in methods):
+    if any(m.op != "load" for m in methods):
         ctx.loaded_model, ctx.loaded_hf_shards  # noqa: B018 - the save sources exist before any timing
     records = [_run_once(ctx, m, rep) for rep in range(settings.reps) for m in _shuffled(methods, rep)]
     if settings.profile:
@@ -73,7 +73,7 @@ def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
     sample, result = measure(operation)
     if isinstance(result, Unfinished):
         result = result.finish()
-    check = _checksum(result) if method.op == "load" else _saved_bytes(ctx, result)
+    check = _saved_bytes(ctx, result) if method.op == "save" else _checksum(result)
     del operation, result
     _clean(ctx, ctx.out_dir(method.key, rep))
     moved, ctx.moved = ctx.moved, None
