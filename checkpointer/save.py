@@ -189,7 +189,8 @@ class Saver:
         phases.write_training_state(training, staging / TRAINING_STATE_DIR, group)
         spread.gather(staging / TRAINING_STATE_DIR)
         training_files = _prefixed(TRAINING_STATE_DIR, spread.listing(staging / TRAINING_STATE_DIR))
-        return phases.hash_files(LocalFolder(staging), training_files, group, spread.nodes.home)
+        with LocalFolder(staging) as folder:
+            return phases.hash_files(folder, training_files, group, spread.nodes.home)
 
     def _complete_and_publish(self, staging: Path, name: str, info: dict, card: dict, hashes: Digests) -> int:
         """Rank 0, in one step: the support files, digests of the files nobody hashed yet, the manifest, publish; the bytes saved.
@@ -200,7 +201,8 @@ class Saver:
             copy_support_files(self.base.folder, staging)
             sizes = files_of(staging)
             failpoint("save:hash")
-            hashes = hashes | read_back_digests(LocalFolder(staging), {n: s for n, s in sizes.items() if n not in hashes})
+            with LocalFolder(staging) as folder:
+                hashes = hashes | read_back_digests(folder, {n: s for n, s in sizes.items() if n not in hashes})
             seal(staging, info, sizes, hashes)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -273,6 +273,37 @@ def test_pruning_never_follows_a_symlink_named_like_a_checkpoint(tiny_llama3: Pa
     assert (out / "step_1").is_symlink() and _tree(outside) == before
 
 
+def test_a_long_job_holds_no_file_of_a_pruned_checkpoint_open(tiny_llama3: Path, tmp_path: Path) -> None:
+    """A pruned checkpoint's disk space is free while the job runs: no descriptor of the process keeps one of its files."""
+    out = tmp_path / "out"
+    checkpointer, model = _loaded(tiny_llama3, out, keep_last_n_checkpoints=1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    _train_and_save(checkpointer, model, optimizer, steps=(1, 2))
+    resumed, model = _loaded(tiny_llama3, out, keep_last_n_checkpoints=1, resume_from_checkpoint=True)  # reads step_2
+    optimizer = torch.optim.AdamW(model.parameters())
+    resumed.load_training_state({"optimizer": optimizer.state_dict(), "progress": {"step": -1}})
+    _train_and_save(resumed, model, optimizer, steps=(3, 4))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["step_4"]
+    assert (out / "step_4" / TRAINING_STATE_DIR).is_dir()  # the pruned ones had their training state too
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if _is_link(f"/proc/self/fd/{fd}")]
+    assert [path for path in held if path.startswith(str(out)) and path.endswith("(deleted)")] == []
+
+
+def _train_and_save(checkpointer: DistributedHFCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: tuple[int, ...]) -> None:
+    for step in steps:
+        model(torch.tensor([[1, 2, 3]])).sum().backward()
+        optimizer.step()
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": {"step": step}}
+        checkpointer.save_checkpoint(state, epoch=0, intermediate_checkpoint=True, step=step)
+
+
+def _is_link(path: str) -> bool:
+    try:
+        return os.path.islink(path)
+    except OSError:  # the descriptor os.listdir used is gone
+        return False
+
+
 def test_pruning_never_deletes_the_checkpoint_it_just_saved(tiny_llama3: Path, saved_llama3: Path, tmp_path: Path) -> None:
     """A checkpoint stamped in the future (a node with a fast clock) must not make a save delete itself."""
     out = tmp_path / "out"

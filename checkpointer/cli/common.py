@@ -210,7 +210,8 @@ def publish_built(
         info = {"name": Path(destination.url).name, "made_by": f"checkpointer {command}", "world_size": 1,
                 "contents": Contents(weights=True).as_json()}  # fmt: skip
         sizes = files_of(staging)
-        seal(staging, info, sizes, hash_files(LocalFolder(staging), sizes))
+        with LocalFolder(staging) as folder:
+            seal(staging, info, sizes, hash_files(folder, sizes))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

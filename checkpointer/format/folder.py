@@ -149,3 +149,9 @@ class LocalFolder:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def __enter__(self) -> LocalFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # a folder that is about to be renamed or pruned must not keep its files open
