@@ -108,8 +108,8 @@ def _saved_bytes(ctx: Context, folder: Path) -> int:
     """Tensor bytes in the safetensors files of ``folder`` (counted on rank 0, 0 elsewhere)."""
     if ctx.rank != 0:
         return 0
-    saved = LocalFolder(folder)
-    return sum(e.nbytes for file in folder.glob("*.safetensors") for e in read_header(saved, file.name).tensors.values())
+    with LocalFolder(folder) as saved:  # closed: the folder is deleted next, and its space must be freed
+        return sum(e.nbytes for file in folder.glob("*.safetensors") for e in read_header(saved, file.name).tensors.values())
 
 
 def _clean(ctx: Context, folder: Path) -> None:
