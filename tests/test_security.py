@@ -285,8 +285,7 @@ def test_a_long_job_holds_no_file_of_a_pruned_checkpoint_open(tiny_llama3: Path,
     _train_and_save(resumed, model, optimizer, steps=(3, 4))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["step_4"]
     assert (out / "step_4" / TRAINING_STATE_DIR).is_dir()  # the pruned ones had their training state too
-    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if _is_link(f"/proc/self/fd/{fd}")]
-    assert [path for path in held if path.startswith(str(out)) and path.endswith("(deleted)")] == []
+    assert [path for path in _open_files() if path.startswith(str(out)) and path.endswith("(deleted)")] == []
 
 
 def _train_and_save(checkpointer: DistributedHFCheckpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: tuple[int, ...]) -> None:
@@ -297,11 +296,15 @@ def _train_and_save(checkpointer: DistributedHFCheckpointer, model: torch.nn.Mod
         checkpointer.save_checkpoint(state, epoch=0, intermediate_checkpoint=True, step=step)
 
 
-def _is_link(path: str) -> bool:
-    try:
-        return os.path.islink(path)
-    except OSError:  # the descriptor os.listdir used is gone
-        return False
+def _open_files() -> list[str]:
+    """Where each open descriptor of this process points."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor listdir itself used, closed since
+            continue
+    return paths
 
 
 def test_pruning_never_deletes_the_checkpoint_it_just_saved(tiny_llama3: Path, saved_llama3: Path, tmp_path: Path) -> None:
