@@ -235,6 +235,8 @@ def _rotated(files: list[str], rank: int) -> dict[str, int]:
 def split_pieces(pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> list[list[memoryview]]:
     """``pieces`` (bytes back to back) cut at the run boundaries: the pieces of each run, without copies."""
     pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
+    if len(runs) == 1:  # a box of whole rows: one run holds every piece (RoPE q/k views have a piece per row)
+        return [pending]
     split, index, used = [], 0, 0  # ``used``: bytes of pending[index] already handed out
     for _, length in runs:
         batch, need = [], length
