@@ -48,6 +48,7 @@ from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_checkpoint_files
 from checkpointer.format.safetensors import TensorEntry
 from checkpointer.format.tensor_io import tensor_bytes
+from checkpointer.mapping.local_shards import dtensor_like
 from checkpointer.train.fsdp import build_sharded_model, default_mesh, parallel_mesh
 
 DTYPE = torch.bfloat16
@@ -365,7 +366,7 @@ def stage_floor(ctx: Context, rep: int) -> Operation:
     buffers = {key: torch.empty_like(local_tensor(value)) for key, value in sources.items()}
     for key, buffer in buffers.items():  # touched once, as the async save's first save touches its buffers
         buffer.copy_(local_tensor(sources[key]))
-    staged = {key: _like(sources[key], buffer) for key, buffer in buffers.items()}  # the same memory, checked as shards
+    staged = {key: dtensor_like(sources[key], buffer) if isinstance(sources[key], DTensor) else buffer for key, buffer in buffers.items()}  # the same memory, checked as shards
 
     def operation() -> dict[str, torch.Tensor]:
         for key, buffer in buffers.items():
@@ -373,13 +374,6 @@ def stage_floor(ctx: Context, rep: int) -> Operation:
         return staged
 
     return operation
-
-
-def _like(value: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """``local`` as the local shard of a DTensor laid out as ``value`` (``local`` itself for a plain tensor)."""
-    if not isinstance(value, DTensor):
-        return local
-    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride())
 
 
 @method("save", "torchtune", "gather_cpu_state_dict + rank 0 FullModelHFCheckpointer.save_checkpoint")

@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from checkpointer.mapping.local_shards import dtensor_like
+
 
 class StagingBuffers:
     """Reusable CPU copies of a state dict's local shards."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
-        self._staged: dict[str, tuple[torch.Tensor, DTensor]] = {}  # path -> (its buffer, that buffer as a DTensor)
+        self._staged: dict[str, DTensor] = {}  # path -> its current buffer as a DTensor
 
     def stage(self, value: Any) -> Any:
         """A copy of ``value`` whose tensors live in this object's buffers (containers rebuilt, others deep-copied)."""
@@ -51,14 +53,14 @@ class StagingBuffers:
             pin = like.device.type != "cpu" and torch.cuda.is_available()
             buffer = torch.empty(like.shape, dtype=like.dtype, pin_memory=pin)
             self._buffers[path] = buffer
+            self._staged.pop(path, None)  # it wrapped the old buffer
         return buffer
 
     def _as_dtensor(self, path: str, value: DTensor, buffer: torch.Tensor) -> DTensor:
         """``buffer`` as the local shard of a DTensor laid out as ``value`` (reused while buffer and layout stay)."""
-        wrapped, staged = self._staged.get(path, (None, None))
-        if wrapped is not buffer or not _same_layout(staged, value):
-            staged = DTensor.from_local(buffer, value.device_mesh, value.placements, shape=value.shape, stride=value.stride(), run_check=False)
-            self._staged[path] = (buffer, staged)
+        staged = self._staged.get(path)
+        if staged is None or not _same_layout(staged, value):
+            staged = self._staged[path] = dtensor_like(value, buffer)
         return staged
 
 

@@ -120,6 +120,11 @@ def _intervals(index: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
+def dtensor_like(value: DTensor, local: torch.Tensor) -> DTensor:
+    """``local`` as this rank's shard of a DTensor laid out exactly as ``value`` (no copy, no collective)."""
+    return DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape, stride=value.stride(), run_check=False)
+
+
 def global_spec(key: str, value: object) -> tuple[torch.dtype, tuple[int, ...]]:
     """The dtype and global shape of a tensor or DTensor; refuses anything else."""
     if not isinstance(value, torch.Tensor):
