@@ -20,6 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from checkpointer.dcp.load_planner import HFLoadPlanner
+from checkpointer.dcp.one_entry import wrapped
 from checkpointer.dcp.routing import Channel
 from checkpointer.dcp.save_planner import HFSavePlanner
 from checkpointer.dcp.storage_reader import SafetensorsReader
@@ -64,7 +65,7 @@ def read_hf_tensors(
     """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``."""
     reader, started = SafetensorsReader(files), time.perf_counter()
     with quiet_dcp(), torch.no_grad():
-        on_all_ranks(lambda: _alone(lambda: dcp.load(state_dict, storage_reader=reader, planner=HFLoadPlanner(key_map), no_dist=True)), group)
+        on_all_ranks(lambda: _alone(lambda: dcp.load(wrapped(state_dict), storage_reader=reader, planner=HFLoadPlanner(key_map), no_dist=True)), group)
     return IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
 
 
@@ -114,7 +115,7 @@ def write_hf_tensors(
     writer, started = SafetensorsWriter(folder, plan.file_layout, finish, channel), time.perf_counter()
     with quiet_dcp(), dcp_errors(group), torch.no_grad():
         dcp.save(
-            state_dict,
+            wrapped(state_dict),
             storage_writer=writer,
             planner=HFSavePlanner(plan.key_map, plan.specs, plan.destinations, plan.subset),
             process_group=group,

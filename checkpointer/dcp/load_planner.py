@@ -16,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
+from checkpointer.dcp.one_entry import unwrapped
 from checkpointer.errors import CheckpointArgumentError
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.mapping.key_maps import KeyMap
@@ -35,6 +36,7 @@ class HFLoadPlanner(LoadPlanner):
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         files: CheckpointFiles = metadata.storage_data  # type: ignore[union-attr]
+        state_dict = unwrapped(state_dict)
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
         self.sources = match_for_load(self.key_map, shapes, files.tensors, files.folder.describe())
         self.state_dict = state_dict

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 
+from checkpointer.dcp.one_entry import unwrapped
 from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.boxes import Box, exact_cover
@@ -48,7 +49,7 @@ class HFSavePlanner(SavePlanner):
         self.state_dict: dict[str, Any] = {}
 
     def set_up_planner(self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False) -> None:
-        self.state_dict = state_dict
+        self.state_dict = unwrapped(state_dict)
 
     def create_local_plan(self) -> SavePlan:
         self.views = {}
