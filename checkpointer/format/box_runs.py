@@ -45,6 +45,8 @@ def box_byte_runs(entry: TensorEntry, offsets: tuple[int, ...], sizes: tuple[int
         split -= 1
     strides = [math.prod(entry.shape[d + 1 :]) for d in range(len(entry.shape))]
     run_bytes = sizes[split] * strides[split] * itemsize
+    if split == 0:  # whole rows (FSDP2 and ColwiseParallel shards, experts): one run
+        return [(entry.start + offsets[0] * strides[0] * itemsize, run_bytes)]
     starts = torch.tensor([offsets[split] * strides[split]], dtype=torch.int64)
     for dim in range(split - 1, -1, -1):
         starts = (torch.arange(offsets[dim], offsets[dim] + sizes[dim], dtype=torch.int64) * strides[dim])[:, None] + starts[None, :]
