@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from bench.methods import METHODS
@@ -34,6 +34,7 @@ class Result:
     reps: int
     check: str
     moved_share: float | None = None  # median over repetitions of max over ranks of bytes read or written / (model / W)
+    by_rep: dict[int, float] = field(default_factory=dict)  # repetition -> the slowest rank's seconds
 
     @property
     def seconds_per_gb(self) -> float:
@@ -64,6 +65,7 @@ def summarize(size: str, model_bytes: int, world: int, ranks: list[list[dict[str
             reps=len(reps),
             check=_check(key, mine, model_bytes, reference),
             moved_share=statistics.median(_worst_per_rep(by_rep, lambda r: r["moved"] * world / model_bytes)) if "moved" in mine[0] else None,
+            by_rep=dict(zip(reps, seconds)),
         )
     return results
 
@@ -157,8 +159,8 @@ RATIOS: list[tuple[str, str, str]] = [
 ]
 
 
-def ratios_table(results: list[Result], best: bool = False) -> list[str]:
-    """Time ratios of medians (or of best times), per size and world size."""
+def ratios_table(results: list[Result], how: str = "medians") -> list[str]:
+    """Time ratios per size and world size: of medians, of best times, or ``"paired"`` (see :func:`time_ratio`)."""
     index = {(r.size, r.world, r.key): r for r in results}
     cells = sorted({(r.size, r.world) for r in results}, key=lambda c: (results_order(c[0]), c[1]))
     rows = []
@@ -166,7 +168,7 @@ def ratios_table(results: list[Result], best: bool = False) -> list[str]:
         row = [size, str(world)]
         for _, a, b in RATIOS:
             ra, rb = index.get((size, world, a)), index.get((size, world, b))
-            row.append(f"{_time(ra, best) / _time(rb, best):.2f}" if ra and rb else "-")
+            row.append(f"{time_ratio(ra, rb, how):.2f}" if ra and rb else "-")
         rows.append(row)
     return _table(["size", "W"] + [name for name, _, _ in RATIOS], rows)
 
@@ -184,8 +186,16 @@ def first_load_table(results: list[Result]) -> list[str]:
     return _table(header, rows) if rows else []
 
 
-def _time(result: Result, best: bool) -> float:
-    return result.best if best else result.seconds
+def time_ratio(a: Result, b: Result, how: str = "medians") -> float:
+    """``a``'s time over ``b``'s: of their medians, of their best repetitions, or ``"paired"``.
+
+    Paired is the median, over the repetitions both ran, of each repetition's own ratio: the two
+    ran in the same repetition, at most minutes apart, so a slow spell of the machine that
+    lasts a repetition slows both.
+    """
+    if how == "paired":
+        return statistics.median(a.by_rep[rep] / b.by_rep[rep] for rep in sorted(a.by_rep.keys() & b.by_rep.keys()))
+    return a.best / b.best if how == "best" else a.seconds / b.seconds
 
 
 def results_order(size: str) -> int:
@@ -221,7 +231,10 @@ def _time_ratio(target: str, a: str, b: str, limit: float, at_most: bool) -> Cal
             return None
         ratio = ra.seconds / rb.seconds
         passed = ratio <= limit if at_most else ratio >= limit
-        detail = f"{a} {ra.seconds:.3f} s / {b} {rb.seconds:.3f} s = {ratio:.2f} ({'<=' if at_most else '>='} {limit})"
+        detail = (
+            f"{a} {ra.seconds:.3f} s / {b} {rb.seconds:.3f} s = {ratio:.2f} ({'<=' if at_most else '>='} {limit}); "
+            f"paired {time_ratio(ra, rb, 'paired'):.2f}"
+        )
         return Verdict(target, size, world, passed, detail)
 
     return check

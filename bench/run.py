@@ -227,7 +227,12 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "",
         "The same ratios of the best repetitions (contention from other processes only ever adds time):",
         "",
-        *ratios_table(results, best=True),
+        *ratios_table(results, how="best"),
+        "",
+        "The same ratios paired: the median over repetitions of each repetition's own ratio (the two methods ran "
+        "in the same repetition, so a slow spell of the machine that lasts a repetition slows both):",
+        "",
+        *ratios_table(results, how="paired"),
         "",
         "## What a first load costs",
         "",

@@ -24,5 +24,6 @@ def test_benchmark_runs_every_method_on_two_ranks(tmp_path):
     table = "\n".join(results_table(results))
     assert all(f"| {key} |" in table for key in methods)
     assert "-" not in ratios_table(results)[-1].split("|", 3)[3]  # every ratio has both of its methods
+    assert ratios_table(results, how="paired") == ratios_table(results)  # one repetition: its ratio is the ratio of medians
     assert [(g.size, g.world) for g in measured.groups] == [("1m", 2)]
     assert {v.target for v in verdicts(results)} >= {"load at most 1.05x the preadv floor", "save at most 1.1x the durable floor (save_file + fsync)"}
