@@ -102,6 +102,7 @@ class Saver:
     hold_output_lock: Callable[[dist.ProcessGroup | None], None]
     staging_nodes: dict[str, Nodes] = field(default_factory=dict)  # staging parent -> which ranks share it (probed at the first save)
     _count: itertools.count = field(default_factory=itertools.count)
+    _last_weights_plan: tuple[list[Any], WritePlan] | None = None  # (the model's specs, their plan): later saves reuse it
 
     def save(self, state_dict: dict[str, Any], request: SaveRequest, group: dist.ProcessGroup | None) -> SaveResult:
         """Write, seal and publish one checkpoint (collective)."""
@@ -146,9 +147,13 @@ class Saver:
         model_specs = {key: global_spec(key, value) for key, value in model_state.items()}
         if self.save_dtype is not None:
             model_specs = {k: (converted(self.save_dtype, dt), s) for k, (dt, s) in model_specs.items()}
+        if self._last_weights_plan is not None and self._last_weights_plan[0] == list(model_specs.items()):
+            return self._last_weights_plan[1]  # the same keys (in order), dtypes and shapes as the last save: the same files
         weight_map = self.base.weight_map
         specs, destinations = match_for_save(self.base.key_map, model_specs, weight_map or ())
-        return WritePlan(self.base.key_map, specs, destinations, layout_files(specs, weight_map, self.max_shard_size))
+        plan = WritePlan(self.base.key_map, specs, destinations, layout_files(specs, weight_map, self.max_shard_size))
+        self._last_weights_plan = (list(model_specs.items()), plan)
+        return plan
 
     def _write_weights(self, model_state, plan: WritePlan, staging: Path, url: str, group, channel: Channel | None) -> tuple[IOStats, Digests]:
         config = saved_config(self.base.config, plan.key_map, plan.specs, plan.destinations)

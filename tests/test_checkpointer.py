@@ -112,6 +112,23 @@ def test_saving_again_replaces_the_old_checkpoint_whole(tiny_models, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != LOCK_FILE) == ["epoch_0"]  # no staging or replaced folders
 
 
+def test_a_later_save_of_other_dtypes_lays_out_its_own_files(tiny_models, tmp_path):
+    """A checkpointer reuses its last save's file layout only for the same keys, dtypes and shapes."""
+    base = tiny_models["llama2"]
+    model = build_model_from_dir("LLAMA2", base)
+    checkpointer = DistributedHFCheckpointer(base, tmp_path, "LLAMA2")
+    checkpointer.load_model(model)
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    norms = {torch.float32: model.norm.scale.detach().clone()}
+    model.to(torch.bfloat16)
+    norms[torch.bfloat16] = model.norm.scale.detach().clone()
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=1)
+    for epoch, (dtype, norm) in enumerate(norms.items()):
+        assert json.loads((tmp_path / f"epoch_{epoch}" / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+        with safe_open(tmp_path / f"epoch_{epoch}" / "model.safetensors", "pt") as f:
+            assert torch.equal(f.get_tensor("model.norm.weight"), norm)
+
+
 def test_non_tensor_values_are_refused_before_anything_is_written(tiny_models, tmp_path):
     from checkpointer import CheckpointError
 
