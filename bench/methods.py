@@ -9,7 +9,9 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
   ``load/ours`` is a load by a checkpointer that has read the base's config and headers
   (what every load after a job's first costs: the part comparable with the floor, which
   knows the layout too); ``load/ours_first`` is a new checkpointer's first load, which also
-  reads ``config.json``, every header and checks the manifest;
+  reads ``config.json``, every header and checks the manifest; ``save/ours`` likewise is a
+  save by a checkpointer that has saved before (untimed, in its preparation), and
+  ``save/ours_first`` a new checkpointer's first save;
   ``save/ours_async``: the time an asynchronous save blocks the loop (its second save,
   once the staging buffers exist); the write and publish finish untimed before the check.
 - ``load/torchtune``, ``save/torchtune``: torchtune 0.6.1 as its distributed recipes use it.
@@ -280,9 +282,21 @@ def load_floor(ctx: Context, rep: int) -> Operation:
     return operation
 
 
-@method("save", "ours", "DistributedHFCheckpointer.save_checkpoint of the FSDP2 model")
+@method("save", "ours", "DistributedHFCheckpointer.save_checkpoint of the FSDP2 model by a checkpointer that has saved once (a job's later saves)")
 def save_ours(ctx: Context, rep: int) -> Operation:
     model, out = ctx.loaded_model, ctx.out_dir("save/ours", rep)
+    checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE)
+    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)  # what only a job's first save does: open, probe, plan
+
+    def operation() -> Path:
+        return Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=1))
+
+    return operation
+
+
+@method("save", "ours_first", "the same by a new checkpointer: also opens the base, probes which ranks share the output folder, plans the files")
+def save_ours_first(ctx: Context, rep: int) -> Operation:
+    model, out = ctx.loaded_model, ctx.out_dir("save/ours_first", rep)
 
     def operation() -> Path:
         checkpointer = DistributedHFCheckpointer(ctx.base, out, MODEL_TYPE)

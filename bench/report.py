@@ -150,6 +150,7 @@ RATIOS: list[tuple[str, str, str]] = [
     ("load torchtune/floor", "load/torchtune", "load/floor"),
     ("save ours/floor", "save/ours", "save/floor"),
     ("save ours/floor+fsync", "save/ours", "save/floor_fsync"),
+    ("save first/floor+fsync", "save/ours_first", "save/floor_fsync"),
     ("save torchtune/ours", "save/torchtune", "save/ours"),
     ("save torchtune/floor+fsync", "save/torchtune", "save/floor_fsync"),
     ("save torch/ours", "save/torch", "save/ours"),
@@ -173,16 +174,20 @@ def ratios_table(results: list[Result], how: str = "medians") -> list[str]:
     return _table(["size", "W"] + [name for name, _, _ in RATIOS], rows)
 
 
-def first_load_table(results: list[Result]) -> list[str]:
-    """What a checkpointer's first load costs beyond its later ones (config, headers, manifest), per cell."""
+FIRST_USES = [("load", "load/ours_first", "load/ours"), ("save", "save/ours_first", "save/ours")]
+
+
+def first_use_table(results: list[Result]) -> list[str]:
+    """What a checkpointer's first load or save costs beyond its later ones, per cell."""
     index = {(r.size, r.world, r.key): r for r in results}
     cells = sorted({(r.size, r.world) for r in results}, key=lambda c: (results_order(c[0]), c[1]))
     rows = []
     for size, world in cells:
-        first, later = index.get((size, world, "load/ours_first")), index.get((size, world, "load/ours"))
-        if first and later:
-            rows.append([size, str(world), f"{first.seconds:.3f}", f"{later.seconds:.3f}", f"{first.seconds - later.seconds:+.3f}", f"{first.best - later.best:+.3f}"])
-    header = ["size", "W", "first load s", "later load s", "first-load cost s (medians)", "first-load cost s (best)"]
+        for op, first_key, later_key in FIRST_USES:
+            first, later = index.get((size, world, first_key)), index.get((size, world, later_key))
+            if first and later:
+                rows.append([size, str(world), op, f"{first.seconds:.3f}", f"{later.seconds:.3f}", f"{first.seconds - later.seconds:+.3f}", f"{first.best - later.best:+.3f}"])
+    header = ["size", "W", "operation", "first s", "later s", "first-use cost s (medians)", "first-use cost s (best)"]
     return _table(header, rows) if rows else []
 
 

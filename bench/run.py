@@ -32,7 +32,7 @@ from bench.remote import run_remote
 from bench.report import (
     GroupRun,
     Result,
-    first_load_table,
+    first_use_table,
     groups_table,
     methods_list,
     ratios_table,
@@ -234,12 +234,14 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "",
         *ratios_table(results, how="paired"),
         "",
-        "## What a first load costs",
+        "## What a first load or save costs",
         "",
         "A checkpointer's first load also reads `config.json` and every safetensors header and checks the manifest "
-        "(`load/ours_first`); later loads by the same checkpointer reuse them (`load/ours`, the one compared with the floor).",
+        "(`load/ours_first`); its first save also opens the base, probes which ranks share the output folder and "
+        "plans the files (`save/ours_first`). Its later loads and saves reuse them (`load/ours`, `save/ours`: the "
+        "ones compared with the floors, which know the layout too).",
         "",
-        *first_load_table(results),
+        *first_use_table(results),
         "",
         "## Process groups: wall time and CPU use",
         "",
