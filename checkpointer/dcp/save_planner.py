@@ -13,16 +13,11 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-)
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 
 from checkpointer.dcp.one_entry import unwrapped
+from checkpointer.dcp.wire import box_item
 from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.safetensors import TensorSpec
 from checkpointer.mapping.boxes import Box, exact_cover
@@ -64,15 +59,7 @@ class HFSavePlanner(SavePlanner):
 
     def _item(self, spec: TensorSpec, offsets: tuple[int, ...], sizes: tuple[int, ...], view: torch.Tensor) -> WriteItem:
         self.views[(spec.name, offsets)] = view
-        return WriteItem(
-            index=MetadataIndex(spec.name, torch.Size(offsets)),
-            type=WriteItemType.SHARD,
-            tensor_data=TensorWriteData(
-                chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
-                properties=TensorProperties(dtype=spec.dtype),
-                size=torch.Size(spec.shape),
-            ),
-        )
+        return box_item(spec.name, offsets, sizes, tuple(spec.shape), spec.dtype)
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         plans = dedup_save_plans(all_plans)
