@@ -4,7 +4,7 @@ A save's plans go to the coordinator and back, and its write results go to the c
 for a 300M model that is 183 boxes per rank each way. Pickled as DCP's dataclasses, each box
 carries its nested ``TensorProperties``, ``ChunkStorageMetadata`` and ``torch.Size`` objects
 (33.7 KB and 1.2 ms to pickle per plan of 183 boxes); these subclasses pickle as the plain
-values they are made from (13.8 KB, 0.2 ms) and are rebuilt on arrival, equal to the originals.
+values they are made from (13.8 KB, 0.2 ms) and are rebuilt on arrival with the same fields.
 """
 
 from __future__ import annotations
