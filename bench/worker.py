@@ -14,10 +14,8 @@ import cProfile
 import io
 import logging
 import math
-import os
 import pstats
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from bench.measure import measure
-from bench.methods import METHODS, Context, Method, Unfinished, local_tensor
+from bench.methods import METHODS, Context, Method, Unfinished, discard, local_tensor
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_header
 
@@ -75,7 +73,7 @@ def _run_once(ctx: Context, method: Method, rep: int) -> dict[str, Any]:
         result = result.finish()
     check = _saved_bytes(ctx, result) if method.op == "save" else _checksum(result)
     del operation, result
-    _clean(ctx, ctx.out_dir(method.key, rep))
+    discard(ctx, ctx.out_dir(method.key, rep))
     moved, ctx.moved = ctx.moved, None
     record = {"key": method.key, "rep": rep, "rank": ctx.rank, "share": ctx.share, "check": check, **asdict(sample)}
     return record | ({"moved": moved} if moved is not None else {})
@@ -112,19 +110,6 @@ def _saved_bytes(ctx: Context, folder: Path) -> int:
         return sum(e.nbytes for file in folder.glob("*.safetensors") for e in read_header(saved, file.name).tensors.values())
 
 
-def _clean(ctx: Context, folder: Path) -> None:
-    """Remove what an operation wrote, once every rank is done with it, and flush dirty pages.
-
-    Every operation then starts with nothing left to write back, whether the one before it
-    fsynced its files or left them dirty in the page cache.
-    """
-    dist.barrier()
-    if ctx.rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.sync()
-    dist.barrier()
-
-
 def _profile(ctx: Context, method: Method, where: Path) -> None:
     """Run ``method`` twice more under cProfile on rank 0, timing wall clock then CPU; write the top functions."""
     sections = [_profiled(ctx, method, clock, label) for clock, label in ((time.perf_counter, "wall"), (time.process_time, "CPU"))]
@@ -142,7 +127,7 @@ def _profiled(ctx: Context, method: Method, clock: Callable[[], float], label: s
     operation()
     if profiler:
         profiler.disable()
-    _clean(ctx, ctx.out_dir(method.key, -1))
+    discard(ctx, ctx.out_dir(method.key, -1))
     if not profiler:
         return ""
     text = io.StringIO()
