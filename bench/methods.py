@@ -10,7 +10,8 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
   (what every load after a job's first costs: the part comparable with the floor, which
   knows the layout too); ``load/ours_first`` is a new checkpointer's first load, which also
   reads ``config.json``, every header and checks the manifest; ``save/ours`` likewise is a
-  save by a checkpointer that has saved before (untimed, in its preparation), and
+  save by a checkpointer that has saved before (untimed, in its preparation, its output
+  then deleted like every operation's), and
   ``save/ours_first`` a new checkpointer's first save;
   ``save/ours_async``: the time an asynchronous save blocks the loop (its second save,
   once the staging buffers exist); the write and publish finish untimed before the check.
