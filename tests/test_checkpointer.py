@@ -98,12 +98,18 @@ def test_loading_into_bf16_model_converts_on_the_fly(tiny_models, tmp_path):
     assert all(torch.equal(v, full[k].to(torch.bfloat16)) for k, v in model.state_dict().items())
 
 
-def test_saving_again_replaces_the_old_checkpoint_whole(tiny_models, tmp_path):
+def _saved_once(tiny_models, tmp_path) -> tuple[torch.nn.Module, DistributedHFCheckpointer]:
+    """A tiny Llama 2 loaded by a checkpointer that has saved it once, as ``epoch_0``."""
     base = tiny_models["llama2"]
     model = build_model_from_dir("LLAMA2", base)
     checkpointer = DistributedHFCheckpointer(base, tmp_path, "LLAMA2")
     checkpointer.load_model(model)
     checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    return model, checkpointer
+
+
+def test_saving_again_replaces_the_old_checkpoint_whole(tiny_models, tmp_path):
+    model, checkpointer = _saved_once(tiny_models, tmp_path)
     with torch.no_grad():
         model.norm.scale.fill_(3.0)
     checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
@@ -114,11 +120,7 @@ def test_saving_again_replaces_the_old_checkpoint_whole(tiny_models, tmp_path):
 
 def test_a_later_save_of_other_dtypes_lays_out_its_own_files(tiny_models, tmp_path):
     """A checkpointer reuses its last save's file layout only for the same keys, dtypes and shapes."""
-    base = tiny_models["llama2"]
-    model = build_model_from_dir("LLAMA2", base)
-    checkpointer = DistributedHFCheckpointer(base, tmp_path, "LLAMA2")
-    checkpointer.load_model(model)
-    checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
+    model, checkpointer = _saved_once(tiny_models, tmp_path)
     norms = {torch.float32: model.norm.scale.detach().clone()}
     model.to(torch.bfloat16)
     norms[torch.bfloat16] = model.norm.scale.detach().clone()
