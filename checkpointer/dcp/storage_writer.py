@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from checkpointer.dcp.routing import Channel, Route, plan_routes
-from checkpointer.dcp.wire import box_result
+from checkpointer.dcp.wire import BoxResult
 from checkpointer.errors import CheckpointError, CheckpointMismatchError, CheckpointTransportError
 from checkpointer.format.box_runs import ByteRun, box_byte_runs
 from checkpointer.format.digests import Digests, check_tiling, digest_of
@@ -136,7 +136,7 @@ class SafetensorsWriter(StorageWriter):
             size = sum(length for _, length in runs)
             self.channel.send(pieces, size, receiver, f"sending {entry.name} of {entry.file}")
             ranges = [(entry.file, offset, length, digest_of(part)) for (offset, length), part in zip(runs, split_pieces(pieces, runs))]
-            results.append(box_result(item.index.fqn, tuple(item.index.offset), size, ranges))
+            results.append(BoxResult(index=item.index, size_in_bytes=size, storage_data=ranges))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -184,7 +184,7 @@ class SafetensorsWriter(StorageWriter):
         if runs:
             _start_writeback(fds[entry.file], runs[0][0], runs[-1][0] + runs[-1][1] - runs[0][0])
         self.bytes_written += written
-        return box_result(item.index.fqn, tuple(item.index.offset), written, ranges)
+        return BoxResult(index=item.index, size_in_bytes=written, storage_data=ranges)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         self.digests = file_digests(self.file_layout, [run for rank_results in results for r in rank_results for run in r.storage_data])
