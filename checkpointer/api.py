@@ -24,7 +24,7 @@ from torch import nn
 from checkpointer import phases
 from checkpointer.async_save import AsyncSave
 from checkpointer.base_checkpoint import BaseCheckpoint
-from checkpointer.dcp.hf_io import IOStats
+from checkpointer.dcp.hf_io import IOStats, check_materialized
 from checkpointer.dcp.routing import Traffic
 from checkpointer.errors import CheckpointArgumentError, CheckpointError, CheckpointMismatchError, CheckpointUnsupportedError
 from checkpointer.format.dtypes import parse_dtype
@@ -229,7 +229,8 @@ class DistributedHFCheckpointer:
         keep their initialization.
         """
         state_dict = model.state_dict(keep_vars=True)  # the parameters themselves: no detached copy of each to make
-        phases.check(lambda: _check_materialized(state_dict), self.process_group)
+        if self._base is None:  # before a first open downloads the base; later, the read itself checks
+            phases.check(lambda: check_materialized(state_dict), self.process_group)
         loader = self._loader()
         self._hold_output_lock(self.process_group)
         base = {k: v for k, v in state_dict.items() if not is_adapter_key(k)}
@@ -342,12 +343,3 @@ def register_with_torchtune(cls: type) -> None:
     base = getattr(module, "DistributedCheckpointer", None)
     if base is not None and not issubclass(cls, base):
         base.register(cls)
-
-
-def _check_materialized(state_dict: dict[str, Any]) -> None:
-    meta = [key for key, value in state_dict.items() if isinstance(value, torch.Tensor) and value.is_meta]
-    if meta:
-        raise CheckpointArgumentError(
-            f"{len(meta)} model tensors are on the meta device (e.g. {meta[0]}): call model.to_empty(device=...) first",
-            key=meta[0],
-        )

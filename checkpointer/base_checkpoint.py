@@ -32,6 +32,7 @@ class BaseCheckpoint:
     key_map: KeyMap
     checkpoint_files: list[str] | None
     _weight_files: CheckpointFiles | None = field(default=None, repr=False)
+    _checked_files: tuple[CheckpointFiles, bool] | None = field(default=None, repr=False)  # and whether its hashes were verified
 
     @classmethod
     def open(
@@ -47,6 +48,16 @@ class BaseCheckpoint:
         if self._weight_files is None:
             self._weight_files = read_checkpoint_files(self.folder, self.checkpoint_files)
         return self._weight_files
+
+    def checked_weight_files(self, group: dist.ProcessGroup | None, *, verify_checksums: bool) -> CheckpointFiles:
+        """The weight files, checked against the base's manifest on every rank (collective the first time).
+
+        Checked once, as the headers are read once: a job's later loads reuse both (unless they
+        ask for hashes that were not verified yet).
+        """
+        if self._checked_files is None or (verify_checksums and not self._checked_files[1]):
+            self._checked_files = phases.check_files(self.folder, self.weight_files, group, verify_checksums=verify_checksums), verify_checksums
+        return self._checked_files[0]
 
     @cached_property
     def weight_map(self) -> dict[str, str] | None:

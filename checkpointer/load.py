@@ -8,7 +8,7 @@ the resumed checkpoint. Every method here is collective.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,15 +43,12 @@ class Loader:
         return self.resume.contents if self.resume is not None else Contents()
 
     def base_files(self) -> CheckpointFiles:
-        """The base's files and headers, read on every rank and checked against its manifest."""
-        return self.checked_files(self.base.folder, read=self.base.weight_files)
+        """The base's files and headers, read on every rank and checked against its manifest (once per job)."""
+        return self.base.checked_weight_files(self.group, verify_checksums=self.verify_checksums)
 
-    def checked_files(
-        self, folder: Folder, checkpoint_files: Sequence[str] | None = None, read: Callable[[], CheckpointFiles] | None = None
-    ) -> CheckpointFiles:
+    def checked_files(self, folder: Folder, checkpoint_files: Sequence[str] | None = None) -> CheckpointFiles:
         """The checkpoint files in ``folder``, read on every rank and checked against its manifest."""
-        read = read or (lambda: read_checkpoint_files(folder, checkpoint_files))
-        return phases.check_files(folder, read, self.group, verify_checksums=self.verify_checksums)
+        return phases.check_files(folder, lambda: read_checkpoint_files(folder, checkpoint_files), self.group, verify_checksums=self.verify_checksums)
 
     def weight_files(self, adapter: bool) -> tuple[CheckpointFiles, str]:
         """The weights a load starts from and their URL: the resumed checkpoint's (full fine-tuning), else the base's."""

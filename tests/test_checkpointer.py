@@ -131,6 +131,40 @@ def test_a_later_save_of_other_dtypes_lays_out_its_own_files(tiny_models, tmp_pa
             assert torch.equal(f.get_tensor("model.norm.weight"), norm)
 
 
+@pytest.mark.parametrize("loaded_before", [False, True], ids=["first load", "later load"])
+def test_a_model_on_the_meta_device_is_refused_naming_a_key(tiny_models, tmp_path, loaded_before):
+    """A later load checks its destinations in the read itself; a first one before opening the base."""
+    from checkpointer import CheckpointArgumentError
+
+    base = tiny_models["llama2"]
+    checkpointer = DistributedHFCheckpointer(base, tmp_path, "LLAMA2")
+    if loaded_before:
+        checkpointer.load_model(build_model_from_dir("LLAMA2", base))
+    with torch.device("meta"):
+        model = build_model_from_dir("LLAMA2", base)
+    with pytest.raises(CheckpointArgumentError, match=r"model tensors are on the meta device \(e.g. tok_embeddings.weight\)"):
+        checkpointer.load_model(model)
+
+
+def test_a_later_load_that_asks_for_hashes_verifies_them(tiny_models, tmp_path):
+    """The base is checked against its manifest once per job, but hashes asked for later are still verified."""
+    from checkpointer import CheckpointFormatError
+
+    model, _ = _saved_once(tiny_models, tmp_path / "first")
+    saved = tmp_path / "first" / "epoch_0"
+    checkpointer = DistributedHFCheckpointer(saved, tmp_path / "second", "LLAMA2")
+    checkpointer.load_model(model)
+    with open(saved / "model.safetensors", "r+b") as f:  # one byte of the weights, the size unchanged
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    checkpointer.load_model(model)  # sizes were checked once; hashes were not asked for
+    checkpointer.verify_checksums = True
+    with pytest.raises(CheckpointFormatError, match=r"model.safetensors: xxh3.*the file is corrupt or was replaced"):
+        checkpointer.load_model(model)
+
+
 def test_non_tensor_values_are_refused_before_anything_is_written(tiny_models, tmp_path):
     from checkpointer import CheckpointError
 

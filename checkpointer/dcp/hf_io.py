@@ -1,8 +1,8 @@
 """The two DCP calls: read HF safetensors into local shards, write local shards into HF files.
 
 A read needs no global plan (each rank reads its own boxes), so it runs DCP on each rank
-alone and joins the ranks once, at the end, to raise any rank's error on all of them: one
-collective instead of DCP's three. A write keeps DCP's collectives: the coordinator
+alone and joins the ranks once, at the end, to raise any rank's error on all of them (a
+destination on the meta device included): one collective instead of DCP's three. A write keeps DCP's collectives: the coordinator
 creates the files before anyone writes, and gathers the digests at the end.
 """
 
@@ -25,7 +25,7 @@ from checkpointer.dcp.routing import Channel
 from checkpointer.dcp.save_planner import HFSavePlanner
 from checkpointer.dcp.storage_reader import SafetensorsReader
 from checkpointer.dcp.storage_writer import SafetensorsWriter
-from checkpointer.errors import CheckpointError
+from checkpointer.errors import CheckpointArgumentError, CheckpointError
 from checkpointer.format.digests import Digests
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.hf_files import CheckpointFiles
@@ -64,9 +64,24 @@ def read_hf_tensors(
 ) -> IOStats:
     """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``."""
     reader, started = SafetensorsReader(files), time.perf_counter()
+
+    def read() -> None:
+        check_materialized(state_dict)
+        _alone(lambda: dcp.load(wrapped(state_dict), storage_reader=reader, planner=HFLoadPlanner(key_map), no_dist=True))
+
     with quiet_dcp(), torch.no_grad():
-        on_all_ranks(lambda: _alone(lambda: dcp.load(wrapped(state_dict), storage_reader=reader, planner=HFLoadPlanner(key_map), no_dist=True)), group)
+        on_all_ranks(read, group)
     return IOStats(reader.bytes_read, time.perf_counter() - started, files.folder.describe())
+
+
+def check_materialized(state_dict: dict[str, Any]) -> None:
+    """Refuse destinations on the meta device: they have no memory to read into."""
+    meta = [key for key, value in state_dict.items() if isinstance(value, torch.Tensor) and value.is_meta]
+    if meta:
+        raise CheckpointArgumentError(
+            f"{len(meta)} model tensors are on the meta device (e.g. {meta[0]}): call model.to_empty(device=...) first",
+            key=meta[0],
+        )
 
 
 def _alone(call: Callable[[], T]) -> T:
