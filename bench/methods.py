@@ -6,10 +6,11 @@ timed; the returned zero-argument ``operation`` is what is timed, and returns wh
 loaded into (a model or a state dict) or where it saved (a folder), for checking.
 
 - ``load/ours``, ``save/ours``: :class:`DistributedHFCheckpointer` with an FSDP2 model;
-  ``load/ours`` is a load by a checkpointer that has read the base's config and headers
-  (what every load after a job's first costs: the part comparable with the floor, which
+  ``load/ours`` is a load by a checkpointer that has loaded once (untimed, into another fresh
+  model: what every load after a job's first costs, the part comparable with the floor, which
   knows the layout too); ``load/ours_first`` is a new checkpointer's first load, which also
-  reads ``config.json``, every header and checks the manifest; ``save/ours`` likewise is a
+  reads ``config.json`` and every header, checks the manifest and takes the output folder's
+  lock; ``save/ours`` likewise is a
   save by a checkpointer that has saved before (untimed, in its preparation, its output
   then deleted like every operation's), and
   ``save/ours_first`` a new checkpointer's first save;
@@ -223,10 +224,11 @@ def method(
     return register
 
 
-@method("load", "ours", "DistributedHFCheckpointer.load_model into the FSDP2 model, config and headers already read (a job's later loads)")
+@method("load", "ours", "DistributedHFCheckpointer.load_model into the FSDP2 model by a checkpointer that has loaded once (a job's later loads)")
 def load_ours(ctx: Context, rep: int) -> Operation:
-    model, checkpointer = ctx.fresh_model(), DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE)
-    checkpointer.base_files(), checkpointer.key_map  # noqa: B018 - what a first load reads once
+    checkpointer = DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE)
+    checkpointer.load_model(ctx.fresh_model())  # once per job: config, headers, manifest check, output lock (into a model dropped here)
+    model = ctx.fresh_model()
 
     def operation() -> nn.Module:
         checkpointer.load_model(model)
@@ -235,7 +237,7 @@ def load_ours(ctx: Context, rep: int) -> Operation:
     return operation
 
 
-@method("load", "ours_first", "the same by a new checkpointer: also reads config.json and every header, checks the manifest")
+@method("load", "ours_first", "the same by a new checkpointer: also reads config.json and every header, checks the manifest, takes the output lock")
 def load_ours_first(ctx: Context, rep: int) -> Operation:
     model = ctx.fresh_model()
 
