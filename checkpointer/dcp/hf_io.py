@@ -2,8 +2,9 @@
 
 A read needs no global plan (each rank reads its own boxes), so it runs DCP on each rank
 alone and joins the ranks once, at the end, to raise any rank's error on all of them (a
-destination on the meta device included): one collective instead of DCP's three. A write keeps DCP's collectives: the coordinator
-creates the files before anyone writes, and gathers the digests at the end.
+destination on the meta device included): one collective instead of DCP's three. A write
+keeps DCP's collectives: the coordinator creates the files before anyone writes, and
+gathers the digests at the end.
 """
 
 from __future__ import annotations
