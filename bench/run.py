@@ -237,9 +237,9 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "## What a first load or save costs",
         "",
         "A checkpointer's first load also reads `config.json` and every safetensors header, checks the manifest "
-        "and takes the output folder's lock (`load/ours_first`); its first save also opens the base, probes which ranks share the output folder and "
-        "plans the files (`save/ours_first`). Its later loads and saves reuse them (`load/ours`, `save/ours`: the "
-        "ones compared with the floors, which know the layout too).",
+        "and takes the output folder's lock (`load/ours_first`); its first save also opens the base, probes which "
+        "ranks share the output folder and plans the files (`save/ours_first`). Its later loads and saves reuse "
+        "them (`load/ours`, `save/ours`: the ones compared with the floors, which know the layout too).",
         "",
         *first_use_table(results),
         "",
