@@ -121,11 +121,8 @@ def gather_on_all_ranks(step: Callable[[], T], group: dist.ProcessGroup | None =
 
     Errors as :func:`on_all_ranks`; ``[result]`` without a process group.
     """
-    result, local_error, report = _attempt(step, group)
-    if not is_distributed(group):
-        return [result]  # type: ignore[list-item]
-    pairs: list = [None] * world_size(group)
-    dist.all_gather_object(pairs, (report, result if report is None else None), group=group)
+    result, local_error, report = _attempt(step, group)  # without a process group a failure is raised here
+    pairs = all_gather((report, result if report is None else None), group)
     _raise_any([r for r, _ in pairs], local_error, group)
     return [value for _, value in pairs]
 
