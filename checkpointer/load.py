@@ -20,8 +20,10 @@ from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
 from checkpointer.format.manifest import Contents
 from checkpointer.format.peft import ADAPTER_FILE
+from checkpointer.mapping.file_views import Specs, file_views
 from checkpointer.mapping.key_maps import KeyMap, adapter_key_map
-from checkpointer.mapping.matching import model_specs_from_checkpoint
+from checkpointer.mapping.matching import match_for_load, model_specs_from_checkpoint
+from checkpointer.mapping.pieces import Placement
 from checkpointer.resume import ResumePoint
 from checkpointer.storage.location import Location
 
@@ -70,11 +72,21 @@ class Loader:
         self.last = phases.read(state_dict, files, key_map, self.group)
 
     def read_whole(self, files: CheckpointFiles, where: str, key_map: KeyMap) -> dict[str, torch.Tensor]:
-        """Every tensor of ``files`` (at URL ``where``) in full, with torchtune keys."""
-        specs = phases.plan(lambda: model_specs_from_checkpoint(key_map, files.tensors, where), self.group)
-        state_dict = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items()}
-        self.read(state_dict, files, key_map)
-        return state_dict
+        """Every tensor of ``files`` (at URL ``where``) in full, with torchtune keys.
+
+        Tensors stored as they are (see :mod:`checkpointer.mapping.file_views`) are views of
+        their local file's copy-on-write map; the others are read.
+        """
+
+        def lay_out() -> tuple[Specs, dict[str, Placement], dict[str, torch.Tensor]]:
+            specs = model_specs_from_checkpoint(key_map, files.tensors, where)
+            sources = match_for_load(key_map, {key: shape for key, (_, shape) in specs.items()}, files.tensors, where)
+            return specs, sources, file_views(key_map, files, specs, sources)
+
+        specs, sources, views = phases.plan(lay_out, self.group)
+        read = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items() if key not in views}
+        self.last = phases.read(read, files, key_map, self.group, sources)
+        return {key: views[key] if key in views else read[key] for key in specs}
 
     def adapter_key_map(self) -> KeyMap:
         return adapter_key_map(self.base.key_map)

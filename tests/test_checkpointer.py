@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
     model = build_model_from_dir(model_type, base)
     checkpointer = DistributedHFCheckpointer(base, tmp_path, model_type)
     checkpointer.load_model(model)
+    read = checkpointer.last_load
     reference = hf_logits(base)
     assert (_logits(model) - reference).abs().max() <= TOLERANCE
 
@@ -40,7 +42,7 @@ def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
     assert (hf_logits(saved) - reference).abs().max() <= TOLERANCE
     _assert_same_split_as_base(base, tmp_path / "epoch_3")
     assert_same_tensors(base, saved)
-    assert checkpointer.last_save.bytes == checkpointer.last_load.bytes  # each byte read once, written once
+    assert checkpointer.last_save.bytes == read.bytes  # each byte read once, written once
 
     again = build_model_from_dir(model_type, saved)
     DistributedHFCheckpointer(saved, tmp_path, model_type).load_model(again)
@@ -57,6 +59,33 @@ def _assert_same_split_as_base(base, saved) -> None:
             assert f.metadata() == {"format": "pt"}
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (saved / name).exists(), name
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[Path]:
+    """The files whose memory maps (in /proc/self/maps) hold ``tensor``'s first byte."""
+    address, found = tensor.data_ptr(), set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, path = line.split(maxsplit=5) if line.count(" ") >= 5 else (line, "")
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end and path.startswith("/"):
+            found.add(Path(path).resolve())
+    return found
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_load_checkpoint_maps_the_tensors_stored_as_they_are_and_never_writes_the_files(name, tiny_models, tmp_path):
+    base, model_type = tiny_models[name], VARIANTS[name].model_type
+    files = {path.resolve(): path.read_bytes() for path in base.glob("*.safetensors")}
+    full = DistributedHFCheckpointer(base, tmp_path, model_type).load_checkpoint()["model"]
+    stored_as_is = {k for k, v in full.items() if any(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes() in blob for blob in files.values())}
+    mapped = {k for k, v in full.items() if _mapped_files(v) & files.keys()}
+    assert mapped == stored_as_is and mapped  # RoPE-permuted rows and stacked experts are read into memory of their own
+    before = {k: full[k].clone() for k in mapped}
+    for k in mapped:
+        full[k].add_(1)  # copy-on-write: this process's copy changes, the files never do
+    assert {path: path.read_bytes() for path in files} == files
+    again = DistributedHFCheckpointer(base, tmp_path, model_type).load_checkpoint()["model"]
+    assert all(torch.equal(again[k], before[k]) and not torch.equal(full[k], before[k]) for k in mapped)
 
 
 def test_torchtune_style_state_dict_and_yaml_component(tiny_models, tmp_path):

@@ -61,14 +61,22 @@ class quiet_dcp(warnings.catch_warnings):
 
 
 def read_hf_tensors(
-    state_dict: dict[str, Any], files: CheckpointFiles, key_map: KeyMap, group: dist.ProcessGroup | None
+    state_dict: dict[str, Any],
+    files: CheckpointFiles,
+    key_map: KeyMap,
+    group: dist.ProcessGroup | None,
+    sources: dict[str, Placement] | None = None,
 ) -> IOStats:
-    """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``."""
+    """Fill ``state_dict`` (torchtune keys, plain or DTensor values) in place from ``files``.
+
+    ``sources``: where each key lives, when the caller has matched them already (it may
+    then read only some of the keys the files hold).
+    """
     reader, started = SafetensorsReader(files), time.perf_counter()
 
     def read() -> None:
         check_materialized(state_dict)
-        _alone(lambda: dcp.load(wrapped(state_dict), storage_reader=reader, planner=HFLoadPlanner(key_map), no_dist=True))
+        _alone(lambda: dcp.load(wrapped(state_dict), storage_reader=reader, planner=HFLoadPlanner(key_map, sources), no_dist=True))
 
     with quiet_dcp(), torch.no_grad():
         on_all_ranks(read, group)

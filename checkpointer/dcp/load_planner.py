@@ -28,17 +28,18 @@ from checkpointer.mapping.pieces import Piece, Placement, shard_pieces
 class HFLoadPlanner(LoadPlanner):
     """Plans reads of HF safetensors rows into the local shards of a torchtune state dict."""
 
-    def __init__(self, key_map: KeyMap):
+    def __init__(self, key_map: KeyMap, sources: dict[str, Placement] | None = None):
+        """``sources``: each key's placement, already matched (else matched here against the whole state dict)."""
         self.key_map = key_map
         self.targets: list[torch.Tensor] = []
         self.state_dict: dict[str, Any] = {}
+        self.given = sources
         self.sources: dict[str, Placement] = {}
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         files: CheckpointFiles = metadata.storage_data  # type: ignore[union-attr]
         state_dict = unwrapped(state_dict)
-        shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
-        self.sources = match_for_load(self.key_map, shapes, files.tensors, files.folder.describe())
+        self.sources = self.given if self.given is not None else match_for_load(self.key_map, _shapes(state_dict), files.tensors, files.folder.describe())
         self.state_dict = state_dict
 
     def create_local_plan(self) -> LoadPlan:
@@ -75,3 +76,7 @@ class HFLoadPlanner(LoadPlanner):
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         """Reads land in place in the shard; nothing to do."""
+
+
+def _shapes(state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state_dict.items()}

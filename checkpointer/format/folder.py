@@ -2,11 +2,13 @@
 
 A folder hands out bytes of named files and refuses names that would leave it
 (absolute paths, ``..``, symlinks pointing outside). :class:`LocalFolder` reads with
-``os.preadv`` straight into caller buffers.
+``os.preadv`` straight into caller buffers, and maps whole files (copy-on-write) for
+loads that hand out full tensors.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import posixpath
 import shutil
@@ -41,6 +43,9 @@ class Folder(Protocol):
 
     def read_into(self, name: str, offset: int, out: memoryview) -> None:
         """Fill ``out`` with the bytes from ``offset``, or raise naming the file."""
+
+    def mapped(self, name: str) -> mmap.mmap | None:
+        """The whole file as a private (copy-on-write) memory map, or None where it cannot be mapped (remote, empty)."""
 
     def close(self) -> None:
         """Release open files."""
@@ -136,6 +141,16 @@ class LocalFolder:
                     file=self.describe(name),
                 )
             done += n
+
+    def mapped(self, name: str) -> mmap.mmap | None:
+        """Writes into the map change this process's copy only, never the file.
+
+        The file must not be truncated in place while views of the map are alive (reading
+        past the new end raises SIGBUS); checkpoints are published by rename, which is safe.
+        """
+        if self.size(name) == 0:
+            return None
+        return mmap.mmap(self._fd(name), 0, access=mmap.ACCESS_COPY)
 
     def _fd(self, name: str) -> int:
         if name not in self._fds:

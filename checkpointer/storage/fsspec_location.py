@@ -86,6 +86,10 @@ class FsspecFolder:
         out = out.cast("B")
         out[:] = self.read(name, offset, len(out))
 
+    def mapped(self, name: str) -> None:
+        """Remote files are read, not mapped."""
+        return None
+
     def names(self) -> set[str]:
         """The file names directly in the folder."""
         entries = with_retries(lambda: self.fs.ls(self.root, detail=True), f"listing {self.url}")

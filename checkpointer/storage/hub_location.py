@@ -171,6 +171,10 @@ class HubFolder:
         out = out.cast("B")
         out[:] = self.read(name, offset, len(out))
 
+    def mapped(self, name: str) -> None:
+        """Remote files are read, not mapped."""
+        return None
+
     def close(self) -> None:
         pass
 
