@@ -65,8 +65,9 @@ def _mapped_files(tensor: torch.Tensor) -> set[Path]:
     """The files whose memory maps (in /proc/self/maps) hold ``tensor``'s first byte."""
     address, found = tensor.data_ptr(), set()
     for line in Path("/proc/self/maps").read_text().splitlines():
-        span, *_, path = line.split(maxsplit=5) if line.count(" ") >= 5 else (line, "")
-        start, end = (int(x, 16) for x in span.split("-"))
+        fields = line.split(maxsplit=5)  # address range, perms, offset, device, inode[, path]
+        path = fields[5] if len(fields) == 6 else ""
+        start, end = (int(x, 16) for x in fields[0].split("-"))
         if start <= address < end and path.startswith("/"):
             found.add(Path(path).resolve())
     return found

@@ -3,10 +3,9 @@
 ``load_checkpoint`` hands torchtune the full tensors on every rank. A tensor that needs no
 conversion (its elements in file order, in the file's dtype: no RoPE permutation, no experts
 apart from one another) is a view of a private, copy-on-write map of its local file instead
-of a copy.
-Nothing is read until the tensor is used, and every rank of a node then shares the page
-cache's pages instead of each faulting in fresh memory of its own. The other tensors, and
-files that cannot be mapped (remote folders), are read as usual.
+of a copy. Nothing is read until the tensor is used, and every rank of a node then shares the
+page cache's pages instead of each faulting in fresh memory of its own. The other tensors,
+and files that cannot be mapped (remote folders), are read as usual.
 """
 
 from __future__ import annotations
