@@ -20,9 +20,9 @@ from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import CheckpointFiles, read_checkpoint_files
 from checkpointer.format.manifest import Contents
 from checkpointer.format.peft import ADAPTER_FILE
-from checkpointer.mapping.file_views import Specs, file_views
+from checkpointer.mapping.file_views import file_views
 from checkpointer.mapping.key_maps import KeyMap, adapter_key_map
-from checkpointer.mapping.matching import match_for_load, model_specs_from_checkpoint
+from checkpointer.mapping.matching import Specs, match_for_load, model_specs_from_checkpoint
 from checkpointer.mapping.pieces import Placement
 from checkpointer.resume import ResumePoint
 from checkpointer.storage.location import Location
@@ -67,9 +67,9 @@ class Loader:
         """Where the resumed checkpoint keeps its adapter (the contents must name one)."""
         return self.resume.location.subfolder(self.contents.adapter)
 
-    def read(self, state_dict: dict[str, Any], files: CheckpointFiles, key_map: KeyMap) -> None:
-        """Fill ``state_dict`` (plain or sharded tensors, torchtune keys) in place from ``files``."""
-        self.last = phases.read(state_dict, files, key_map, self.group)
+    def read(self, state_dict: dict[str, Any], files: CheckpointFiles, key_map: KeyMap, sources: dict[str, Placement] | None = None) -> None:
+        """Fill ``state_dict`` (plain or sharded tensors, torchtune keys) in place from ``files`` (``sources``: already matched)."""
+        self.last = phases.read(state_dict, files, key_map, self.group, sources)
 
     def read_whole(self, files: CheckpointFiles, where: str, key_map: KeyMap) -> dict[str, torch.Tensor]:
         """Every tensor of ``files`` (at URL ``where``) in full, with torchtune keys.
@@ -85,7 +85,7 @@ class Loader:
 
         specs, sources, views = phases.plan(lay_out, self.group)
         read = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape) in specs.items() if key not in views}
-        self.last = phases.read(read, files, key_map, self.group, sources)
+        self.read(read, files, key_map, sources)
         return {key: views[key] if key in views else read[key] for key in specs}
 
     def adapter_key_map(self) -> KeyMap:

@@ -33,14 +33,14 @@ class HFLoadPlanner(LoadPlanner):
         self.key_map = key_map
         self.targets: list[torch.Tensor] = []
         self.state_dict: dict[str, Any] = {}
-        self.given = sources
-        self.sources: dict[str, Placement] = {}
+        self.sources = sources
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         files: CheckpointFiles = metadata.storage_data  # type: ignore[union-attr]
-        state_dict = unwrapped(state_dict)
-        self.sources = self.given if self.given is not None else match_for_load(self.key_map, _shapes(state_dict), files.tensors, files.folder.describe())
-        self.state_dict = state_dict
+        self.state_dict = unwrapped(state_dict)
+        if self.sources is None:
+            shapes = {key: tuple(value.shape) for key, value in self.state_dict.items()}
+            self.sources = match_for_load(self.key_map, shapes, files.tensors, files.folder.describe())
 
     def create_local_plan(self) -> LoadPlan:
         self.targets = []
@@ -76,7 +76,3 @@ class HFLoadPlanner(LoadPlanner):
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         """Reads land in place in the shard; nothing to do."""
-
-
-def _shapes(state_dict: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in state_dict.items()}

@@ -70,6 +70,11 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
+def truncated(where: str, wanted_end: int, file_end: int) -> CheckpointFormatError:
+    """The error for a file ``where`` that ends at ``file_end``, before byte ``wanted_end`` that a read needs."""
+    return CheckpointFormatError(f"{where}: truncated: wanted bytes up to {wanted_end}, the file ends at {file_end}", file=where)
+
+
 def check_relative_name(name: str, folder: str) -> str:
     """A file name from an index must stay inside its folder."""
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name:
@@ -135,11 +140,7 @@ class LocalFolder:
         while done < len(out):
             n = os.preadv(fd, [out[done:]], offset + done)
             if n == 0:
-                raise CheckpointFormatError(
-                    f"{self.describe(name)}: truncated: wanted bytes up to {offset + len(out)}, "
-                    f"the file ends at {offset + done}",
-                    file=self.describe(name),
-                )
+                raise truncated(self.describe(name), offset + len(out), offset + done)
             done += n
 
     def mapped(self, name: str) -> mmap.mmap | None:

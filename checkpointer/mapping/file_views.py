@@ -14,14 +14,13 @@ import math
 
 import torch
 
-from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.folder import truncated
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorEntry
 from checkpointer.mapping.key_maps import KeyMap
 from checkpointer.mapping.local_shards import LocalShard
+from checkpointer.mapping.matching import Specs
 from checkpointer.mapping.pieces import Placement, shard_pieces
-
-Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
 def file_views(key_map: KeyMap, files: CheckpointFiles, specs: Specs, sources: dict[str, Placement]) -> dict[str, torch.Tensor]:
@@ -69,5 +68,5 @@ def _view(file_bytes: torch.Tensor, where: str, start: int, dtype: torch.dtype, 
     """The tensor of ``shape`` and ``dtype`` at byte ``start`` of the mapped file ``where``."""
     end = start + math.prod(shape) * dtype.itemsize
     if end > file_bytes.numel():
-        raise CheckpointFormatError(f"{where}: truncated: wanted bytes up to {end}, the file ends at {file_bytes.numel()}", file=where)
+        raise truncated(where, end, file_bytes.numel())
     return file_bytes[start:end].view(dtype).view(shape)

@@ -30,6 +30,9 @@ from checkpointer.mapping.pieces import Placement
 _MAX_LISTED = 12
 
 
+Specs = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # torchtune key -> (dtype, shape)
+
+
 def _fail(problems: list[str], what: str) -> None:
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
@@ -215,10 +218,10 @@ def match_for_save(
 
 def model_specs_from_checkpoint(
     key_map: KeyMap, tensors: dict[str, TensorEntry], where: str
-) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+) -> Specs:
     """The torchtune tensors (dtype, shape) a checkpoint holds, for loading without a model."""
     key_map = key_map.for_hf_keys(tensors)
-    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    specs: Specs = {}
     experts: dict[str, int] = {}  # per-expert tune key -> the number of experts seen
     problems: list[str] = model_type_problems(key_map, where)
     for hf_key, entry in tensors.items():
