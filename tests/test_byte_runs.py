@@ -1,14 +1,19 @@
-"""The writer sends a view's bytes in row-major order without copying it (byte_runs + pwritev)."""
+"""Views' bytes move in row-major order without copies: the writer sends them (byte_runs + pwritev), the reader fills them (row_views + preadv)."""
 
 from __future__ import annotations
 
 import os
 
+import fsspec
 import pytest
 import torch
 
-from checkpointer.format.tensor_io import byte_runs, pwritev_all, tensor_bytes
+from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.folder import Folder, LocalFolder
+from checkpointer.format.tensor_io import byte_runs, row_views, tensor_bytes
+from checkpointer.format.vectored import pwritev_all
 from checkpointer.mapping.row_runs import local_view, rope_runs
+from checkpointer.storage.fsspec_location import FsspecFolder
 
 
 def _views() -> dict[str, torch.Tensor]:
@@ -43,3 +48,35 @@ def testpwritev_all_writes_more_pieces_than_one_call_takes(tmp_path):
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"\0" * 5 + b"".join(bytes(p) for p in pieces)
+
+
+def _folders(tmp_path, data: bytes) -> dict[str, Folder]:
+    (tmp_path / "f.bin").write_bytes(data)
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file(f"/{tmp_path.name}/f.bin", data)
+    return {"local": LocalFolder(tmp_path), "fsspec": FsspecFolder(memory, f"/{tmp_path.name}", f"memory://{tmp_path.name}")}
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_read_into_fills_the_scattered_rows_of_a_view_in_place(tmp_path, where):
+    """More rows than one preadv takes land, in file order, in a transposed view's own memory."""
+    rows, width = 3000, 4
+    source = torch.arange(rows * width, dtype=torch.int16).view(rows, width)
+    shard = torch.zeros(rows, width, dtype=torch.int16)
+    view = shard.view(rows // 2, 2, width).transpose(0, 1)  # rows of the file go to rows 0, 2, 4, ... then 1, 3, ...
+    pieces = row_views(view)
+    assert len(pieces) == rows and all(p.obj is pieces[0].obj for p in pieces)
+    _folders(tmp_path, b"head" + bytes(tensor_bytes(source)))[where].read_into("f.bin", 4, pieces)
+    assert torch.equal(view, source.view(2, rows // 2, width))
+    assert torch.equal(shard[0::2], source[: rows // 2]) and torch.equal(shard[1::2], source[rows // 2 :])
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_read_into_past_the_end_of_the_file_names_it(tmp_path, where):
+    pieces = [memoryview(bytearray(6)) for _ in range(3)]
+    with pytest.raises(CheckpointFormatError, match="f.bin"):
+        _folders(tmp_path, bytes(range(20)))[where].read_into("f.bin", 4, pieces)
+
+
+def test_views_without_contiguous_rows_have_no_row_views():
+    assert row_views(torch.zeros(4, 6)[:, 0]) is None and row_views(torch.zeros(4, 6).t()) is None

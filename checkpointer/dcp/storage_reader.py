@@ -1,8 +1,10 @@
 """A DCP StorageReader over the safetensors files of a Hugging Face checkpoint.
 
-It reads exactly the byte ranges that the load plan names. When the destination is a
-contiguous tensor of the file's dtype the bytes go straight into it; otherwise they go
-through a buffer of one block and ``copy_`` converts dtype and scatters into the view.
+It reads exactly the byte ranges that the load plan names. When the destination has the
+file's dtype and contiguous rows the bytes go straight into it, one ``preadv`` piece per
+row where its rows are scattered (the transposed views of RoPE-permuted q/k heads);
+otherwise they go through a buffer of one block and ``copy_`` converts dtype and
+scatters into the view.
 One buffer serves every block of a load (it grows to the largest), so its pages are
 faulted in once rather than once per block.
 """
@@ -26,13 +28,9 @@ from torch.futures import Future
 from checkpointer.format.box_runs import ByteRun, box_byte_runs, merge_runs
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorEntry
-from checkpointer.format.tensor_io import tensor_bytes
+from checkpointer.format.tensor_io import row_views, tensor_bytes
+from checkpointer.format.vectored import fill_pieces, split_pieces
 from checkpointer.runtime.failpoints import failpoint
-
-
-def span_bytes(runs: list[ByteRun]) -> int:
-    """The bytes the runs themselves hold (not the gaps between them)."""
-    return sum(length for _, length in runs)
 
 
 def _spans(runs: list[ByteRun], max_gap: int) -> list[tuple[ByteRun, list[ByteRun]]]:
@@ -115,22 +113,19 @@ class SafetensorsReader(StorageReader):
         A box of whole rows (or one expert's rows) is one byte range; a column box is one range
         per row, each read on its own (ranges nearer than the folder's ``merge_gap`` are fetched as one request).
         """
-        lengths = tuple(item.lengths)
-        runs = box_byte_runs(entry, tuple(item.storage_offsets), lengths)
-        direct = target.dtype == entry.dtype and target.is_contiguous() and target.device.type == "cpu"
-        block = target if direct else scratch.block(lengths, entry.dtype)
-        out, filled = tensor_bytes(block), 0
+        runs = box_byte_runs(entry, tuple(item.storage_offsets), tuple(item.lengths))
+        rows = row_views(target) if target.dtype == entry.dtype and target.device.type == "cpu" else None
+        block = None if rows is not None else scratch.block(tuple(item.lengths), entry.dtype)
+        per_run = iter(split_pieces(rows if block is None else [tensor_bytes(block)], runs))
         for span, inside in _spans(runs, self.files.folder.merge_gap):
             if len(inside) == 1:
-                self.files.folder.read_into(entry.file, span[0], out[filled : filled + span[1]])
+                self.files.folder.read_into(entry.file, span[0], next(per_run))
             else:
-                data, at = memoryview(self.files.folder.read(entry.file, span[0], span[1])), filled
+                data = memoryview(self.files.folder.read(entry.file, span[0], span[1]))
                 for offset, length in inside:
-                    out[at : at + length] = data[offset - span[0] : offset - span[0] + length]
-                    at += length
-            filled += span_bytes(inside)
+                    fill_pieces(next(per_run), data[offset - span[0] : offset - span[0] + length])
             self.bytes_read += span[1]
-        if not direct:
+        if block is not None:
             target.copy_(block.view(target.shape))
 
     @classmethod

@@ -26,7 +26,7 @@ import errno
 import math
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
@@ -40,7 +40,8 @@ from checkpointer.errors import CheckpointError, CheckpointMismatchError, Checkp
 from checkpointer.format.box_runs import ByteRun, box_byte_runs
 from checkpointer.format.digests import Digests, check_tiling, digest_of
 from checkpointer.format.file_layout import FileLayout
-from checkpointer.format.tensor_io import byte_runs, create_files, pwritev_all
+from checkpointer.format.tensor_io import byte_runs, create_files
+from checkpointer.format.vectored import pwritev_all, split_pieces
 from checkpointer.runtime.failpoints import failpoint
 
 Finish = Callable[[Path], None]
@@ -231,25 +232,6 @@ class _RunCursor:
 def _rotated(files: list[str], rank: int) -> dict[str, int]:
     """File -> its place in this rank's writing order: the ``rank``-th file first, then onwards."""
     return {file: (i - rank) % len(files) for i, file in enumerate(files)} if files else {}
-
-
-def split_pieces(pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> list[list[memoryview]]:
-    """``pieces`` (bytes back to back) cut at the run boundaries: the pieces of each run, without copies."""
-    pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
-    if len(runs) == 1:  # a box of whole rows: one run holds every piece (RoPE q/k views have a piece per row)
-        return [pending]
-    split, index, used = [], 0, 0  # ``used``: bytes of pending[index] already handed out
-    for _, length in runs:
-        batch, need = [], length
-        while need:
-            piece = pending[index][used : used + need]
-            batch.append(piece)
-            need -= len(piece)
-            used += len(piece)
-            if used == len(pending[index]):
-                index, used = index + 1, 0
-        split.append(batch)
-    return split
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:

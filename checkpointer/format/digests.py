@@ -63,7 +63,7 @@ class Unit:
 
     def hash(self, folder: Folder) -> str:
         digest = xxhash.xxh3_128() if self.algorithm == ALGORITHM else hashlib.sha256()
-        return hash_chunks(lambda at, chunk: folder.read_into(self.name, self.offset + at, chunk), self.length, digest)
+        return hash_chunks(lambda at, chunk: folder.read_into(self.name, self.offset + at, [chunk]), self.length, digest)
 
 
 def read_back_units(sizes: dict[str, int], chunk: int = READ_BACK_CHUNK) -> list[Unit]:

@@ -2,7 +2,7 @@
 
 A folder hands out bytes of named files and refuses names that would leave it
 (absolute paths, ``..``, symlinks pointing outside). :class:`LocalFolder` reads with
-``os.preadv`` straight into caller buffers, and maps whole files (copy-on-write) for
+``os.preadv`` straight into caller buffers (one or many pieces per call), and maps whole files (copy-on-write) for
 loads that hand out full tensors.
 """
 
@@ -13,9 +13,10 @@ import os
 import posixpath
 import shutil
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
+from checkpointer.format.vectored import preadv_all
 
 REMOTE_MERGE_GAP = 1 << 20  # about what one HTTP round trip costs, in bytes of transfer
 
@@ -41,8 +42,8 @@ class Folder(Protocol):
     def read(self, name: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes from ``offset``, or an error naming the file."""
 
-    def read_into(self, name: str, offset: int, out: memoryview) -> None:
-        """Fill ``out`` with the bytes from ``offset``, or raise naming the file."""
+    def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
+        """Fill the pieces ``out``, back to back, with the bytes from ``offset``, or raise naming the file."""
 
     def mapped(self, name: str) -> mmap.mmap | None:
         """The whole file as a private (copy-on-write) memory map, or None where it cannot be mapped (remote, empty)."""
@@ -130,18 +131,13 @@ class LocalFolder:
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         buffer = bytearray(length)
-        self.read_into(name, offset, memoryview(buffer))
+        self.read_into(name, offset, [memoryview(buffer)])
         return bytes(buffer)
 
-    def read_into(self, name: str, offset: int, out: memoryview) -> None:
-        out = out.cast("B")
-        fd = self._fd(name)
-        done = 0
-        while done < len(out):
-            n = os.preadv(fd, [out[done:]], offset + done)
-            if n == 0:
-                raise truncated(self.describe(name), offset + len(out), offset + done)
-            done += n
+    def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
+        done, wanted = preadv_all(self._fd(name), out, offset), sum(piece.nbytes for piece in out)
+        if done < wanted:
+            raise truncated(self.describe(name), offset + wanted, offset + done)
 
     def mapped(self, name: str) -> mmap.mmap | None:
         """Writes into the map change this process's copy only, never the file.

@@ -5,9 +5,7 @@ The DCP storage plug-ins (:mod:`checkpointer.dcp`) and the command line both bui
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -15,6 +13,7 @@ from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.folder import Folder
 from checkpointer.format.safetensors import TensorEntry
+from checkpointer.format.vectored import pwritev_all
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -25,7 +24,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:
     """One whole tensor, read from its byte range straight into a new CPU tensor (one process)."""
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
-    folder.read_into(entry.file, entry.start, tensor_bytes(tensor))
+    folder.read_into(entry.file, entry.start, [tensor_bytes(tensor)])
     return tensor
 
 
@@ -48,38 +47,26 @@ def write_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> int:
 def byte_runs(tensor: torch.Tensor) -> list[memoryview]:
     """The bytes of ``tensor`` in row-major order, as few contiguous pieces of its memory as possible.
 
-    A contiguous tensor is one piece; a view whose rows (last dimension) are contiguous but
-    scattered (e.g. a transposed block of heads) is one piece per row; anything else is
-    copied into one contiguous piece.
+    Its :func:`row_views` where it has them (e.g. a transposed block of heads, one piece per
+    row); anything else is copied into one contiguous piece.
+    """
+    rows = row_views(tensor)
+    return rows if rows is not None else [tensor_bytes(tensor.contiguous())]
+
+
+def row_views(tensor: torch.Tensor) -> list[memoryview] | None:
+    """Writable views of ``tensor``'s memory holding its bytes in row-major order, or None where its rows are not contiguous.
+
+    A contiguous tensor is one view; one whose rows (last dimension) are contiguous but
+    scattered is one view per row.
     """
     if tensor.is_contiguous():
         return [tensor_bytes(tensor)]
     if tensor.dim() < 2 or tensor.stride(-1) != 1:
-        return [tensor_bytes(tensor.contiguous())]
+        return None
     storage = memoryview(torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy())
     row_bytes = tensor.shape[-1] * tensor.element_size()
     starts = torch.full(tensor.shape[:-1], tensor.storage_offset(), dtype=torch.int64)
     for dim, (size, stride) in enumerate(zip(tensor.shape[:-1], tensor.stride()[:-1])):
         starts += (torch.arange(size, dtype=torch.int64) * stride).view([-1 if d == dim else 1 for d in range(starts.dim())])
     return [storage[s : s + row_bytes] for s in (starts.flatten() * tensor.element_size()).tolist()]
-
-
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-
-
-def pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
-    """Write ``pieces`` back to back from ``offset``; returns the bytes written."""
-    pending = [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
-    done, first = 0, 0
-    while first < len(pending):
-        batch = pending[first : first + _IOV_MAX]
-        written = os.pwritev(fd, batch, offset + done)
-        done += written
-        if written == sum(map(len, batch)):  # the usual case: everything went
-            first += len(batch)
-            continue
-        while written >= len(pending[first]):
-            written -= len(pending[first])
-            first += 1
-        pending[first] = pending[first][written:]
-    return done

@@ -1,0 +1,77 @@
+"""Byte pieces of memory moved to and from files in one system call per batch (``preadv``/``pwritev``).
+
+A tensor whose rows are contiguous but scattered (a transposed block of RoPE heads) is a
+list of pieces, one per row; these functions read into and write from such lists as if
+they were one buffer, and cut them at the byte runs of a file without copying.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+from checkpointer.format.box_runs import ByteRun
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def flat(pieces: Sequence[memoryview]) -> list[memoryview]:
+    """``pieces`` as one-dimensional byte views (no copies)."""
+    return [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
+
+
+def _transfer_all(call: Callable[[int, list[memoryview], int], int], fd: int, pieces: Sequence[memoryview], offset: int) -> int:
+    """Run ``call`` (``os.preadv`` or ``os.pwritev``) until every piece is done or it moves 0 bytes; the bytes moved."""
+    pending = flat(pieces)
+    done, first = 0, 0
+    while first < len(pending):
+        batch = pending[first : first + _IOV_MAX]
+        moved = call(fd, batch, offset + done)
+        if moved == 0 and sum(map(len, batch)):
+            return done
+        done += moved
+        if moved == sum(map(len, batch)):  # the usual case: everything went
+            first += len(batch)
+            continue
+        while moved >= len(pending[first]):
+            moved -= len(pending[first])
+            first += 1
+        pending[first] = pending[first][moved:]
+    return done
+
+
+def pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
+    """Write ``pieces`` back to back from ``offset``; returns the bytes written."""
+    return _transfer_all(os.pwritev, fd, pieces, offset)
+
+
+def preadv_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
+    """Fill ``pieces`` back to back with the bytes from ``offset``; returns the bytes read (fewer at the file's end)."""
+    return _transfer_all(os.preadv, fd, pieces, offset)
+
+
+def fill_pieces(pieces: Sequence[memoryview], data: memoryview | bytes) -> None:
+    """Copy ``data`` into ``pieces`` back to back (their lengths add up to its length)."""
+    data, at = memoryview(data).cast("B"), 0
+    for piece in flat(pieces):
+        piece[:] = data[at : at + len(piece)]
+        at += len(piece)
+
+
+def split_pieces(pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> list[list[memoryview]]:
+    """``pieces`` (bytes back to back) cut at the run boundaries: the pieces of each run, without copies."""
+    pending = flat(pieces)
+    if len(runs) == 1:  # a box of whole rows: one run holds every piece (RoPE q/k views have a piece per row)
+        return [pending]
+    split, index, used = [], 0, 0  # ``used``: bytes of pending[index] already handed out
+    for _, length in runs:
+        batch, need = [], length
+        while need:
+            piece = pending[index][used : used + need]
+            batch.append(piece)
+            need -= len(piece)
+            used += len(piece)
+            if used == len(pending[index]):
+                index, used = index + 1, 0
+        split.append(batch)
+    return split
