@@ -80,3 +80,4 @@ def test_read_into_past_the_end_of_the_file_names_it(tmp_path, where):
 
 def test_views_without_contiguous_rows_have_no_row_views():
     assert row_views(torch.zeros(4, 6)[:, 0]) is None and row_views(torch.zeros(4, 6).t()) is None
+    assert row_views(torch.zeros(1, 6).expand(4, 6)) is None  # its rows are one row of memory

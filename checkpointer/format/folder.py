@@ -2,8 +2,8 @@
 
 A folder hands out bytes of named files and refuses names that would leave it
 (absolute paths, ``..``, symlinks pointing outside). :class:`LocalFolder` reads with
-``os.preadv`` straight into caller buffers (one or many pieces per call), and maps whole files (copy-on-write) for
-loads that hand out full tensors.
+``os.preadv`` straight into caller buffers (one or many pieces per call), and maps whole
+files (copy-on-write) for loads that hand out full tensors.
 """
 
 from __future__ import annotations

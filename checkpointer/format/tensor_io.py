@@ -58,11 +58,11 @@ def row_views(tensor: torch.Tensor) -> list[memoryview] | None:
     """Writable views of ``tensor``'s memory holding its bytes in row-major order, or None where its rows are not contiguous.
 
     A contiguous tensor is one view; one whose rows (last dimension) are contiguous but
-    scattered is one view per row.
+    scattered is one view per row. Rows that share memory (a broadcast view) have none.
     """
     if tensor.is_contiguous():
         return [tensor_bytes(tensor)]
-    if tensor.dim() < 2 or tensor.stride(-1) != 1:
+    if tensor.dim() < 2 or tensor.stride(-1) != 1 or any(n > 1 and s == 0 for n, s in zip(tensor.shape, tensor.stride())):
         return None
     storage = memoryview(torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy())
     row_bytes = tensor.shape[-1] * tensor.element_size()

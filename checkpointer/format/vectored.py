@@ -26,11 +26,12 @@ def _transfer_all(call: Callable[[int, list[memoryview], int], int], fd: int, pi
     done, first = 0, 0
     while first < len(pending):
         batch = pending[first : first + _IOV_MAX]
+        size = sum(map(len, batch))
         moved = call(fd, batch, offset + done)
-        if moved == 0 and sum(map(len, batch)):
+        if moved == 0 and size:  # the end of the file (a read)
             return done
         done += moved
-        if moved == sum(map(len, batch)):  # the usual case: everything went
+        if moved == size:  # the usual case: everything went
             first += len(batch)
             continue
         while moved >= len(pending[first]):
