@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
-from checkpointer.format.vectored import preadv_all
+from checkpointer.format.vectored import byte_count, preadv_all
 
 REMOTE_MERGE_GAP = 1 << 20  # about what one HTTP round trip costs, in bytes of transfer
 
@@ -135,7 +135,7 @@ class LocalFolder:
         return bytes(buffer)
 
     def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
-        done, wanted = preadv_all(self._fd(name), out, offset), sum(piece.nbytes for piece in out)
+        done, wanted = preadv_all(self._fd(name), out, offset), byte_count(out)
         if done < wanted:
             raise truncated(self.describe(name), offset + wanted, offset + done)
 

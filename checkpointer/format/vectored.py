@@ -20,13 +20,18 @@ def flat(pieces: Sequence[memoryview]) -> list[memoryview]:
     return [p if p.format == "B" and p.ndim == 1 else p.cast("B") for p in pieces]
 
 
+def byte_count(pieces: Sequence[memoryview]) -> int:
+    """The bytes ``pieces`` hold together."""
+    return sum(piece.nbytes for piece in pieces)
+
+
 def _transfer_all(call: Callable[[int, list[memoryview], int], int], fd: int, pieces: Sequence[memoryview], offset: int) -> int:
     """Run ``call`` (``os.preadv`` or ``os.pwritev``) until every piece is done or it moves 0 bytes; the bytes moved."""
     pending = flat(pieces)
     done, first = 0, 0
     while first < len(pending):
         batch = pending[first : first + _IOV_MAX]
-        size = sum(map(len, batch))
+        size = byte_count(batch)
         moved = call(fd, batch, offset + done)
         if moved == 0 and size:  # the end of the file (a read)
             return done

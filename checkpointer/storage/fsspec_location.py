@@ -21,7 +21,7 @@ from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, ch
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.json_files import parse_json, write_json
 from checkpointer.format.manifest import MANIFEST_FILE
-from checkpointer.format.vectored import fill_pieces
+from checkpointer.format.vectored import byte_count, fill_pieces
 from checkpointer.runtime.cache import cache_root, url_key
 from checkpointer.runtime.progress import byte_bar
 from checkpointer.runtime.retry import with_retries
@@ -84,7 +84,7 @@ class FsspecFolder:
         return data
 
     def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
-        fill_pieces(out, self.read(name, offset, sum(piece.nbytes for piece in out)))
+        fill_pieces(out, self.read(name, offset, byte_count(out)))
 
     def mapped(self, name: str) -> None:
         """Remote files are read, not mapped."""

@@ -43,7 +43,7 @@ from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE, TRAINING_STATE_DIR
 from checkpointer.format.model_card import CARD_MARKER, model_card
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR
-from checkpointer.format.vectored import fill_pieces
+from checkpointer.format.vectored import byte_count, fill_pieces
 from checkpointer.runtime.cache import cache_root, url_key
 from checkpointer.runtime.retry import is_transient, with_retries
 from checkpointer.storage.location import (
@@ -169,7 +169,7 @@ class HubFolder:
         return response.content
 
     def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
-        fill_pieces(out, self.read(name, offset, sum(piece.nbytes for piece in out)))
+        fill_pieces(out, self.read(name, offset, byte_count(out)))
 
     def mapped(self, name: str) -> None:
         """Remote files are read, not mapped."""
