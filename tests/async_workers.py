@@ -45,3 +45,30 @@ def background_error_surfaces(rank: int, world: int, base: str, out: str, model_
     except CheckpointError as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+def stage_shards_of_a_gpu_mesh(rank: int, world: int) -> dict:
+    """Stage, change the source, stage again: a DTensor whose mesh is a GPU's and whose shard is in host memory
+    (how a GPU shard's pinned copy looks), so the staging path of a GPU model runs on any machine."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    from checkpointer.dcp.staging import StagingBuffers
+
+    mesh = DeviceMesh("cuda", torch.arange(world), _init_backend=False)  # no CUDA needed while nothing is sent
+    local = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * rank
+    spec = DTensorSpec(mesh, (Shard(0),), TensorMeta(torch.Size([2 * world, 3]), (3, 1), local.dtype))
+    source = DTensor(local, spec, requires_grad=False)
+    staging = StagingBuffers()
+    first = staging.stage({"w": source})["w"]
+    first_values = first.to_local().clone()
+    local.mul_(2)  # "the training steps" after the first save returned
+    second = staging.stage({"w": source})["w"]
+    return {
+        "first": first_values,
+        "second": second.to_local().clone(),
+        "source": local.clone(),
+        "same_buffer": first.to_local().data_ptr() == second.to_local().data_ptr() != local.data_ptr(),
+        "layout": (second.device_mesh.device_type, tuple(second.shape), str(second.placements)),
+    }

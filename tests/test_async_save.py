@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from async_workers import background_error_surfaces, save_in_background_while_training
+from async_workers import background_error_surfaces, save_in_background_while_training, stage_shards_of_a_gpu_mesh
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.testing.multiprocess import run_on_ranks
@@ -26,3 +26,12 @@ def test_a_background_failure_is_raised_by_the_next_save_on_every_rank(tiny_mode
     messages = run_on_ranks(background_error_surfaces, 2, str(tiny_models["llama2"]), str(tmp_path / "out"), "LLAMA2", timeout=180)
     assert all("failpoint save:write on rank 1" in m for m in messages), messages
     assert not (tmp_path / "out" / "epoch_0").exists()
+
+
+def test_staged_gpu_shards_stay_in_their_host_buffers_and_follow_every_later_save():
+    results = run_on_ranks(stage_shards_of_a_gpu_mesh, 2, timeout=120)
+    for rank, r in enumerate(results):
+        expected = torch.arange(6, dtype=torch.float32).reshape(2, 3) + 10 * rank
+        assert torch.equal(r["first"], expected) and torch.equal(r["second"], expected * 2) and torch.equal(r["source"], expected * 2)
+        assert r["same_buffer"]  # reused, and not the source's memory
+        assert r["layout"] == ("cuda", (4, 3), "(Shard(dim=0),)")

@@ -121,8 +121,16 @@ def _intervals(index: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def dtensor_like(value: DTensor, local: torch.Tensor) -> DTensor:
-    """``local`` as this rank's shard of a DTensor laid out exactly as ``value`` (no copy, no collective)."""
-    return DTensor.from_local(local, value.device_mesh, value.placements, shape=value.shape, stride=value.stride(), run_check=False)
+    """``local`` as this rank's shard of a DTensor laid out exactly as ``value``: no copy, no collective.
+
+    ``local`` stays on its own device: a pinned host buffer for a GPU shard stays in host memory
+    (``DTensor.from_local`` would copy it onto the mesh's device). Same shape and dtype as
+    ``value``'s shard.
+    """
+    shard = value.to_local()
+    if local.shape != shard.shape or local.dtype != shard.dtype:
+        raise ValueError(f"dtensor_like: a {local.dtype} {tuple(local.shape)} buffer for a {shard.dtype} {tuple(shard.shape)} shard")
+    return DTensor(local, value._spec, requires_grad=local.requires_grad)
 
 
 def global_spec(key: str, value: object) -> tuple[torch.dtype, tuple[int, ...]]:
