@@ -49,6 +49,27 @@ def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
     assert not differences(model.state_dict(), again.state_dict())
 
 
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_a_load_on_several_threads_fills_every_tensor_as_one_thread_does(threads, tiny_models, tmp_path):
+    base, model_type = tiny_models["llama2"], VARIANTS["llama2"].model_type  # RoPE q/k rows read as scattered pieces
+    loaded = {}
+    before = torch.get_num_threads()
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            model = build_model_from_dir(model_type, base)
+            with torch.no_grad():
+                for value in model.state_dict().values():
+                    value.fill_(float("nan"))  # a tensor left unread stays NaN
+            checkpointer = DistributedHFCheckpointer(base, tmp_path, model_type)
+            checkpointer.load_model(model)
+            loaded[n] = (model.state_dict(), checkpointer.last_load.bytes)
+    finally:
+        torch.set_num_threads(before)
+    assert not differences(loaded[1][0], loaded[threads][0]) and loaded[1][1] == loaded[threads][1]
+    assert not any(v.isnan().any() for v in loaded[threads][0].values())
+
+
 def _assert_same_split_as_base(base, saved) -> None:
     if (base / INDEX_FILE).exists():
         assert json.loads((saved / INDEX_FILE).read_text())["weight_map"] == json.loads((base / INDEX_FILE).read_text())["weight_map"]

@@ -5,14 +5,21 @@ file's dtype and contiguous rows the bytes go straight into it, one ``preadv`` p
 row where its rows are scattered (the transposed views of RoPE-permuted q/k heads);
 otherwise they go through a buffer of one block and ``copy_`` converts dtype and
 scatters into the view.
-One buffer serves every block of a load (it grows to the largest), so its pages are
-faulted in once rather than once per block.
+One buffer per thread serves every block of a load (it grows to the largest), so its pages
+are faulted in once rather than once per block.
+
+A local folder's reads run on as many threads as torch's intra-op threads (one under
+``torchrun``, which sets ``OMP_NUM_THREADS=1``), each over a run of the plan's items in file
+order with about the same bytes: ``preadv`` releases the GIL, and filling fresh pages from the
+page cache is work for every core a rank owns.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -44,6 +51,15 @@ def _spans(runs: list[ByteRun], max_gap: int) -> list[tuple[ByteRun, list[ByteRu
         grouped.append((span, runs[position:end]))
         position = end
     return grouped
+
+
+def _even_runs(items: list[ReadItem], sizes: list[int], parts: int) -> list[list[ReadItem]]:
+    """``items`` cut, in order, into at most ``parts`` runs of about the same total size (none empty)."""
+    total, ends = sum(sizes), itertools.accumulate(sizes)
+    runs: list[list[ReadItem]] = [[] for _ in range(parts)]
+    for item, end in zip(items, ends):
+        runs[min(parts - 1, (end - 1) * parts // max(total, 1))].append(item)
+    return [run for run in runs if run]
 
 
 class _Scratch:
@@ -95,28 +111,42 @@ class SafetensorsReader(StorageReader):
         failpoint("load:read")
         tensors = self.files.tensors
         ordered = sorted(plan.items, key=lambda i: (tensors[i.storage_index.fqn].file, tensors[i.storage_index.fqn].start, i.storage_offsets))
-        scratch = _Scratch()
+        threads = torch.get_num_threads() if self.files.folder.concurrent_reads else 1
         try:
-            for item in ordered:
-                target = planner.resolve_tensor(item)
-                self._read_item(tensors[item.storage_index.fqn], item, target, scratch)
-                planner.commit_tensor(item, target)
+            if threads == 1 or len(ordered) < 2:
+                self.bytes_read += self._read_items(ordered, planner)
+            else:
+                with ThreadPoolExecutor(threads, thread_name_prefix="checkpointer-read") as pool:
+                    parts = _even_runs(ordered, [math.prod(i.lengths) for i in ordered], threads)
+                    self.bytes_read += sum(f.result() for f in [pool.submit(self._read_items, part, planner) for part in parts])
         finally:
             self.files.folder.close()
         done: Future[None] = Future()
         done.set_result(None)
         return done
 
-    def _read_item(self, entry: TensorEntry, item: ReadItem, target: torch.Tensor, scratch: _Scratch) -> None:
+    def _read_items(self, items: list[ReadItem], planner: LoadPlanner) -> int:
+        """Read ``items`` in order into the planner's targets (no autograd: grad mode is per thread); the bytes read."""
+        scratch, read = _Scratch(), 0
+        with torch.no_grad():
+            for item in items:
+                target = planner.resolve_tensor(item)
+                read += self._read_item(self.files.tensors[item.storage_index.fqn], item, target, scratch)
+                planner.commit_tensor(item, target)
+        return read
+
+    def _read_item(self, entry: TensorEntry, item: ReadItem, target: torch.Tensor, scratch: _Scratch) -> int:
         """Copy the box ``item`` names from ``entry`` into ``target``: only the box's bytes are read.
 
         A box of whole rows (or one expert's rows) is one byte range; a column box is one range
         per row, each read on its own (ranges nearer than the folder's ``merge_gap`` are fetched as one request).
+        Returns the bytes read.
         """
         runs = box_byte_runs(entry, tuple(item.storage_offsets), tuple(item.lengths))
         rows = row_views(target) if target.dtype == entry.dtype and target.device.type == "cpu" else None
         block = None if rows is not None else scratch.block(tuple(item.lengths), entry.dtype)
         per_run = iter(split_pieces(rows if block is None else [tensor_bytes(block)], runs))
+        read = 0
         for span, inside in _spans(runs, self.files.folder.merge_gap):
             if len(inside) == 1:
                 self.files.folder.read_into(entry.file, span[0], next(per_run))
@@ -124,9 +154,10 @@ class SafetensorsReader(StorageReader):
                 data = memoryview(self.files.folder.read(entry.file, span[0], span[1]))
                 for offset, length in inside:
                     fill_pieces(next(per_run), data[offset - span[0] : offset - span[0] + length])
-            self.bytes_read += span[1]
+            read += span[1]
         if block is not None:
             target.copy_(block.view(target.shape))
+        return read
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:

@@ -12,6 +12,7 @@ import mmap
 import os
 import posixpath
 import shutil
+import threading
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -26,9 +27,11 @@ class Folder(Protocol):
 
     ``merge_gap``: byte ranges of one file at most this far apart are cheaper fetched as one
     read (remote folders, where each request costs a round trip) than apart (local files: 0).
+    ``concurrent_reads``: whether ``read_into`` may run on several threads at once.
     """
 
     merge_gap: int
+    concurrent_reads: bool
 
     def describe(self, name: str = "") -> str:
         """A human-readable location of ``name`` (or of the folder) for messages."""
@@ -96,11 +99,13 @@ class LocalFolder:
     """
 
     merge_gap = 0
+    concurrent_reads = True
 
     def __init__(self, root: str | os.PathLike, trusted_root: str | os.PathLike | None = None):
         self.root = Path(root)
         self._real_root = Path(trusted_root or root).resolve()
         self._fds: dict[str, int] = {}
+        self._opening = threading.Lock()  # one descriptor per file, whichever thread reads it first
 
     def describe(self, name: str = "") -> str:
         return str(self.root / name) if name else str(self.root)
@@ -150,12 +155,13 @@ class LocalFolder:
         return mmap.mmap(self._fd(name), 0, access=mmap.ACCESS_COPY)
 
     def _fd(self, name: str) -> int:
-        if name not in self._fds:
-            try:
-                self._fds[name] = os.open(self.path(name), os.O_RDONLY)
-            except FileNotFoundError:
-                raise CheckpointNotFoundError(f"{self.describe(name)}: file not found", file=self.describe(name)) from None
-        return self._fds[name]
+        with self._opening:
+            if name not in self._fds:
+                try:
+                    self._fds[name] = os.open(self.path(name), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CheckpointNotFoundError(f"{self.describe(name)}: file not found", file=self.describe(name)) from None
+            return self._fds[name]
 
     def close(self) -> None:
         for fd in self._fds.values():

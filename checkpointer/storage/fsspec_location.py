@@ -43,6 +43,7 @@ class FsspecFolder:
     """Byte-range reads of the files under one fsspec folder."""
 
     merge_gap = REMOTE_MERGE_GAP
+    concurrent_reads = False
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str):
         self.fs, self.root, self.url = fs, root.rstrip("/"), url.rstrip("/")

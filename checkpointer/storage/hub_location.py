@@ -133,6 +133,7 @@ class HubFolder:
     """Byte-range reads of a Hub folder at a pinned commit."""
 
     merge_gap = REMOTE_MERGE_GAP
+    concurrent_reads = False
 
     def __init__(self, url: HubUrl, sha: str, sizes: dict[str, int]):
         self.url, self.sha, self.sizes = url, sha, sizes
