@@ -26,10 +26,14 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
   ``load/ours_fsdp_tp``, ``save/ours_fsdp_tp``: FSDP2 over tensor parallel 2 (W >= 4). Each
   records the bytes the rank read or wrote (``moved``), which the report sets against W's share.
 - ``stage/floor``: a plain copy of this rank's shards into buffers allocated beforehand (what
-  ``save/ours_async`` must do before it returns), checked like a load.
+  ``save/ours_async`` must do before it returns; pinned host buffers for a model on a GPU),
+  checked like a load.
 - ``load/floor``, ``save/floor``: plain ``os.preadv`` of this rank's rows into its shards;
   ``safetensors.torch.save_file`` of this rank's shards into a file of its own
   (``save/floor_fsync``: the same, then fsync, as durable as ours).
+
+With ``--device cuda`` the models and shards live on the rank's GPU (the ``preadv`` floor reads
+into host memory, then copies to the GPU).
 """
 
 from __future__ import annotations
@@ -90,9 +94,9 @@ def local_tensor(value: torch.Tensor) -> torch.Tensor:
 class Context:
     """What every method needs on one rank: the base model, the mesh, output folders."""
 
-    def __init__(self, rank: int, world: int, base: Path, out: Path):
-        self.rank, self.world, self.base, self.out = rank, world, base, out
-        self.mesh = default_mesh()
+    def __init__(self, rank: int, world: int, base: Path, out: Path, device: str = "cpu"):
+        self.rank, self.world, self.base, self.out, self.device = rank, world, base, out, device
+        self.mesh = default_mesh(device)
         self.config = ModelConfig.from_json((base / "config.json").read_text())
         checkpoint = read_checkpoint_files(LocalFolder(base))
         self.weight_map: dict[str, str] = checkpoint.weight_map or {}
@@ -103,7 +107,7 @@ class Context:
 
     def fresh_model(self) -> nn.Module:
         """An FSDP2-sharded torchtune model whose local shards are allocated, never touched."""
-        return build_sharded_model(MODEL_TYPE, self.config, self.mesh, dtype=DTYPE)
+        return build_sharded_model(MODEL_TYPE, self.config, self.mesh, device=self.device, dtype=DTYPE)
 
     def fresh_hf_shards(self) -> dict[str, DTensor]:
         """DTensors keyed by HF names, sharded on dim 0 like FSDP2, with untouched local shards."""
@@ -111,12 +115,13 @@ class Context:
 
     def _dtensor(self, shape: tuple[int, ...]) -> DTensor:
         local_shape, _ = compute_local_shape_and_global_offset(shape, self.mesh, [Shard(0)])
-        local = torch.empty(local_shape, dtype=DTYPE)
+        local = torch.empty(local_shape, dtype=DTYPE, device=self.device)
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=_strides(shape))
 
     def parallel_model(self, tp: int) -> nn.Module:
         """A model tensor-parallel over ``tp`` ranks and FSDP2-sharded over the rest, local shards untouched."""
-        return build_sharded_model(MODEL_TYPE, self.config, parallel_mesh(tensor_parallel_dim=tp), dtype=DTYPE)
+        mesh = parallel_mesh(self.device, tensor_parallel_dim=tp)
+        return build_sharded_model(MODEL_TYPE, self.config, mesh, device=self.device, dtype=DTYPE)
 
     def loaded_parallel_model(self, layout: str) -> nn.Module:
         """The model a tensor-parallel save method saves (loaded once per layout, by us)."""
@@ -164,13 +169,16 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def pread_shards(base: Path, entries: dict[str, TensorEntry], shards: dict[str, DTensor]) -> None:
-    """Read each shard's rows with plain ``os.preadv`` into its local tensor."""
+    """Read each shard's rows with plain ``os.preadv`` into its local tensor (through host memory for a GPU's)."""
     fds = {file: os.open(base / file, os.O_RDONLY) for file in {e.file for e in entries.values()}}
     try:
         for name, value in shards.items():
             entry, local = entries[name], value.to_local()
+            host = local if local.device.type == "cpu" else torch.empty_like(local, device="cpu")
             if local.numel():
-                _preadv_all(fds[entry.file], tensor_bytes(local), entry.start + _first_row(value) * entry.row_bytes)
+                _preadv_all(fds[entry.file], tensor_bytes(host), entry.start + _first_row(value) * entry.row_bytes)
+            if host is not local:
+                local.copy_(host)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -258,7 +266,7 @@ def load_torchtune(ctx: Context, rep: int) -> Operation:
     def operation() -> nn.Module:
         checkpointer = FullModelHFCheckpointer(str(ctx.base), ctx.files, MODEL_TYPE, str(out))
         full = checkpointer.load_checkpoint()["model"]
-        load_from_full_model_state_dict(model, full, torch.device("cpu"), strict=True)
+        load_from_full_model_state_dict(model, full, torch.device(ctx.device), strict=True)
         return model
 
     return operation
@@ -272,7 +280,7 @@ def load_ours_in_torchtune(ctx: Context, rep: int) -> Operation:
 
     def operation() -> nn.Module:
         full = DistributedHFCheckpointer(ctx.base, ctx.out, MODEL_TYPE).load_checkpoint()["model"]
-        load_from_full_model_state_dict(model, full, torch.device("cpu"), strict=True)
+        load_from_full_model_state_dict(model, full, torch.device(ctx.device), strict=True)
         return model
 
     return operation
@@ -397,17 +405,18 @@ def save_ours_async(ctx: Context, rep: int) -> Operation:
 
 @method("stage", "floor", "torch copy_ of this rank's shards into reused buffers: the least a save that returns before writing can block")
 def stage_floor(ctx: Context, rep: int) -> Operation:
-    sources = ctx.loaded_model.state_dict()
-    buffers = {key: torch.empty_like(local_tensor(value)) for key, value in sources.items()}
-    for key, buffer in buffers.items():  # touched once, as the async save's first save touches its buffers
-        buffer.copy_(local_tensor(sources[key]))
+    sources, pin = ctx.loaded_model.state_dict(), ctx.device != "cpu"
+    buffers = {key: torch.empty(local_tensor(v).shape, dtype=v.dtype, pin_memory=pin) for key, v in sources.items()}
     staged = {key: dtensor_like(sources[key], buffer) if isinstance(sources[key], DTensor) else buffer for key, buffer in buffers.items()}  # the same memory, checked as shards
 
     def operation() -> dict[str, torch.Tensor]:
         for key, buffer in buffers.items():
-            buffer.copy_(local_tensor(sources[key]))
+            buffer.copy_(local_tensor(sources[key]), non_blocking=pin)
+        if pin:
+            torch.cuda.synchronize()
         return staged
 
+    operation()  # touched once, as the async save's first save touches its buffers
     return operation
 
 

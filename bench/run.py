@@ -1,14 +1,16 @@
 """``python -m bench.run``: load and save a Hugging Face model with every method, on 1, 2 and 4 ranks.
 
 For each size, the base model is written once into ``bench/work/`` (reused afterwards);
-for each world size, one spawned gloo process group runs every method ``--reps`` times.
-Prints a table of medians, ratios and targets, and writes them to ``bench/RESULTS.md``.
+for each world size, one spawned gloo process group runs every method ``--reps`` times
+(with ``--device cuda``, NCCL and gloo, rank r's model on GPU r). Prints a table of medians,
+ratios and targets, and writes them to ``bench/RESULTS.md`` (``bench/RESULTS-cuda.md``).
 
 Examples::
 
     python -m bench.run                         # 300M, W = 1, 2, 4, 5 repetitions (make bench)
     python -m bench.run --size 300m 1b          # both sizes, so time per GB can be compared
     python -m bench.run --size 20m --worlds 2 --methods load/ours load/torch --profile load/ours
+    python -m bench.run --device cuda --size 300m 1b --worlds 1   # on a machine with a GPU
 """
 
 from __future__ import annotations
@@ -50,15 +52,19 @@ NOTES = HERE / "NOTES.md"  # hand-written analysis, copied into RESULTS.md
 # (glibc would otherwise reuse freed heap pages for tensors under its 32 MiB dynamic limit).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
+# --device: (the process group's backend, the default report)
+DEVICES = {"cpu": ("gloo", HERE / "RESULTS.md"), "cuda": ("cuda:nccl,cpu:gloo", HERE / "RESULTS-cuda.md")}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--size", nargs="+", default=["300m"], choices=list(SIZES), help="model sizes (default: 300m)")
     parser.add_argument("--worlds", nargs="+", type=int, default=[1, 2, 4], help="world sizes (default: 1 2 4)")
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each operation (default: 5)")
+    parser.add_argument("--device", choices=list(DEVICES), default="cpu", help="where the models live (cuda: rank r on GPU r)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="default: all")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="base models and outputs (default: bench/work)")
-    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="'-' to write none")
+    parser.add_argument("--results", type=Path, help="the report (default: bench/RESULTS.md, with cuda RESULTS-cuda.md); '-': none")
     parser.add_argument("--profile", choices=list(METHODS), help="run this method twice more under cProfile on rank 0 (wall clock, CPU time)")
     parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
     parser.add_argument("--no-remote", action="store_true", help="skip the remote I/O part (local Hub and S3 server)")
@@ -66,7 +72,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--notes-only", action="store_true", help="measure nothing: put the current bench/NOTES.md into --results"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.results = args.results or DEVICES[args.device][1]
+    return args
+
+
+def check_device(device: str, worlds: list[int]) -> None:
+    """Refuse a device this machine lacks, or more ranks than it has GPUs, before anything runs."""
+    import torch
+
+    gpus = torch.cuda.device_count() if device == "cuda" and torch.cuda.is_available() else 0
+    if device == "cuda" and max(worlds) > gpus:
+        raise SystemExit(f"--device cuda: --worlds {' '.join(map(str, worlds))} needs {max(worlds)} GPUs, this machine has {gpus}")
 
 
 @dataclass
@@ -107,12 +124,13 @@ def run_size(
     work: Path,
     profile: str | None = None,
     raw: bool = False,
+    device: str = "cpu",
 ) -> Measured:
     """Every method at every world size for one model size (the base model is made or reused)."""
     from checkpointer.testing.multiprocess import run_on_ranks
 
     base = ensure_base_model(SIZES[size], work)
-    measured = Measured(where={"machine": machine(), "code": source(), "niceness": os.nice(0)})
+    measured = Measured(where={"machine": machine(), "code": source(), "niceness": os.nice(0), "device": device})
     total_bytes = model_bytes(base)
     for world in worlds:
         settings = Settings(
@@ -121,11 +139,12 @@ def run_size(
             methods=tuple(methods),
             reps=reps,
             threads=max(1, (os.cpu_count() or 1) // world),
+            device=device,
             profile=profile,
             profile_to=str(work),
         )
         with CpuUse() as cpu:
-            ranks = run_on_ranks(run_world, world, settings, timeout=3600.0, pg_timeout=1800.0)
+            ranks = run_on_ranks(run_world, world, settings, timeout=3600.0, pg_timeout=1800.0, backend=DEVICES[device][0])
         shutil.rmtree(settings.out, ignore_errors=True)
         measured.groups.append(GroupRun(size, world, cpu.wall, cpu.ours, cpu.others, cpu.available))
         print(f"  {size} W={world}: {cpu.wall:.0f} s; CPU s: ours {cpu.ours:.0f}, other processes {cpu.others:.0f}", flush=True)
@@ -151,10 +170,18 @@ def machine() -> str:
     mem_kb = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return (
-        f"{os.cpu_count()} CPU cores ({cpu}), {mem_kb / 2**20:.0f} GiB RAM, no GPU; Linux {platform.release()}; "
+        f"{os.cpu_count()} CPU cores ({cpu}), {mem_kb / 2**20:.0f} GiB RAM, {gpus()}; Linux {platform.release()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, torchtune {torchtune.__version__}, "
         f"safetensors {safetensors.__version__}"
     )
+
+
+def gpus() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no GPU"
+    return ", ".join(f"GPU {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
 
 
 def source() -> str:
@@ -194,7 +221,8 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "",
         "- Base model: a random Llama-architecture model (`LLAMA3`: untied embeddings, GQA, RoPE), bf16, in three "
         "safetensors shards plus an index, written once into `bench/work/` and reused.",
-        "- Each world size is one spawned gloo process group on CPU running every method; repetitions are the outer "
+        f"- Each world size is one spawned {DEVICES[measured.where.get('device', 'cpu')][0]} process group, the models on "
+        f"{measured.where.get('device', 'cpu')}, running every method; repetitions are the outer "
         "loop, each with the methods in its own shuffled order; after each operation its output is deleted and "
         "`os.sync()` flushes dirty pages, untimed. Time: barrier to barrier, the slowest rank. Memory: per rank, peak RSS growth (`VmHWM` after, reset "
         "via `/proc/self/clear_refs`, minus `VmRSS` before), the worst rank; `share` is that rank's bytes of the model. "
@@ -261,9 +289,9 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
 NOTES_MARK = "<!-- bench/NOTES.md, copied by python -m bench.run -->"
 
 
-def write_results(path: Path, measured_lines: list[str]) -> None:
-    """``path`` = the measured report, then the hand-written notes (if any)."""
-    notes = [NOTES_MARK, "", NOTES.read_text().rstrip()] if NOTES.exists() else []
+def write_results(path: Path, measured_lines: list[str], with_notes: bool = True) -> None:
+    """``path`` = the measured report, then the hand-written notes (if any; they analyse the CPU run)."""
+    notes = [NOTES_MARK, "", NOTES.read_text().rstrip()] if with_notes and NOTES.exists() else []
     path.write_text("\n".join([*measured_lines, "", *notes]).rstrip() + "\n")
 
 
@@ -283,13 +311,14 @@ def main(argv: list[str] | None = None) -> None:
         measured, argv, minutes = Measured.load(args.from_json)
         remote: list[str] = []  # a saved run holds the local measurements only
     else:
+        check_device(args.device, args.worlds)
         measured, minutes = measure_all(args)
         measured.save(args.work / LAST_RUN, argv, minutes)
         remote = [] if args.no_remote else run_remote(ensure_base_model(SIZES[args.size[0]], args.work), args.work, min(args.reps, 3))
     lines = report(measured, argv, minutes) + remote
     print("\n".join(lines))
     if str(args.results) != "-":
-        write_results(args.results, lines)
+        write_results(args.results, lines, with_notes=measured.where.get("device", "cpu") == "cpu")
         print(f"\nwrote {args.results}")
 
 
@@ -302,7 +331,7 @@ def measure_all(args: argparse.Namespace) -> tuple[Measured, float]:
     started = time.perf_counter()
     measured = Measured()
     for size in args.size:
-        measured.extend(run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw))
+        measured.extend(run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw, args.device))
     return measured, (time.perf_counter() - started) / 60
 
 

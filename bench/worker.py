@@ -41,6 +41,7 @@ class Settings:
     methods: tuple[str, ...]
     reps: int
     threads: int
+    device: str = "cpu"  # or "cuda": rank r's model on GPU r
     profile: str | None = None  # a method key to run twice more under cProfile on rank 0 (wall, CPU)
     profile_to: str | None = None
 
@@ -49,7 +50,7 @@ def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]
     """Measure every method ``settings.reps`` times; one record per operation on this rank."""
     torch.set_num_threads(settings.threads)
     logging.getLogger("torchtune").setLevel(logging.WARNING)  # one INFO line per file saved
-    ctx = Context(rank, world, Path(settings.base), Path(settings.out))
+    ctx = Context(rank, world, Path(settings.base), Path(settings.out), settings.device)
     methods = [METHODS[key] for key in settings.methods if METHODS[key].applies(world, ctx.config)]
     if any(m.op != "load" for m in methods):
         ctx.loaded_model, ctx.loaded_hf_shards  # noqa: B018 - the save sources exist before any timing
@@ -84,7 +85,7 @@ def _checksum(loaded: nn.Module | dict[str, Any]) -> float:
     state_dict = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
     total = torch.zeros((), dtype=torch.float64)
     for value in state_dict.values():
-        total += local_tensor(value).sum(dtype=torch.float64) / _copies(value)
+        total += local_tensor(value).sum(dtype=torch.float64).cpu() / _copies(value)
     if dist.is_initialized():
         dist.all_reduce(total)
     return float(total)

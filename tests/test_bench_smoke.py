@@ -5,10 +5,13 @@ No timing is asserted: only that every method ran, moved the right bytes and mad
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from bench.methods import METHODS
 from bench.models import SIZES
 from bench.report import ratios_table, results_table, verdicts
-from bench.run import run_size
+from bench.run import main, run_size
 from checkpointer import ModelConfig
 
 
@@ -27,3 +30,11 @@ def test_benchmark_runs_every_method_on_two_ranks(tmp_path):
     assert ratios_table(results, how="paired") == ratios_table(results)  # one repetition: its ratio is the ratio of medians
     assert [(g.size, g.world) for g in measured.groups] == [("1m", 2)]
     assert {v.target for v in verdicts(results)} >= {"load at most 1.05x the preadv floor", "save at most 1.1x the durable floor (save_file + fsync)"}
+
+
+def test_a_cuda_run_needs_a_gpu_per_rank_and_is_refused_before_anything_is_written(tmp_path):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    argv = ["--device", "cuda", "--size", "1m", "--worlds", "1", str(gpus + 1), "--work", str(tmp_path), "--results", "-", "--no-remote"]
+    with pytest.raises(SystemExit, match=f"^--device cuda: --worlds 1 {gpus + 1} needs {gpus + 1} GPUs, this machine has {gpus}$"):
+        main(argv)
+    assert list(tmp_path.iterdir()) == []  # no base model, no report

@@ -1,7 +1,7 @@
-"""Run a function on N real processes joined by a gloo process group, for tests and demos.
+"""Run a function on N real processes joined by a process group (gloo by default), for tests and demos.
 
 Each process gets its own interpreter (``spawn``), a TCP rendezvous on a free loopback
-port, and a process group with a bounded timeout. Results come back in rank order; an
+port, and a process group with a bounded timeout (with NCCL, rank r uses GPU r). Results come back in rank order; an
 exception on any rank is raised in the caller with that rank's traceback; a process that
 does not finish in time is killed and reported, so a test fails instead of hanging.
 """
@@ -25,12 +25,16 @@ class RankFailed(RuntimeError):
     """A rank raised; the message carries its traceback."""
 
 
-def _worker(rank: int, world: int, port: int, timeout_s: float, fn: Callable, args: tuple, results: Any) -> None:
+def _worker(
+    rank: int, world: int, port: int, timeout_s: float, backend: str, fn: Callable, args: tuple, results: Any
+) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+        if "nccl" in backend:
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
         value = fn(rank, world, *args)
         dist.barrier()
         results.put((rank, True, _to_bytes(value)))
@@ -52,8 +56,12 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def run_on_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, pg_timeout: float = 60.0) -> list[Any]:
+def run_on_ranks(
+    fn: Callable, world: int, *args: Any, timeout: float = 180.0, pg_timeout: float = 60.0, backend: str = "gloo"
+) -> list[Any]:
     """Call ``fn(rank, world, *args)`` on ``world`` processes; return the results by rank.
+
+    ``backend`` is ``init_process_group``'s (e.g. ``"cuda:nccl,cpu:gloo"``, one GPU per rank).
 
     ``fn`` must be importable (a module-level function); its results must be tensors,
     numbers, strings and containers of them (they are read back with ``weights_only``).
@@ -61,7 +69,7 @@ def run_on_ranks(fn: Callable, world: int, *args: Any, timeout: float = 180.0, p
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, pg_timeout, fn, args, results), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, pg_timeout, backend, fn, args, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     collected: dict[int, tuple[bool, Any]] = {}
