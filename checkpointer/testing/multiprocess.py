@@ -1,9 +1,10 @@
 """Run a function on N real processes joined by a process group (gloo by default), for tests and demos.
 
 Each process gets its own interpreter (``spawn``), a TCP rendezvous on a free loopback
-port, and a process group with a bounded timeout (with NCCL, rank r uses GPU r). Results come back in rank order; an
-exception on any rank is raised in the caller with that rank's traceback; a process that
-does not finish in time is killed and reported, so a test fails instead of hanging.
+port, and a process group with a bounded timeout (with NCCL, rank r uses GPU r). Results
+come back in rank order; an exception on any rank is raised in the caller with that rank's
+traceback; a process that does not finish in time is killed and reported, so a test fails
+instead of hanging.
 """
 
 from __future__ import annotations
