@@ -13,6 +13,7 @@ from variants import TOKENS, TOLERANCE, VARIANTS, assert_same_tensors, hf_logits
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.format.hf_files import INDEX_FILE
+from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.storage.output_lock import LOCK_FILE
 from checkpointer.train.builders import build_model_from_dir
 
@@ -68,6 +69,33 @@ def test_a_load_on_several_threads_fills_every_tensor_as_one_thread_does(threads
         torch.set_num_threads(before)
     assert not differences(loaded[1][0], loaded[threads][0]) and loaded[1][1] == loaded[threads][1]
     assert not any(v.isnan().any() for v in loaded[threads][0].values())
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_save_on_several_threads_writes_the_bytes_and_digests_one_thread_writes(threads, tiny_models, tmp_path):
+    base, model_type = tiny_models["llama2"], VARIANTS["llama2"].model_type
+    model = build_model_from_dir(model_type, base)
+    DistributedHFCheckpointer(base, tmp_path / "x", model_type).load_model(model)
+    before = torch.get_num_threads()
+    try:
+        saved = {}
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            checkpointer = DistributedHFCheckpointer(base, tmp_path / f"t{n}", model_type)
+            saved[n] = Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)), checkpointer.last_save.bytes
+    finally:
+        torch.set_num_threads(before)
+    (one, one_bytes), (many, many_bytes) = saved[1], saved[threads]
+    files = sorted(p.name for p in one.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in many.glob("*.safetensors")) and one_bytes == many_bytes
+    assert all((one / f).read_bytes() == (many / f).read_bytes() for f in files)
+    assert _digests(one) == _digests(many)
+    DistributedHFCheckpointer(many, tmp_path / "x", model_type, verify_checksums=True).load_checkpoint()
+
+
+def _digests(folder: Path) -> dict:
+    """The manifest's sizes and range digests of every file (what a save's threads could get wrong)."""
+    return json.loads((folder / MANIFEST_FILE).read_text())["files"]
 
 
 def _assert_same_split_as_base(base, saved) -> None:

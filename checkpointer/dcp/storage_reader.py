@@ -8,18 +8,15 @@ scatters into the view.
 One buffer per thread serves every block of a load (it grows to the largest), so its pages
 are faulted in once rather than once per block.
 
-A local folder's reads run on as many threads as torch's intra-op threads (one under
-``torchrun``, which sets ``OMP_NUM_THREADS=1``), each over a run of the plan's items in file
-order with about the same bytes: ``preadv`` releases the GIL, and filling fresh pages from the
-page cache is work for every core a rank owns.
+A local folder's reads run on torch's intra-op threads (:mod:`checkpointer.runtime.parallel`),
+each over a run of the plan's items in file order with about the same bytes: filling fresh
+pages from the page cache is work for every core a rank owns.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -38,6 +35,7 @@ from checkpointer.format.safetensors import TensorEntry
 from checkpointer.format.tensor_io import row_views, tensor_bytes
 from checkpointer.format.vectored import fill_pieces, split_pieces
 from checkpointer.runtime.failpoints import failpoint
+from checkpointer.runtime.parallel import in_even_runs
 
 
 def _spans(runs: list[ByteRun], max_gap: int) -> list[tuple[ByteRun, list[ByteRun]]]:
@@ -51,15 +49,6 @@ def _spans(runs: list[ByteRun], max_gap: int) -> list[tuple[ByteRun, list[ByteRu
         grouped.append((span, runs[position:end]))
         position = end
     return grouped
-
-
-def _even_runs(items: list[ReadItem], sizes: list[int], parts: int) -> list[list[ReadItem]]:
-    """``items`` cut, in order, into at most ``parts`` runs of about the same total size (none empty)."""
-    total, ends = sum(sizes), itertools.accumulate(sizes)
-    runs: list[list[ReadItem]] = [[] for _ in range(parts)]
-    for item, end in zip(items, ends):
-        runs[min(parts - 1, (end - 1) * parts // max(total, 1))].append(item)
-    return [run for run in runs if run]
 
 
 class _Scratch:
@@ -111,14 +100,10 @@ class SafetensorsReader(StorageReader):
         failpoint("load:read")
         tensors = self.files.tensors
         ordered = sorted(plan.items, key=lambda i: (tensors[i.storage_index.fqn].file, tensors[i.storage_index.fqn].start, i.storage_offsets))
-        threads = torch.get_num_threads() if self.files.folder.concurrent_reads else 1
+        threads = None if self.files.folder.concurrent_reads else 1
         try:
-            if threads == 1 or len(ordered) < 2:
-                self.bytes_read += self._read_items(ordered, planner)
-            else:
-                with ThreadPoolExecutor(threads, thread_name_prefix="checkpointer-read") as pool:
-                    parts = _even_runs(ordered, [math.prod(i.lengths) for i in ordered], threads)
-                    self.bytes_read += sum(f.result() for f in [pool.submit(self._read_items, part, planner) for part in parts])
+            sizes = [math.prod(i.lengths) for i in ordered]
+            self.bytes_read += sum(in_even_runs(lambda part: self._read_items(part, planner), ordered, sizes, threads))
         finally:
             self.files.folder.close()
         done: Future[None] = Future()
@@ -126,13 +111,12 @@ class SafetensorsReader(StorageReader):
         return done
 
     def _read_items(self, items: list[ReadItem], planner: LoadPlanner) -> int:
-        """Read ``items`` in order into the planner's targets (no autograd: grad mode is per thread); the bytes read."""
+        """Read ``items`` in order into the planner's targets; the bytes read."""
         scratch, read = _Scratch(), 0
-        with torch.no_grad():
-            for item in items:
-                target = planner.resolve_tensor(item)
-                read += self._read_item(self.files.tensors[item.storage_index.fqn], item, target, scratch)
-                planner.commit_tensor(item, target)
+        for item in items:
+            target = planner.resolve_tensor(item)
+            read += self._read_item(self.files.tensors[item.storage_index.fqn], item, target, scratch)
+            planner.commit_tensor(item, target)
         return read
 
     def _read_item(self, entry: TensorEntry, item: ReadItem, target: torch.Tensor, scratch: _Scratch) -> int:

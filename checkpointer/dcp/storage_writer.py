@@ -12,7 +12,9 @@ row with ``pwritev``, straight from the shard, without a contiguous copy. A box 
 rows (a tensor-parallel column block) lands as one byte run per row of the file
 (``format.box_runs``): one ``pwritev`` per run, the runs that touch merged. Each rank hashes
 every run from the memory it writes it from (xxh3, :mod:`checkpointer.format.digests`) and
-returns the digest with the box's write result; ``finish`` runs on the coordinator once
+returns the digest with the box's write result. A rank's boxes are written on torch's intra-op
+threads (:mod:`checkpointer.runtime.parallel`), each over a run of them in this order with
+about the same bytes. ``finish`` runs on the coordinator once
 every rank has written: it gathers the digests (:attr:`SafetensorsWriter.digests`, which
 must tile every file) and writes the index. There are no per-rank files, no consolidation
 pass and no read-back: each byte is written once and never read again.
@@ -43,6 +45,7 @@ from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.tensor_io import byte_runs, create_files
 from checkpointer.format.vectored import pwritev_all, split_pieces
 from checkpointer.runtime.failpoints import failpoint
+from checkpointer.runtime.parallel import in_even_runs
 
 Finish = Callable[[Path], None]
 
@@ -89,17 +92,26 @@ class SafetensorsWriter(StorageWriter):
         order = _rotated(sorted(self.file_layout.headers), self.rank)
         items = sorted(plan.items, key=lambda i: (order[self.file_layout.entries[i.index.fqn].file], i.index.offset))
         boxes = [(item, self._file_runs(item)) for item in items]  # every box is checked before any byte is written
-        results, fds = [], {}
+        opened: list[dict[str, int]] = []  # each thread's file descriptors (a file may be open on several)
+
+        def write(part: list[tuple[WriteItem, list[ByteRun]]]) -> list[WriteResult]:
+            fds: dict[str, int] = {}
+            opened.append(fds)
+            return [self._write_item(item, runs, planner, fds) for item, runs in part]
+
         try:
-            for item, runs in boxes:
-                results.append(self._write_item(item, runs, planner, fds))
+            sizes = [sum(length for _, length in runs) for _, runs in boxes]
+            results = [result for part in in_even_runs(write, boxes, sizes) for result in part]
+            self.bytes_written += sum(result.size_in_bytes for result in results)
+            received_fds: dict[str, int] = {}
+            opened.append(received_fds)
             for sender, received in route.receive if route is not None else ():
                 for item in received:
-                    self._receive_item(item, sender, fds)
-            for fd in fds.values():
+                    self._receive_item(item, sender, received_fds)
+            for fd in (fd for fds in opened for fd in fds.values()):
                 os.fsync(fd)
         finally:
-            for fd in fds.values():
+            for fd in (fd for fds in opened for fd in fds.values()):
                 os.close(fd)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -184,7 +196,6 @@ class SafetensorsWriter(StorageWriter):
         written = sum(length for _, _, length, _ in ranges)
         if runs:
             _start_writeback(fds[entry.file], runs[0][0], runs[-1][0] + runs[-1][1] - runs[0][0])
-        self.bytes_written += written
         return BoxResult(index=item.index, size_in_bytes=written, storage_data=ranges)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
