@@ -33,16 +33,14 @@ def in_even_runs(work: Callable[[list[T]], R], items: Sequence[T], sizes: Sequen
     Autograd is off in every run (grad mode is per thread, and these are copies into or out of
     shards). The first error is raised once every run has stopped.
     """
-    threads = threads or torch.get_num_threads()
-    runs = even_runs(items, sizes, threads)
-    if len(runs) <= 1:
-        with torch.no_grad():
-            return [work(run) for run in runs]
+    runs = even_runs(items, sizes, threads or torch.get_num_threads())
 
     def unrecorded(run: list[T]) -> R:
         with torch.no_grad():
             return work(run)
 
+    if len(runs) <= 1:
+        return [unrecorded(run) for run in runs]  # on the calling thread
     with ThreadPoolExecutor(len(runs), thread_name_prefix="checkpointer-io") as pool:
         futures = [pool.submit(unrecorded, run) for run in runs]
         return [future.result() for future in futures]
