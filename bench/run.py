@@ -81,8 +81,10 @@ def check_device(device: str, worlds: list[int]) -> None:
     """Refuse a device this machine lacks, or more ranks than it has GPUs, before anything runs."""
     import torch
 
-    gpus = torch.cuda.device_count() if device == "cuda" and torch.cuda.is_available() else 0
-    if device == "cuda" and max(worlds) > gpus:
+    if device != "cuda":
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if max(worlds) > gpus:
         raise SystemExit(f"--device cuda: --worlds {' '.join(map(str, worlds))} needs {max(worlds)} GPUs, this machine has {gpus}")
 
 
@@ -97,6 +99,11 @@ class Measured:
     @property
     def results(self) -> list[Result]:
         return [r for g in self.raw for r in summarize(g["size"], g["model_bytes"], g["world"], g["ranks"]).values()]
+
+    @property
+    def device(self) -> str:
+        """Where the models lived (runs saved before ``--device`` existed ran on the CPU)."""
+        return self.where.get("device", "cpu")
 
     def extend(self, other: Measured) -> None:
         self.groups += other.groups
@@ -221,8 +228,8 @@ def report(measured: Measured, argv: list[str], minutes: float) -> list[str]:
         "",
         "- Base model: a random Llama-architecture model (`LLAMA3`: untied embeddings, GQA, RoPE), bf16, in three "
         "safetensors shards plus an index, written once into `bench/work/` and reused.",
-        f"- Each world size is one spawned {DEVICES[measured.where.get('device', 'cpu')][0]} process group, the models on "
-        f"{measured.where.get('device', 'cpu')}, running every method; repetitions are the outer "
+        f"- Each world size is one spawned {DEVICES[measured.device][0]} process group, the models on "
+        f"{measured.device}, running every method; repetitions are the outer "
         "loop, each with the methods in its own shuffled order; after each operation its output is deleted and "
         "`os.sync()` flushes dirty pages, untimed. Time: barrier to barrier, the slowest rank. Memory: per rank, peak RSS growth (`VmHWM` after, reset "
         "via `/proc/self/clear_refs`, minus `VmRSS` before), the worst rank; `share` is that rank's bytes of the model. "
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = report(measured, argv, minutes) + remote
     print("\n".join(lines))
     if str(args.results) != "-":
-        write_results(args.results, lines, with_notes=measured.where.get("device", "cpu") == "cpu")
+        write_results(args.results, lines, with_notes=measured.device == "cpu")
         print(f"\nwrote {args.results}")
 
 

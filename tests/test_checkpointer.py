@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,19 +55,15 @@ def test_load_save_round_trip_matches_transformers(name, tiny_models, tmp_path):
 def test_a_load_on_several_threads_fills_every_tensor_as_one_thread_does(threads, tiny_models, tmp_path):
     base, model_type = tiny_models["llama2"], VARIANTS["llama2"].model_type  # RoPE q/k rows read as scattered pieces
     loaded = {}
-    before = torch.get_num_threads()
-    try:
-        for n in (1, threads):
-            torch.set_num_threads(n)
-            model = build_model_from_dir(model_type, base)
-            with torch.no_grad():
-                for value in model.state_dict().values():
-                    value.fill_(float("nan"))  # a tensor left unread stays NaN
-            checkpointer = DistributedHFCheckpointer(base, tmp_path, model_type)
+    for n in (1, threads):
+        model = build_model_from_dir(model_type, base)
+        with torch.no_grad():
+            for value in model.state_dict().values():
+                value.fill_(float("nan"))  # a tensor left unread stays NaN
+        checkpointer = DistributedHFCheckpointer(base, tmp_path, model_type)
+        with _torch_threads(n):
             checkpointer.load_model(model)
-            loaded[n] = (model.state_dict(), checkpointer.last_load.bytes)
-    finally:
-        torch.set_num_threads(before)
+        loaded[n] = (model.state_dict(), checkpointer.last_load.bytes)
     assert not differences(loaded[1][0], loaded[threads][0]) and loaded[1][1] == loaded[threads][1]
     assert not any(v.isnan().any() for v in loaded[threads][0].values())
 
@@ -76,21 +73,28 @@ def test_a_save_on_several_threads_writes_the_bytes_and_digests_one_thread_write
     base, model_type = tiny_models["llama2"], VARIANTS["llama2"].model_type
     model = build_model_from_dir(model_type, base)
     DistributedHFCheckpointer(base, tmp_path / "x", model_type).load_model(model)
-    before = torch.get_num_threads()
-    try:
-        saved = {}
-        for n in (1, threads):
-            torch.set_num_threads(n)
-            checkpointer = DistributedHFCheckpointer(base, tmp_path / f"t{n}", model_type)
+    saved = {}
+    for n in (1, threads):
+        checkpointer = DistributedHFCheckpointer(base, tmp_path / f"t{n}", model_type)
+        with _torch_threads(n):
             saved[n] = Path(checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)), checkpointer.last_save.bytes
-    finally:
-        torch.set_num_threads(before)
     (one, one_bytes), (many, many_bytes) = saved[1], saved[threads]
     files = sorted(p.name for p in one.glob("*.safetensors"))
     assert files and files == sorted(p.name for p in many.glob("*.safetensors")) and one_bytes == many_bytes
     assert all((one / f).read_bytes() == (many / f).read_bytes() for f in files)
     assert _digests(one) == _digests(many)
     DistributedHFCheckpointer(many, tmp_path / "x", model_type, verify_checksums=True).load_checkpoint()
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _digests(folder: Path) -> dict:

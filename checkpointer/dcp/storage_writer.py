@@ -93,6 +93,7 @@ class SafetensorsWriter(StorageWriter):
         items = sorted(plan.items, key=lambda i: (order[self.file_layout.entries[i.index.fqn].file], i.index.offset))
         boxes = [(item, self._file_runs(item)) for item in items]  # every box is checked before any byte is written
         opened: list[dict[str, int]] = []  # each thread's file descriptors (a file may be open on several)
+        every_fd = lambda: [fd for fds in opened for fd in fds.values()]  # noqa: E731
 
         def write(part: list[tuple[WriteItem, list[ByteRun]]]) -> list[WriteResult]:
             fds: dict[str, int] = {}
@@ -108,10 +109,10 @@ class SafetensorsWriter(StorageWriter):
             for sender, received in route.receive if route is not None else ():
                 for item in received:
                     self._receive_item(item, sender, received_fds)
-            for fd in (fd for fds in opened for fd in fds.values()):
+            for fd in every_fd():
                 os.fsync(fd)
         finally:
-            for fd in (fd for fds in opened for fd in fds.values()):
+            for fd in every_fd():
                 os.close(fd)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
