@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test demo bench soak clean
+.PHONY: install test demo bench soak clean device-wheels
 
 install: $(STAMP)
 
@@ -30,6 +30,16 @@ demo: install
 
 bench: install
 	$(PY) -m bench.run
+
+# What a lent GPU machine lacks (its Python is 3.12; nothing can be downloaded there), as wheels in
+# .whl/ of the versions installed here, for bench/device.sh (carry `.whl`)
+DEVICE_PYTHON ?= 3.12
+DEVICE_WHEELS := torchtune|torchao|torchdata|datasets|dill|multiprocess|omegaconf|antlr4-python3-runtime
+device-wheels: install
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -m pip list --format=freeze | grep -iE '^($(DEVICE_WHEELS))==')
 
 clean:
 	rm -rf $(VENV) demo_output bench/work

@@ -12,16 +12,16 @@ from checkpointer.runtime.failpoints import ENV
 from checkpointer.train.fsdp import build_sharded_model, default_mesh
 
 
-def _loaded(base: str, out: str, model_type: str):
-    model = build_sharded_model(model_type, _config(base), default_mesh())
+def _loaded(base: str, out: str, model_type: str, device: str = "cpu"):
+    model = build_sharded_model(model_type, _config(base), default_mesh(device), device=device)
     checkpointer = DistributedHFCheckpointer(base, out, model_type, async_save=True)
     checkpointer.load_model(model)
     return model, checkpointer
 
 
-def save_in_background_while_training(rank: int, world: int, base: str, out: str, model_type: str) -> dict:
-    """Two async saves with the weights changed right after each call returns."""
-    model, checkpointer = _loaded(base, out, model_type)
+def save_in_background_while_training(rank: int, world: int, base: str, out: str, model_type: str, device: str = "cpu") -> dict:
+    """Two async saves with the weights changed right after each call returns, then a plain save (model on ``device``)."""
+    model, checkpointer = _loaded(base, out, model_type, device)
     first = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=0)
     blocked = checkpointer.last_blocked_seconds
     with torch.no_grad():  # "the next training steps", while epoch_0 is still being written
@@ -32,7 +32,9 @@ def save_in_background_while_training(rank: int, world: int, base: str, out: str
         for parameter in model.parameters():
             parameter.mul_(3)
     checkpointer.wait()
-    return {"paths": [first, second], "blocked": blocked, "full": checkpointer.last_save.seconds}
+    full = checkpointer.last_save.seconds
+    third = checkpointer.save_checkpoint({"model": model.state_dict()}, epoch=2, async_save=False)
+    return {"paths": [first, second, third], "blocked": blocked, "full": full}
 
 
 def background_error_surfaces(rank: int, world: int, base: str, out: str, model_type: str) -> str:
