@@ -8,17 +8,20 @@
 # wheels in .whl/: `make device-wheels` here, then name `.whl` in the device tool's `carry`:
 #   run(command="bash bench/device.sh", carry=[".whl"], timeout_s=540)
 # What it writes goes to $OUT (the folder the device tool brings back), else bench/work/device/.
-# BENCH_DEVICE=cpu rehearses the same steps on a machine without a GPU.
+# BENCH_DEVICE=cpu rehearses the same steps on a machine without a GPU (tests/test_bench_smoke.py does);
+# SIZES, REPS, WORK (base models and outputs, default bench/work) and WHEELS (default .whl) change it.
 set -uo pipefail
 
 out=${OUT:-bench/work/device}
 device=${BENCH_DEVICE:-cuda}
 python=${PYTHON:-python3}
+work=${WORK:-bench/work}
+wheels=${WHEELS:-.whl}
 mkdir -p "$out"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G "$wheels/*.whl" >/dev/null; then
     site=$(mktemp -d)
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl || exit 1
     export PYTHONPATH=$site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -35,9 +38,9 @@ tests=${PIPESTATUS[0]}
 methods="save/ours save/ours_async stage/floor save/floor save/floor_fsync load/ours load/floor"
 # shellcheck disable=SC2086  # the lists are meant to split
 "$python" -m bench.run --device "$device" --size ${SIZES:-300m 1b} --worlds 1 --reps "${REPS:-3}" --methods $methods \
-    --no-remote --raw --results "$out/RESULTS-$device.md" 2>&1 | tee "$out/bench.txt"
+    --work "$work" --no-remote --raw --results "$out/RESULTS-$device.md" 2>&1 | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
-cp bench/work/last-run.json "$out/last-run-$device.json" 2>/dev/null
+cp "$work/last-run.json" "$out/last-run-$device.json" 2>/dev/null
 
 echo "tests: exit $tests; bench: exit $bench; written to $out"
 exit $((tests || bench))

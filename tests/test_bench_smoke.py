@@ -5,6 +5,11 @@ No timing is asserted: only that every method ran, moved the right bytes and mad
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,3 +43,17 @@ def test_a_cuda_run_needs_a_gpu_per_rank_and_is_refused_before_anything_is_writt
     with pytest.raises(SystemExit, match=f"^--device cuda: --worlds 1 {gpus + 1} needs {gpus + 1} GPUs, this machine has {gpus}$"):
         main(argv)
     assert list(tmp_path.iterdir()) == []  # no base model, no report
+
+
+def test_the_gpu_machine_script_rehearses_here_every_step_it_takes_there(tmp_path):
+    """bench/device.sh on the CPU: the GPU case of the async-save test is skipped, the run and its report happen."""
+    out = tmp_path / "out"
+    settings = {"BENCH_DEVICE": "cpu", "SIZES": "1m", "REPS": "1", "OUT": str(out), "WORK": str(tmp_path / "work")}
+    settings |= {"PYTHON": sys.executable, "WHEELS": str(tmp_path / "none")}  # this venv has what the script needs
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", "bench/device.sh"], cwd=root, env=os.environ | settings, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "skipped" in (out / "tests.txt").read_text() and " passed" in (out / "tests.txt").read_text()
+    report = (out / "RESULTS-cpu.md").read_text()
+    assert "async save blocks at most 10% of a full save: save/ours_async" in report and "1m W=1" in report
+    assert (out / "last-run-cpu.json").exists() and (out / "machine.txt").exists()
