@@ -21,6 +21,14 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The address and length of the memory a strided CPU tensor's elements lie in (first to last byte)."""
+    if tensor.numel() == 0:
+        return tensor.data_ptr(), 0
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), (last + 1) * tensor.element_size()
+
+
 def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:
     """One whole tensor, read from its byte range straight into a new CPU tensor (one process)."""
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
