@@ -30,7 +30,8 @@ loaded into (a model or a state dict) or where it saved (a folder), for checking
   checked like a load.
 - ``load/floor``, ``save/floor``: plain ``os.preadv`` of this rank's rows into its shards;
   ``safetensors.torch.save_file`` of this rank's shards into a file of its own
-  (``save/floor_fsync``: the same, then fsync, as durable as ours).
+  (``save/floor_fsync``: the same, then fsync, as durable as ours). ``load/floor_populated``
+  first populates each shard's pages in one call, as our reader does.
 
 With ``--device cuda`` the models and shards live on the rank's GPU (the ``preadv`` floor reads
 into host memory, then copies to the GPU).
@@ -57,8 +58,9 @@ from checkpointer import DistributedHFCheckpointer, ModelConfig
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_checkpoint_files
 from checkpointer.format.safetensors import TensorEntry
-from checkpointer.format.tensor_io import tensor_bytes
+from checkpointer.format.tensor_io import memory_span, tensor_bytes
 from checkpointer.mapping.local_shards import dtensor_like
+from checkpointer.runtime.pages import populate_for_write
 from checkpointer.train.fsdp import build_sharded_model, default_mesh, parallel_mesh
 
 DTYPE = torch.bfloat16
@@ -168,13 +170,18 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def pread_shards(base: Path, entries: dict[str, TensorEntry], shards: dict[str, DTensor]) -> None:
-    """Read each shard's rows with plain ``os.preadv`` into its local tensor (through host memory for a GPU's)."""
+def pread_shards(base: Path, entries: dict[str, TensorEntry], shards: dict[str, DTensor], populate: bool = False) -> None:
+    """Read each shard's rows with plain ``os.preadv`` into its local tensor (through host memory for a GPU's).
+
+    ``populate``: first fault in each shard's pages in one call, as our reader does.
+    """
     fds = {file: os.open(base / file, os.O_RDONLY) for file in {e.file for e in entries.values()}}
     try:
         for name, value in shards.items():
             entry, local = entries[name], value.to_local()
             host = local if local.device.type == "cpu" else torch.empty_like(local, device="cpu")
+            if populate:
+                populate_for_write(*memory_span(host))
             if local.numel():
                 _preadv_all(fds[entry.file], tensor_bytes(host), entry.start + _first_row(value) * entry.row_bytes)
             if host is not local:
@@ -305,6 +312,17 @@ def load_floor(ctx: Context, rep: int) -> Operation:
 
     def operation() -> dict[str, Any]:
         pread_shards(ctx.base, ctx.entries, shards)
+        return shards
+
+    return operation
+
+
+@method("load", "floor_populated", "the same, each shard's pages first populated in one madvise call (as ours does)")
+def load_floor_populated(ctx: Context, rep: int) -> Operation:
+    shards = ctx.fresh_hf_shards()
+
+    def operation() -> dict[str, Any]:
+        pread_shards(ctx.base, ctx.entries, shards, populate=True)
         return shards
 
     return operation
