@@ -58,9 +58,8 @@ from checkpointer import DistributedHFCheckpointer, ModelConfig
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_checkpoint_files
 from checkpointer.format.safetensors import TensorEntry
-from checkpointer.format.tensor_io import memory_span, tensor_bytes
+from checkpointer.format.tensor_io import populate_pages, tensor_bytes
 from checkpointer.mapping.local_shards import dtensor_like
-from checkpointer.runtime.pages import populate_for_write
 from checkpointer.train.fsdp import build_sharded_model, default_mesh, parallel_mesh
 
 DTYPE = torch.bfloat16
@@ -181,7 +180,7 @@ def pread_shards(base: Path, entries: dict[str, TensorEntry], shards: dict[str, 
             entry, local = entries[name], value.to_local()
             host = local if local.device.type == "cpu" else torch.empty_like(local, device="cpu")
             if populate:
-                populate_for_write(*memory_span(host))
+                populate_pages(host)
             if local.numel():
                 _preadv_all(fds[entry.file], tensor_bytes(host), entry.start + _first_row(value) * entry.row_bytes)
             if host is not local:
@@ -306,26 +305,25 @@ def load_torch(ctx: Context, rep: int) -> Operation:
     return operation
 
 
-@method("load", "floor", "os.preadv of this rank's rows into its shards")
-def load_floor(ctx: Context, rep: int) -> Operation:
-    shards = ctx.fresh_hf_shards()
+def _load_floor(populate: bool) -> Prepare:
+    """The preadv floor's load into fresh HF-ordered shards (``populate``: their pages populated first)."""
 
-    def operation() -> dict[str, Any]:
-        pread_shards(ctx.base, ctx.entries, shards)
-        return shards
+    def prepare(ctx: Context, rep: int) -> Operation:
+        shards = ctx.fresh_hf_shards()
 
-    return operation
+        def operation() -> dict[str, Any]:
+            pread_shards(ctx.base, ctx.entries, shards, populate=populate)
+            return shards
+
+        return operation
+
+    return prepare
 
 
-@method("load", "floor_populated", "the same, each shard's pages first populated in one madvise call (as ours does)")
-def load_floor_populated(ctx: Context, rep: int) -> Operation:
-    shards = ctx.fresh_hf_shards()
-
-    def operation() -> dict[str, Any]:
-        pread_shards(ctx.base, ctx.entries, shards, populate=True)
-        return shards
-
-    return operation
+load_floor = method("load", "floor", "os.preadv of this rank's rows into its shards")(_load_floor(populate=False))
+load_floor_populated = method("load", "floor_populated", "the same, each shard's pages first populated in one madvise call (as ours does)")(
+    _load_floor(populate=True)
+)
 
 
 @method("save", "ours", "DistributedHFCheckpointer.save_checkpoint of the FSDP2 model by a checkpointer that has saved once (a job's later saves)")

@@ -7,7 +7,7 @@ otherwise they go through a buffer of one block and ``copy_`` converts dtype and
 scatters into the view.
 One buffer per thread serves every block of a load (it grows to the largest), so its pages
 are faulted in once rather than once per block; the pages of each destination are populated
-in one call before it is filled (:func:`populate_for_write`), not faulted one by one.
+in one call before it is filled (:func:`populate_pages`), not faulted one by one.
 
 A local folder's reads run on torch's intra-op threads (:mod:`checkpointer.runtime.parallel`),
 each over a run of the plan's items in file order with about the same bytes: filling fresh
@@ -33,10 +33,9 @@ from torch.futures import Future
 from checkpointer.format.box_runs import ByteRun, box_byte_runs, merge_runs
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorEntry
-from checkpointer.format.tensor_io import memory_span, row_views, tensor_bytes
+from checkpointer.format.tensor_io import populate_pages, row_views, tensor_bytes
 from checkpointer.format.vectored import fill_pieces, split_pieces
 from checkpointer.runtime.failpoints import failpoint
-from checkpointer.runtime.pages import populate_for_write
 from checkpointer.runtime.parallel import in_even_runs
 
 
@@ -129,8 +128,7 @@ class SafetensorsReader(StorageReader):
         Returns the bytes read.
         """
         runs = box_byte_runs(entry, tuple(item.storage_offsets), tuple(item.lengths))
-        if target.device.type == "cpu":
-            populate_for_write(*memory_span(target))
+        populate_pages(target)
         rows = row_views(target) if target.dtype == entry.dtype and target.device.type == "cpu" else None
         block = None if rows is not None else scratch.block(tuple(item.lengths), entry.dtype)
         per_run = iter(split_pieces(rows if block is None else [tensor_bytes(block)], runs))

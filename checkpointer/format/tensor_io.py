@@ -14,6 +14,7 @@ from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.folder import Folder
 from checkpointer.format.safetensors import TensorEntry
 from checkpointer.format.vectored import pwritev_all
+from checkpointer.runtime.pages import populate_for_write
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -27,6 +28,12 @@ def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
         return tensor.data_ptr(), 0
     last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     return tensor.data_ptr(), (last + 1) * tensor.element_size()
+
+
+def populate_pages(tensor: torch.Tensor) -> None:
+    """Fault in a CPU tensor's pages in one call before a read fills it (:func:`populate_for_write`); others are left alone."""
+    if tensor.device.type == "cpu":
+        populate_for_write(*memory_span(tensor))
 
 
 def read_tensor(folder: Folder, entry: TensorEntry) -> torch.Tensor:

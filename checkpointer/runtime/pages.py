@@ -22,7 +22,7 @@ def _madvise() -> Callable[[int, int, int], int] | None:
     if sys.platform != "linux":
         return None
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise = ctypes.CDLL(None).madvise  # its errors are ignored: populating is only faster
     except (OSError, AttributeError):
         return None
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
