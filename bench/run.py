@@ -10,6 +10,7 @@ Examples::
     python -m bench.run                         # 300M, W = 1, 2, 4, 5 repetitions (make bench)
     python -m bench.run --size 300m 1b          # both sizes, so time per GB can be compared
     python -m bench.run --size 20m --worlds 2 --methods load/ours load/torch --profile load/ours
+    python -m bench.run --size 300m --worlds 4 --reps 9 --methods save/ours --timeline save/ours --results -
     python -m bench.run --device cuda --size 300m 1b --worlds 1   # on a machine with a GPU
 """
 
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=HERE / "work", help="base models and outputs (default: bench/work)")
     parser.add_argument("--results", type=Path, help="the report (default: bench/RESULTS.md, with cuda RESULTS-cuda.md); '-': none")
     parser.add_argument("--profile", choices=list(METHODS), help="run this method twice more under cProfile on rank 0 (wall clock, CPU time)")
+    parser.add_argument(
+        "--timeline", choices=list(METHODS), help="run this method --reps times more, timing when each step starts and ends on every rank"
+    )
     parser.add_argument("--raw", action="store_true", help="also print every operation on every rank")
     parser.add_argument("--no-remote", action="store_true", help="skip the remote I/O part (local Hub and S3 server)")
     parser.add_argument("--from-json", type=Path, help="measure nothing: write the report of a run saved in this file")
@@ -132,6 +136,7 @@ def run_size(
     profile: str | None = None,
     raw: bool = False,
     device: str = "cpu",
+    timeline: str | None = None,
 ) -> Measured:
     """Every method at every world size for one model size (the base model is made or reused)."""
     from checkpointer.testing.multiprocess import run_on_ranks
@@ -149,6 +154,7 @@ def run_size(
             device=device,
             profile=profile,
             profile_to=str(work),
+            timeline=timeline,
         )
         with CpuUse() as cpu:
             ranks = run_on_ranks(run_world, world, settings, timeout=3600.0, pg_timeout=1800.0, backend=DEVICES[device][0])
@@ -338,7 +344,7 @@ def measure_all(args: argparse.Namespace) -> tuple[Measured, float]:
     started = time.perf_counter()
     measured = Measured()
     for size in args.size:
-        measured.extend(run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw, args.device))
+        measured.extend(run_size(size, args.worlds, args.reps, args.methods, args.work, args.profile, args.raw, args.device, args.timeline))
     return measured, (time.perf_counter() - started) / 60
 
 

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from bench.measure import measure
 from bench.methods import METHODS, Context, Method, Unfinished, discard, local_tensor
+from bench.timeline import report, time_steps
 from checkpointer.format.folder import LocalFolder
 from checkpointer.format.hf_files import read_header
 
@@ -43,7 +44,8 @@ class Settings:
     threads: int
     device: str = "cpu"  # or "cuda": rank r's model on GPU r
     profile: str | None = None  # a method key to run twice more under cProfile on rank 0 (wall, CPU)
-    profile_to: str | None = None
+    profile_to: str | None = None  # where profiles and timelines go
+    timeline: str | None = None  # a method key to run ``reps`` times more with its steps timed on every rank
 
 
 def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]:
@@ -57,6 +59,8 @@ def run_world(rank: int, world: int, settings: Settings) -> list[dict[str, Any]]
     records = [_run_once(ctx, m, rep) for rep in range(settings.reps) for m in _shuffled(methods, rep)]
     if settings.profile:
         _profile(ctx, METHODS[settings.profile], Path(settings.profile_to or settings.out))
+    if settings.timeline:
+        _timeline(ctx, METHODS[settings.timeline], settings.reps, Path(settings.profile_to or settings.out))
     return records
 
 
@@ -117,6 +121,21 @@ def _profile(ctx: Context, method: Method, where: Path) -> None:
     if ctx.rank == 0:
         where.mkdir(parents=True, exist_ok=True)
         (where / f"profile-{method.key.replace('/', '-')}-w{ctx.world}.txt").write_text("\n".join(sections))
+
+
+def _timeline(ctx: Context, method: Method, reps: int, where: Path) -> None:
+    """Run ``method`` ``reps`` times more with its steps timed on every rank; rank 0 writes the table."""
+    mine = []
+    for rep in range(reps):
+        operation = method.prepare(ctx, rep=-1)
+        mine.append(time_steps(operation))
+        del operation
+        discard(ctx, ctx.out_dir(method.key, -1))
+    ranks: list[Any] = [None] * ctx.world
+    dist.all_gather_object(ranks, mine)
+    if ctx.rank == 0:
+        where.mkdir(parents=True, exist_ok=True)
+        (where / f"timeline-{method.key.replace('/', '-')}-w{ctx.world}.md").write_text(report(f"{method.key}, W={ctx.world}", ranks))
 
 
 def _profiled(ctx: Context, method: Method, clock: Callable[[], float], label: str) -> str:

@@ -57,3 +57,33 @@ def test_the_gpu_machine_script_rehearses_here_every_step_it_takes_there(tmp_pat
     report = (out / "RESULTS-cpu.md").read_text()
     assert "async save blocks at most 10% of a full save: save/ours_async" in report and "1m W=1" in report
     assert (out / "last-run-cpu.json").exists() and (out / "machine.txt").exists()
+
+
+def _spans(table: str) -> dict[str, list[tuple[float, float]]]:
+    """A timeline table's rows: step -> each rank's (start, end) in ms (None where the rank has no such step)."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 1 and "-" in cells[1] and cells[1][0].isdigit():
+            rows[cells[0]] = [tuple(map(float, c.split("-"))) if c != "-" else None for c in cells[1:]]
+    return rows
+
+
+def test_a_timeline_times_every_step_of_a_save_and_a_load_on_every_rank(tmp_path):
+    run_size("1m", worlds=[2], reps=2, methods=["load/floor"], work=tmp_path, timeline="save/ours")
+    run_size("1m", worlds=[2], reps=2, methods=["load/floor"], work=tmp_path, timeline="load/ours")
+    save = _spans((tmp_path / "timeline-save-ours-w2.md").read_text())
+    load = _spans((tmp_path / "timeline-load-ours-w2.md").read_text())
+
+    assert "medians of 2" in (tmp_path / "timeline-save-ours-w2.md").read_text()
+    assert all(len(spans) == 2 for spans in save.values())
+    every_rank = ["save", "DCP save of the weights", "local plan", "boxes written and fsynced", "published (rank 0, collective)"]
+    assert all(save[step][r] is not None for step in every_rank for r in (0, 1))
+    assert save["global plan (coordinator)"][1] is None and save["manifest, fsync, rename (rank 0)"][1] is None
+    for r in (0, 1):  # each step inside the one that calls it, in the order a save takes them
+        outer, written = save["DCP save of the weights"][r], save["boxes written and fsynced"][r]
+        assert outer[0] <= save["local plan"][r][0] <= save["local plan"][r][1] <= written[0] <= written[1] <= outer[1]
+        assert outer[1] <= save["published (rank 0, collective)"][r][0] <= save["save"][r][1]
+    assert save["local plan"][0][1] <= save["global plan (coordinator)"][0][0] <= save["files created (coordinator)"][0][0]
+    assert all(load[step][r] is not None for step in ("DCP load of the weights", "read plan", "shards read") for r in (0, 1))
+    assert "save" not in load
