@@ -27,7 +27,7 @@ import torch.distributed as dist
 STEPS: tuple[tuple[str, str, str], ...] = (
     ("checkpointer.save", "Saver.save", "save"),
     ("checkpointer.phases", "plan", "weights' plan checked (first: collective)"),
-    ("checkpointer.phases", "decide", "staging folder made (first: rank 0, collective)"),
+    ("checkpointer.phases", "act", "staging folder made (first: rank 0, collective)"),
     ("checkpointer.save", "Saver._write_weights", "DCP save of the weights"),
     ("checkpointer.dcp.save_planner", "HFSavePlanner.create_local_plan", "local plan"),
     ("checkpointer.dcp.save_planner", "HFSavePlanner.create_global_plan", "global plan (coordinator)"),

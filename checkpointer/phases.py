@@ -10,6 +10,8 @@ starts a collective: the steps below call DCP's own ``load``/``save`` (:func:`re
 process group; the phases decide which rank runs them:
 
 - ``decide``: rank 0 answers a question (what is published, which commit to read), every rank gets the answer;
+- ``act`` / ``publish``: rank 0 changes the output folder (makes a save's staging folder, prunes old
+  checkpoints; makes the checkpoint visible), every rank learns only whether it failed;
 - ``check`` / ``plan``: every rank computes the same thing from the same inputs (the write plan, the checks);
 - ``once_per_node``: local rank 0 does it (download, copy), the others wait;
 - ``open_folder`` / ``fetch_folder``: find what to read (rank 0), download it (once per node), open it (every rank);
@@ -38,15 +40,25 @@ from checkpointer.format.digests import Digests, Unit, mismatch, ranges_of, read
 from checkpointer.format.folder import Folder
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.manifest import check_against_manifest, read_manifest
-from checkpointer.runtime.distributed import gather_on_all_ranks, is_distributed, local_rank, on_all_ranks, on_rank_zero, rank, world_size
+from checkpointer.runtime.distributed import (
+    by_rank_zero,
+    gather_on_all_ranks,
+    is_distributed,
+    local_rank,
+    on_all_ranks,
+    on_rank_zero,
+    rank,
+    world_size,
+)
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.storage.local import LocalLocation
 from checkpointer.storage.location import Location
 
 decide = on_rank_zero  # rank 0 runs the step; every rank returns its result or raises its error
+act = by_rank_zero  # rank 0 runs the step; every rank raises its error (one all-reduce: nobody else needs its result)
 plan = on_all_ranks  # every rank runs the step; an error anywhere is raised everywhere
 check = on_all_ranks
-publish = on_rank_zero
+publish = by_rank_zero
 read = read_hf_tensors  # DCP's load: each rank reads the bytes of its own shards
 write = write_hf_tensors  # DCP's save: each rank writes its own bytes into the final HF files
 read_training_state = load_training_state

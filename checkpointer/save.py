@@ -114,7 +114,7 @@ class Saver:
         adapter_dir = ADAPTER_DIR if weights is not None else ""  # beside merged weights transformers would apply it twice
         self.hold_output_lock(group)
         staging = self.destination.staging_dir(name)
-        phases.decide(lambda: fresh_dir(staging), group)
+        phases.act(lambda: fresh_dir(staging), group)
         spread = phases.node_staging(staging, group, self.staging_nodes)  # several nodes: rank 0's assembles
         stats, hashes = None, {}  # hashed while written (complete on rank 0), then the rest read back
         with spread.watching(f"save of {published}", f"{url_key(str(staging))}-{next(self._count)}"):
@@ -140,7 +140,7 @@ class Saver:
             seconds = time.perf_counter() - started
             log.info("saved %s: %s in %.1f s (%.2f GB/s) to %s", name, human_size(size), seconds, size / 1e9 / max(seconds, 1e-9), published)
         if self.keep_last_n_checkpoints:
-            phases.decide(lambda: prune(self.destination, keep=name, keep_last=int(self.keep_last_n_checkpoints)), group)
+            phases.act(lambda: prune(self.destination, keep=name, keep_last=int(self.keep_last_n_checkpoints)), group)
         return SaveResult(stats, spread.traffic)
 
     def _plan_weights(self, model_state: dict[str, Any]) -> WritePlan:

@@ -154,6 +154,14 @@ def all_gather(value: T, group: dist.ProcessGroup | None = None) -> list[T]:
     return values
 
 
+def by_rank_zero(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T | None:
+    """Run ``step`` on rank 0 only; every rank raises its error, only rank 0 gets its result (None elsewhere).
+
+    One all-reduce where :func:`on_rank_zero`, which sends the result, takes two broadcasts.
+    """
+    return on_all_ranks(lambda: step() if rank(group) == 0 else None, group)
+
+
 def on_rank_zero(step: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
     """Run ``step`` on rank 0 only; every rank returns its (picklable) result or raises its error."""
     if not is_distributed(group):
