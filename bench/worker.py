@@ -126,7 +126,7 @@ def _profile(ctx: Context, method: Method, where: Path) -> None:
 def _timeline(ctx: Context, method: Method, reps: int, where: Path) -> None:
     """Run ``method`` ``reps`` times more with its steps timed on every rank; rank 0 writes the table."""
     mine = []
-    for rep in range(reps):
+    for _ in range(reps):
         operation = method.prepare(ctx, rep=-1)
         mine.append(time_steps(operation))
         del operation
@@ -135,7 +135,8 @@ def _timeline(ctx: Context, method: Method, reps: int, where: Path) -> None:
     dist.all_gather_object(ranks, mine)
     if ctx.rank == 0:
         where.mkdir(parents=True, exist_ok=True)
-        (where / f"timeline-{method.key.replace('/', '-')}-w{ctx.world}.md").write_text(report(f"{method.key}, W={ctx.world}", ranks))
+        name = f"timeline-{method.key.replace('/', '-')}-{ctx.base.name}-w{ctx.world}.md"  # e.g. timeline-save-ours-base-300m-w4.md
+        (where / name).write_text(report(f"{method.key}, {ctx.base.name}, W={ctx.world}", ranks))
 
 
 def _profiled(ctx: Context, method: Method, clock: Callable[[], float], label: str) -> str:

@@ -72,10 +72,10 @@ def _spans(table: str) -> dict[str, list[tuple[float, float]]]:
 def test_a_timeline_times_every_step_of_a_save_and_a_load_on_every_rank(tmp_path):
     run_size("1m", worlds=[2], reps=2, methods=["load/floor"], work=tmp_path, timeline="save/ours")
     run_size("1m", worlds=[2], reps=2, methods=["load/floor"], work=tmp_path, timeline="load/ours")
-    save = _spans((tmp_path / "timeline-save-ours-w2.md").read_text())
-    load = _spans((tmp_path / "timeline-load-ours-w2.md").read_text())
+    save = _spans((tmp_path / "timeline-save-ours-base-1m-w2.md").read_text())
+    load = _spans((tmp_path / "timeline-load-ours-base-1m-w2.md").read_text())
 
-    assert "medians of 2" in (tmp_path / "timeline-save-ours-w2.md").read_text()
+    assert "medians of 2" in (tmp_path / "timeline-save-ours-base-1m-w2.md").read_text()
     assert all(len(spans) == 2 for spans in save.values())
     every_rank = ["save", "DCP save of the weights", "local plan", "boxes written and fsynced", "published (rank 0, collective)"]
     assert all(save[step][r] is not None for step in every_rank for r in (0, 1))
