@@ -27,7 +27,7 @@ from checkpointer.errors import (
     CheckpointNotFoundError,
 )
 from checkpointer.format.folder import LocalFolder
-from checkpointer.runtime.distributed import dcp_errors, on_all_ranks, on_rank_zero, portable
+from checkpointer.runtime.distributed import by_rank_zero, dcp_errors, on_all_ranks, on_rank_zero, portable
 from checkpointer.testing.multiprocess import run_on_ranks
 
 FIELDS = {"url": "hf://tester/repo", "file": "hf://tester/repo/model-00002-of-00002.safetensors", "key": "lm_head.weight"}
@@ -141,6 +141,8 @@ def errors_on_every_rank(rank: int, world: int, config_json: str) -> dict[str, d
     return {
         "not_found_on_rank_1": _caught(lambda: on_all_ranks(on_rank(1, CheckpointNotFoundError("x: file not found", **FIELDS)))),
         "access_on_rank_0": _caught(lambda: on_rank_zero(_raise(CheckpointAccessError("not authorized (401)", **FIELDS)))),
+        "access_by_rank_0": _caught(lambda: by_rank_zero(_raise(CheckpointAccessError("not authorized (401)", **FIELDS)))),
+        "ran_by_rank_0": {"result": by_rank_zero(lambda: f"ran on rank {rank}")},
         "key_error_on_rank_0": _caught(lambda: on_all_ranks(on_rank(0, KeyError("boom")))),
         "unknown_model_type": _caught(unknown_model_type),
     }
@@ -156,12 +158,17 @@ def across_ranks(tiny_llama3: Path) -> list[dict[str, dict[str, Any]]]:
     [
         ("not_found_on_rank_1", "CheckpointNotFoundError", "[rank 1] x: file not found", FIELDS, ["FileNotFoundError"]),
         ("access_on_rank_0", "CheckpointAccessError", "[rank 0] not authorized (401)", FIELDS, ["PermissionError"]),
+        ("access_by_rank_0", "CheckpointAccessError", "[rank 0] not authorized (401)", FIELDS, ["PermissionError"]),
         ("key_error_on_rank_0", "CheckpointError", "[rank 0] 'boom'", dict.fromkeys(FIELDS), []),
     ],
 )
 def test_an_error_on_one_rank_reaches_every_rank_with_its_class_and_fields(across_ranks, case, cls, message, fields, builtins):
     for rank, seen in enumerate(across_ranks):
         assert seen[case] == {"class": cls, "message": message, "fields": fields, "builtins": builtins}, rank
+
+
+def test_a_step_by_rank_zero_runs_there_alone_and_only_rank_zero_gets_its_result(across_ranks):
+    assert [seen["ran_by_rank_0"]["result"] for seen in across_ranks] == ["ran on rank 0", None]
 
 
 def test_an_unknown_model_type_is_a_value_error_on_every_rank(across_ranks):
