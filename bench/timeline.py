@@ -14,6 +14,7 @@ barrier to barrier, on the slowest rank.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import statistics
 import time
@@ -87,6 +88,7 @@ def steps_timed(timeline: Timeline) -> Iterator[None]:
 
 def time_steps(operation: Callable[[], Any]) -> tuple[float, dict[str, tuple[float, float]]]:
     """Run ``operation`` between two barriers with its steps timed: its wall seconds and each step's first call."""
+    gc.collect()  # as bench.measure does: the last operation's result is freed before this one starts
     timeline = Timeline()
     with steps_timed(timeline):
         dist.barrier()
