@@ -74,11 +74,12 @@ def steps_timed(timeline: Timeline) -> Iterator[None]:
     """Every step of :data:`STEPS` records its calls in ``timeline`` (the methods are restored after)."""
     originals = []
     for module, path, label in STEPS:
-        *owner_name, name = path.split(".")
+        owner_name, _, name = path.rpartition(".")
         owner = importlib.import_module(module)
-        owner = getattr(owner, owner_name[0]) if owner_name else owner
-        originals.append((owner, name, vars(owner)[name]))
-        setattr(owner, name, timeline.wrap(vars(owner)[name], label))
+        owner = getattr(owner, owner_name) if owner_name else owner
+        original = vars(owner)[name]
+        originals.append((owner, name, original))
+        setattr(owner, name, timeline.wrap(original, label))
     try:
         yield
     finally:
