@@ -136,7 +136,7 @@ def hash_units(
 ) -> list[str]:
     """The digest of every unit (in order); each rank of ``readers`` (default: all) hashes its share (collective)."""
     readers = list(range(world_size(group))) if readers is None else list(readers)
-    shares = dict(zip(readers, assign_by_size({i: unit.length for i, unit in enumerate(units)}, len(readers))))
+    shares = dict(zip(readers, assign_by_size({i: unit.runs.nbytes for i, unit in enumerate(units)}, len(readers))))
     mine = shares.get(rank(group), [])
 
     def hash_mine() -> dict[int, str]:

@@ -403,6 +403,15 @@ def bit_flip(folder: Path, ws: Workspace) -> Broken:
     return Broken(str(folder), {"file": str(path)}, kwargs={"verify_checksums": True})
 
 
+def digests_with_endless_runs(folder: Path, ws: Workspace) -> Broken:
+    """A manifest whose one strided range claims 2**40 runs of one byte: refused before anything is allocated or read."""
+    manifest, shard = json.loads((folder / MANIFEST_FILE).read_text()), _shards(folder)[0]
+    header = manifest["files"][shard]["xxh3_128"][0]
+    manifest["files"][shard]["xxh3_128"] = [header, [header[1], 1, 1, 2**40, "0" * 32]]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return Broken(str(folder), {"file": str(folder / shard)}, kwargs={"verify_checksums": True})
+
+
 def manifest_not_json(folder: Path, ws: Workspace) -> Broken:
     (folder / MANIFEST_FILE).write_text("{")
     return Broken(str(folder), {"manifest": str(folder / MANIFEST_FILE)})
@@ -496,6 +505,7 @@ CORPUS: list[Bad] = [
     Bad("truncated_after_manifest", truncated_after_manifest, F, r"<file>: .*truncated", start="saved"),
     Bad("replaced_after_manifest", replaced_after_manifest, F, r"<file>: \d+ bytes, but checkpointer\.json recorded \d+", start="saved"),
     Bad("bit_flip_with_verify_checksums", bit_flip, F, r"<file>: xxh3_128 .* differs .* the file is corrupt", start="saved"),
+    Bad("digests_with_endless_runs", digests_with_endless_runs, F, r"<file>: a digest of 1099511627776 runs of 1 bytes.* is not a strided range of at most \d+ runs", start="saved"),
     Bad("manifest_not_json", manifest_not_json, F, r"<manifest>: not valid JSON", start="saved"),
     # saving: refused before anything is written
     Bad("save_non_tensor_value", _save_with({"norm.scale": [1.0, 2.0]}), A, r"\['<key>'\] is a list, not a tensor"),

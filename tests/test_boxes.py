@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWr
 
 from checkpointer.dcp.storage_writer import SafetensorsWriter
 from checkpointer.errors import CheckpointError
-from checkpointer.format.box_runs import box_byte_runs
+from checkpointer.format.box_runs import box_byte_runs, strided_runs
 from checkpointer.format.file_layout import layout_files
 from checkpointer.format.safetensors import TensorEntry, TensorSpec
 
@@ -40,6 +40,11 @@ def test_box_byte_runs_hold_the_box_in_row_major_order(name):
     if whole_rows:
         assert len(runs) == 1
     assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:]))  # touching runs are merged
+    strided = strided_runs(runs)
+    assert [(start, s.length) for s in strided for start in s.starts()] == runs
+    assert all(s.stride > s.length for s in strided if s.count > 1)
+    # one strided range, except for a 3-d box that splits its last two dims: one per block of the first
+    assert len(strided) == (sizes[0] if name == "3-d, last dim split" else 1)
 
 
 class _Boxes(SavePlanner):

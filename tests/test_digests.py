@@ -16,6 +16,8 @@ from dist_workers import case, load_expecting_errors
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.cli import main as cli_main
 from checkpointer.errors import CheckpointFormatError
+from checkpointer.format.box_runs import Strided
+from checkpointer.format.digests import Range, check_tiling
 from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
 
@@ -125,3 +127,34 @@ def test_a_hub_publish_hashes_each_lfs_file_once_and_regular_files_never(saved_l
     assert lfs and len(lfs) < len(stored) - 1  # both kinds of upload happened
     assert sorted(hashed) == lfs  # each LFS file hashed exactly once; regular files never
     assert all(stored[name].lfs.sha256 == hashlib.sha256((saved_llama3 / name).read_bytes()).hexdigest() for name in lfs)
+
+
+def _column_boxes(rows: int, widths: list[int]) -> list[Range]:
+    """The strided ranges of a [rows, sum(widths)] tensor of bytes at offset 8, split into column boxes of ``widths``."""
+    row, starts = sum(widths), [8 + sum(widths[:i]) for i in range(len(widths))]
+    return [Range(start, width, row, rows, f"box{i}") for i, (start, width) in enumerate(zip(starts, widths))]
+
+
+def test_column_boxes_of_the_same_rows_tile_their_tensor_and_a_missing_or_overlapping_one_is_refused():
+    header = Range.of(Strided.one(0, 8), "header")
+    boxes = _column_boxes(rows=5, widths=[3, 1, 4])
+    size = 8 + 5 * 8
+    assert check_tiling("f", [*reversed(boxes), header], size) == [header, *boxes]
+    rows_below = [r._replace(offset=r.offset + 5 * 8) for r in _column_boxes(rows=5, widths=[2, 6])]  # a second row block
+    assert len(check_tiling("f", [header, *boxes, *rows_below], size + 5 * 8)) == 6
+    with pytest.raises(CheckpointFormatError, match=r"f: strided digests from byte 8 cover 4 bytes of rows of 8"):
+        check_tiling("f", [header, boxes[0], boxes[1]], size)
+    wide = boxes[1]._replace(length=2)  # overlaps the next box by one byte of every row
+    with pytest.raises(CheckpointFormatError, match=r"f: the digests of 5 runs of 4 bytes, 8 apart, from byte 12 and of the runs beside it"):
+        check_tiling("f", [header, boxes[0], wide, boxes[2]], size)
+    with pytest.raises(CheckpointFormatError, match=r"f: a digest of 5 runs of 9 bytes, 8 apart, .* is not a strided range"):
+        check_tiling("f", [header, Range(8, 9, 8, 5, "x")], size)
+
+
+def test_a_range_keeps_the_short_form_for_one_run_and_reads_back_from_either_form():
+    plain, strided = Range.of(Strided.one(8, 100), "a" * 32), Range(8, 10, 40, 7, "b" * 32)
+    assert plain.as_json() == [8, 100, "a" * 32] and strided.as_json() == [8, 10, 40, 7, "b" * 32]
+    assert [Range.from_json(json.loads(json.dumps(r.as_json()))) for r in (plain, strided)] == [plain, strided]
+    for bad in ([8, 100], [8, 10, 40, "b"], [8.5, 100, "a"], [True, 1, "a"], {"offset": 8}):
+        with pytest.raises(ValueError):
+            Range.from_json(bad)

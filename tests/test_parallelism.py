@@ -3,13 +3,15 @@
 Every layout is loaded from a transformers-written checkpoint and compared, tensor by
 tensor, with torchtune 0.6.1's own ``hf_to_tune`` of that checkpoint; each rank must read
 exactly the bytes torch says it holds; the save must hold every byte once (transformers
-gives the same logits as for the base) and its digests verify; loading that save and saving again
-gives the same bytes.
+gives the same logits as for the base) and its digests verify (a tensor-parallel column box is
+one strided digest); loading that save and saving again gives the same bytes.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from variants import hf_logits
 
 from checkpointer.cli import main as cli_main
+from checkpointer.format.manifest import MANIFEST_FILE
 from checkpointer.testing.multiprocess import run_on_ranks
 from checkpointer.testing.tiny_models import write_tiny_model
 
@@ -53,7 +56,7 @@ def _check(name: str, base, per_rank: list[dict]) -> None:
     assert cli_main(["verify", str(saved), "--full"]) == 0, f"{name}: the digests of the boxes the ranks wrote do not verify"
 
 
-def test_tensor_parallel_fsdp_over_tp_hsdp_and_3d_on_4_ranks(bases, tmp_path):
+def test_tensor_parallel_fsdp_over_tp_hsdp_and_3d_on_4_ranks(bases, tmp_path, capsys):
     layouts = [
         layout("fsdp_over_tp", "LLAMA3", bases["llama3"], tmp_path / "fsdp_over_tp", tp=2),
         layout("tp", "LLAMA3", bases["llama3_kv4"], tmp_path / "tp", tp=4),
@@ -68,6 +71,26 @@ def test_tensor_parallel_fsdp_over_tp_hsdp_and_3d_on_4_ranks(bases, tmp_path):
     for c in layouts:
         base = bases["llama3_kv4"] if c["name"] == "tp" else bases["llama3"]
         _check(c["name"], base, [r[c["name"]] for r in results])
+    _check_column_digests(pathlib.Path(results[0]["tp"]["saved"]), results[0]["tp"]["placements"], tmp_path / "corrupt", capsys)
+
+
+def _check_column_digests(saved: pathlib.Path, placements: dict[str, str], corrupt: pathlib.Path, capsys) -> None:
+    """Each rank's column box is one strided digest whatever its rows, and a byte changed in one of its rows is found."""
+    files = json.loads((saved / MANIFEST_FILE).read_text())["files"]
+    strided = {name: [r for r in files[name]["xxh3_128"] if len(r) == 5] for name in files if name.endswith(".safetensors")}
+    columns = [k for k, p in placements.items() if "Shard(dim=1)" in p]
+    assert columns and sum(len(r) for r in strided.values()) == 4 * len(columns)  # TP 4: one per rank and column tensor
+    shutil.copytree(saved, corrupt)
+    name, (offset, length, stride, count, _) = next((n, r[0]) for n, r in strided.items() if r)
+    victim = corrupt / name
+    victim.chmod(0o644)
+    data = bytearray(victim.read_bytes())
+    data[offset + (count // 2) * stride + length - 1] ^= 0x01  # the last byte of this box in its middle row
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli_main(["verify", str(corrupt), "--full"]) == 1
+    out = capsys.readouterr().out
+    assert f"{name}: xxh3_128 " in out and f"of {count} runs of {length} bytes, {stride} apart" in out, out
 
 
 def test_uneven_tensor_parallel_on_3_ranks(bases, tmp_path):

@@ -188,8 +188,8 @@ def _check_digest(checkpoint: Checkpoint, path: str, record: dict[str, Any], fin
     try:
         for unit in units_to_verify(folder, name, record, checkpoint.files[path]):
             actual = unit.hash(folder)
-            findings.bytes_read += unit.length
-            bar.update(unit.length)
+            findings.bytes_read += unit.runs.nbytes
+            bar.update(unit.runs.nbytes)
             if actual != unit.expected:
                 findings.problems.append(mismatch(folder, unit, actual))
                 return

@@ -11,8 +11,8 @@ scattered in memory (the transposed views of RoPE-permuted q/k heads) is written
 row with ``pwritev``, straight from the shard, without a contiguous copy. A box that splits
 rows (a tensor-parallel column block) lands as one byte run per row of the file
 (``format.box_runs``): one ``pwritev`` per run, the runs that touch merged. Each rank hashes
-every run from the memory it writes it from (xxh3, :mod:`checkpointer.format.digests`) and
-returns the digest with the box's write result. A rank's boxes are written on torch's intra-op
+every box from the memory it writes it from (xxh3, :mod:`checkpointer.format.digests`; a
+column box's rows as one strided range) and returns the digests with the box's write result. A rank's boxes are written on torch's intra-op
 threads (:mod:`checkpointer.runtime.parallel`), each over a run of them in this order with
 about the same bytes. ``finish`` runs on the coordinator once
 every rank has written: it gathers the digests (:attr:`SafetensorsWriter.digests`, which
@@ -39,8 +39,8 @@ from torch.futures import Future
 from checkpointer.dcp.routing import Channel, Route, plan_routes
 from checkpointer.dcp.wire import BoxResult
 from checkpointer.errors import CheckpointError, CheckpointMismatchError, CheckpointTransportError
-from checkpointer.format.box_runs import ByteRun, box_byte_runs
-from checkpointer.format.digests import Digests, check_tiling, digest_of
+from checkpointer.format.box_runs import ByteRun, Strided, box_byte_runs, strided_runs
+from checkpointer.format.digests import Digests, Range, check_tiling, digest_of
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.tensor_io import byte_runs, create_files
 from checkpointer.format.vectored import pwritev_all, split_pieces
@@ -149,8 +149,7 @@ class SafetensorsWriter(StorageWriter):
             pieces = byte_runs(self._box_data(item, planner))
             size = sum(length for _, length in runs)
             self.channel.send(pieces, size, receiver, f"sending {entry.name} of {entry.file}")
-            ranges = [(entry.file, offset, length, digest_of(part)) for (offset, length), part in zip(runs, split_pieces(pieces, runs))]
-            results.append(BoxResult(index=item.index, size_in_bytes=size, storage_data=ranges))
+            results.append(BoxResult(index=item.index, size_in_bytes=size, storage_data=box_digests(entry.file, runs, pieces)))
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -183,10 +182,9 @@ class SafetensorsWriter(StorageWriter):
         data = self._box_data(item, planner)
         if entry.file not in fds:
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
-        ranges = []
+        pieces = byte_runs(data)
         try:
-            for (offset, length), pieces in zip(runs, split_pieces(byte_runs(data), runs)):
-                ranges.append((entry.file, offset, pwritev_all(fds[entry.file], pieces, offset), digest_of(pieces)))
+            written = sum(pwritev_all(fds[entry.file], part, offset) for (offset, _), part in zip(runs, split_pieces(pieces, runs)))
         except OSError as e:
             hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
             raise CheckpointTransportError(
@@ -194,10 +192,9 @@ class SafetensorsWriter(StorageWriter):
                 f"offset {runs[0][0]}) failed: {e.strerror}{hint}; the previous checkpoint is untouched",
                 file=str(self.folder / entry.file), key=entry.name,
             ) from e
-        written = sum(length for _, _, length, _ in ranges)
         if runs:
             _start_writeback(fds[entry.file], runs[0][0], runs[-1][0] + runs[-1][1] - runs[0][0])
-        return BoxResult(index=item.index, size_in_bytes=written, storage_data=ranges)
+        return BoxResult(index=item.index, size_in_bytes=written, storage_data=box_digests(entry.file, runs, pieces))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         self.digests = file_digests(self.file_layout, [run for rank_results in results for r in rank_results for run in r.storage_data])
@@ -211,12 +208,22 @@ class SafetensorsWriter(StorageWriter):
         return False
 
 
-def file_digests(file_layout: FileLayout, boxes: list[tuple[str, int, int, str]]) -> Digests:
+BoxDigest = tuple[str, int, int, int, int, str]  # file, then a strided range and its digest (see Range)
+
+
+def box_digests(file: str, runs: list[ByteRun], pieces: list[memoryview]) -> list[BoxDigest]:
+    """The digests of a box's bytes (``pieces``, back to back), one per strided range of its file ``runs``."""
+    groups = strided_runs(runs)
+    parts = split_pieces(pieces, [(group.offset, group.nbytes) for group in groups])
+    return [(file, *group, digest_of(part)) for group, part in zip(groups, parts)]
+
+
+def file_digests(file_layout: FileLayout, boxes: list[BoxDigest]) -> Digests:
     """Every file's ranges: its header (hashed from the layout) and each written box (hashed by its writer)."""
-    ranges: Digests = {name: [(0, len(header), digest_of([header]))] for name, header in file_layout.headers.items()}
-    for file, offset, length, digest in boxes:
-        if length:
-            ranges[file].append((offset, length, digest))
+    ranges: Digests = {name: [Range.of(Strided.one(0, len(header)), digest_of([header]))] for name, header in file_layout.headers.items()}
+    for file, *runs, digest in boxes:
+        if runs[1]:
+            ranges[file].append(Range.of(Strided(*runs), digest))
     try:
         return {name: check_tiling(name, found, file_layout.sizes[name]) for name, found in ranges.items()}
     except CheckpointError as e:

@@ -4,11 +4,14 @@ A box (``offsets`` and ``sizes``, one per dim) of a row-major tensor is one byte
 it is whole rows (FSDP2 and ColwiseParallel shards: dim 0 only), and one run per row when
 it splits rows (RowwiseParallel and Colwise embeddings: ``Shard(1)``). Runs that touch in
 the file are merged, so a reader or writer issues one call per run, never one per element.
+Runs of one length at one spacing (a column box's rows) group into a :class:`Strided`
+range, which the manifest records with one digest however many rows it has.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -16,6 +19,51 @@ from checkpointer.errors import CheckpointMismatchError
 from checkpointer.format.safetensors import TensorEntry
 
 ByteRun = tuple[int, int]  # (absolute file offset, length in bytes)
+
+
+class Strided(NamedTuple):
+    """``count`` runs of ``length`` bytes, the first at ``offset``, each ``stride`` bytes after the one before."""
+
+    offset: int
+    length: int
+    stride: int
+    count: int
+
+    @classmethod
+    def one(cls, offset: int, length: int) -> Strided:
+        """One run."""
+        return cls(offset, length, length, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.length * self.count
+
+    def starts(self) -> Sequence[int]:
+        """The file offset of each run."""
+        return range(self.offset, self.offset + self.count * self.stride, self.stride) if self.count > 1 else (self.offset,)
+
+    def describe(self) -> str:
+        """The bytes in words, for messages."""
+        if self.count == 1:
+            return f"bytes {self.offset}..{self.offset + self.length}"
+        return f"{self.count} runs of {self.length} bytes, {self.stride} apart, from byte {self.offset}"
+
+
+def strided_runs(runs: list[ByteRun]) -> list[Strided]:
+    """``runs`` (in file order, apart) as the fewest :class:`Strided` ranges: consecutive runs of one length at one spacing."""
+    grouped: list[Strided] = []
+    first = length = stride = count = 0
+    for offset, size in runs:
+        if count and size == length and (count == 1 or offset == first + count * stride):
+            stride = stride if count > 1 else offset - first
+            count += 1
+            continue
+        if count:
+            grouped.append(Strided(first, length, stride, count))
+        first, length, stride, count = offset, size, size, 1
+    if count:
+        grouped.append(Strided(first, length, stride, count))
+    return grouped
 
 
 def check_box(entry: TensorEntry, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> None:

@@ -58,7 +58,7 @@ def files_of(folder: Path) -> dict[str, int]:
 def write_manifest(folder: Path, info: dict[str, Any], sizes: dict[str, int], digests: Digests) -> dict[str, Any]:
     """Write the manifest of ``folder``, whose files are ``sizes`` with ``digests`` (``info`` adds name, epoch, step...)."""
     now = time.time_ns()
-    files = {name: {"size": size, ALGORITHM: [list(r) for r in digests.get(name, [])]} for name, size in sizes.items()}
+    files = {name: {"size": size, ALGORITHM: [r.as_json() for r in digests.get(name, [])]} for name, size in sizes.items()}
     manifest = {
         "format": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9)),
