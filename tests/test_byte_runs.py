@@ -78,6 +78,38 @@ def test_read_into_past_the_end_of_the_file_names_it(tmp_path, where):
         _folders(tmp_path, bytes(range(20)))[where].read_into("f.bin", 4, pieces)
 
 
+def _column_box_runs(rows: int, width: int, box: slice, start: int) -> list[tuple[int, int]]:
+    """The file runs of columns ``box`` of a [rows, width] int16 tensor whose data starts at ``start``."""
+    return [(start + 2 * (r * width + box.start), 2 * (box.stop - box.start)) for r in range(rows)]
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+@pytest.mark.parametrize("into", ["one buffer", "row views"])
+def test_read_runs_fills_a_column_box_and_counts_what_it_fetched(tmp_path, where, into):
+    """A local folder reads each row's run alone; a remote one fetches the rows' span in one request and cuts it."""
+    rows, width, box = 500, 12, slice(4, 7)
+    source = torch.arange(rows * width, dtype=torch.int16).view(rows, width)
+    runs = _column_box_runs(rows, width, box, start=4)
+    if into == "one buffer":
+        target = torch.zeros(rows, box.stop - box.start, dtype=torch.int16)
+        out = [tensor_bytes(target)]
+    else:  # the rows of a view are apart in memory: one piece per row
+        target = torch.zeros(rows, 8, dtype=torch.int16)[:, 2 : 2 + box.stop - box.start]
+        out = row_views(target)
+        assert len(out) == rows
+    fetched = _folders(tmp_path, b"head" + bytes(tensor_bytes(source)))[where].read_runs("f.bin", runs, out)
+    assert torch.equal(target, source[:, box])
+    span = runs[-1][0] + runs[-1][1] - runs[0][0]
+    assert fetched == (sum(n for _, n in runs) if where == "local" else span)
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_read_runs_past_the_end_of_the_file_names_it(tmp_path, where):
+    runs = _column_box_runs(rows=4, width=8, box=slice(2, 4), start=0)  # 4 rows of 8 int16: 64 bytes, the file has 40
+    with pytest.raises(CheckpointFormatError, match="f.bin: truncated"):
+        _folders(tmp_path, bytes(40))[where].read_runs("f.bin", runs, [memoryview(bytearray(16))])
+
+
 def test_views_without_contiguous_rows_have_no_row_views():
     assert row_views(torch.zeros(4, 6)[:, 0]) is None and row_views(torch.zeros(4, 6).t()) is None
     assert row_views(torch.zeros(1, 6).expand(4, 6)) is None  # its rows are one row of memory

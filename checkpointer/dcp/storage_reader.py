@@ -30,26 +30,12 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from checkpointer.format.box_runs import ByteRun, box_byte_runs, merge_runs
+from checkpointer.format.box_runs import box_byte_runs
 from checkpointer.format.hf_files import CheckpointFiles
 from checkpointer.format.safetensors import TensorEntry
 from checkpointer.format.tensor_io import populate_pages, row_views, tensor_bytes
-from checkpointer.format.vectored import fill_pieces, split_pieces
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.runtime.parallel import in_even_runs
-
-
-def _spans(runs: list[ByteRun], max_gap: int) -> list[tuple[ByteRun, list[ByteRun]]]:
-    """Runs grouped into file ranges to fetch, each with the runs it holds."""
-    grouped: list[tuple[ByteRun, list[ByteRun]]] = []
-    position = 0
-    for span in merge_runs(runs, max_gap):
-        end = position
-        while end < len(runs) and runs[end][0] < span[0] + span[1]:
-            end += 1
-        grouped.append((span, runs[position:end]))
-        position = end
-    return grouped
 
 
 class _Scratch:
@@ -124,23 +110,14 @@ class SafetensorsReader(StorageReader):
         """Copy the box ``item`` names from ``entry`` into ``target``: only the box's bytes are read.
 
         A box of whole rows (or one expert's rows) is one byte range; a column box is one range
-        per row, each read on its own (ranges nearer than the folder's ``merge_gap`` are fetched as one request).
-        Returns the bytes read.
+        per row (:meth:`Folder.read_runs`: each read on its own locally, ranges near each other
+        in one request from a remote folder). Returns the bytes read.
         """
         runs = box_byte_runs(entry, tuple(item.storage_offsets), tuple(item.lengths))
         populate_pages(target)
         rows = row_views(target) if target.dtype == entry.dtype and target.device.type == "cpu" else None
         block = None if rows is not None else scratch.block(tuple(item.lengths), entry.dtype)
-        per_run = iter(split_pieces(rows if block is None else [tensor_bytes(block)], runs))
-        read = 0
-        for span, inside in _spans(runs, self.files.folder.merge_gap):
-            if len(inside) == 1:
-                self.files.folder.read_into(entry.file, span[0], next(per_run))
-            else:
-                data = memoryview(self.files.folder.read(entry.file, span[0], span[1]))
-                for offset, length in inside:
-                    fill_pieces(next(per_run), data[offset - span[0] : offset - span[0] + length])
-            read += span[1]
+        read = self.files.folder.read_runs(entry.file, runs, rows if block is None else [tensor_bytes(block)])
         if block is not None:
             target.copy_(block.view(target.shape))
         return read

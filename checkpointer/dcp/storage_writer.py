@@ -43,7 +43,7 @@ from checkpointer.format.box_runs import ByteRun, Strided, box_byte_runs, stride
 from checkpointer.format.digests import Digests, Range, check_tiling, digest_of
 from checkpointer.format.file_layout import FileLayout
 from checkpointer.format.tensor_io import byte_runs, create_files
-from checkpointer.format.vectored import pwritev_all, split_pieces
+from checkpointer.format.vectored import pwrite_runs, pwritev_all, split_pieces
 from checkpointer.runtime.failpoints import failpoint
 from checkpointer.runtime.parallel import in_even_runs
 
@@ -184,7 +184,7 @@ class SafetensorsWriter(StorageWriter):
             fds[entry.file] = os.open(self.folder / entry.file, os.O_WRONLY)
         pieces = byte_runs(data)
         try:
-            written = sum(pwritev_all(fds[entry.file], part, offset) for (offset, _), part in zip(runs, split_pieces(pieces, runs)))
+            written = pwrite_runs(fds[entry.file], pieces, runs)
         except OSError as e:
             hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
             raise CheckpointTransportError(

@@ -99,7 +99,8 @@ def box_byte_runs(entry: TensorEntry, offsets: tuple[int, ...], sizes: tuple[int
     for dim in range(split - 1, -1, -1):
         starts = (torch.arange(offsets[dim], offsets[dim] + sizes[dim], dtype=torch.int64) * strides[dim])[:, None] + starts[None, :]
         starts = starts.flatten()
-    return merge_runs([(entry.start + s * itemsize, run_bytes) for s in starts.tolist()])
+    # dim ``split`` is cut, so a gap follows every run: none touch
+    return [(start, run_bytes) for start in (starts * itemsize + entry.start).tolist()]
 
 
 def merge_runs(runs: list[ByteRun], max_gap: int = 0) -> list[ByteRun]:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
-from checkpointer.format.vectored import byte_count, preadv_all
+from checkpointer.format.box_runs import ByteRun, merge_runs
+from checkpointer.format.vectored import byte_count, fill_pieces, flat, preadv_all, split_pieces
 
 REMOTE_MERGE_GAP = 1 << 20  # about what one HTTP round trip costs, in bytes of transfer
 
@@ -48,6 +49,9 @@ class Folder(Protocol):
     def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
         """Fill the pieces ``out``, back to back, with the bytes from ``offset``, or raise naming the file."""
 
+    def read_runs(self, name: str, runs: Sequence[ByteRun], out: Sequence[memoryview]) -> int:
+        """Fill ``out``, back to back, with the bytes of the file's ``runs``; the bytes fetched (gaps a merged read took included)."""
+
     def mapped(self, name: str) -> mmap.mmap | None:
         """The whole file as a private (copy-on-write) memory map, or None where it cannot be mapped (remote, empty)."""
 
@@ -72,6 +76,44 @@ def fresh_dir(path: Path) -> Path:
         shutil.rmtree(path)
     make_dirs(path)
     return path
+
+
+class RangeReadFolder:
+    """The reads of a remote folder, made of its ``read`` (one request per range): runs near each other come in one request."""
+
+    merge_gap = REMOTE_MERGE_GAP
+    concurrent_reads = False
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
+        fill_pieces(out, self.read(name, offset, byte_count(out)))
+
+    def read_runs(self, name: str, runs: Sequence[ByteRun], out: Sequence[memoryview]) -> int:
+        per_run, fetched = iter(split_pieces(out, runs)), 0
+        for span, inside in _spans(runs, self.merge_gap):
+            if len(inside) == 1:
+                self.read_into(name, span[0], next(per_run))
+            else:
+                data = memoryview(self.read(name, span[0], span[1]))
+                for offset, length in inside:
+                    fill_pieces(next(per_run), data[offset - span[0] : offset - span[0] + length])
+            fetched += span[1]
+        return fetched
+
+
+def _spans(runs: Sequence[ByteRun], max_gap: int) -> list[tuple[ByteRun, Sequence[ByteRun]]]:
+    """Runs grouped into file ranges to fetch, each with the runs it holds."""
+    grouped: list[tuple[ByteRun, Sequence[ByteRun]]] = []
+    position = 0
+    for span in merge_runs(list(runs), max_gap):
+        end = position
+        while end < len(runs) and runs[end][0] < span[0] + span[1]:
+            end += 1
+        grouped.append((span, runs[position:end]))
+        position = end
+    return grouped
 
 
 def truncated(where: str, wanted_end: int, file_end: int) -> CheckpointFormatError:
@@ -143,6 +185,20 @@ class LocalFolder:
         done, wanted = preadv_all(self._fd(name), out, offset), byte_count(out)
         if done < wanted:
             raise truncated(self.describe(name), offset + wanted, offset + done)
+
+    def read_runs(self, name: str, runs: Sequence[ByteRun], out: Sequence[memoryview]) -> int:
+        """Each run straight into its part of ``out``: one ``preadv`` per run, no list of pieces for a contiguous ``out``."""
+        if len(out) != 1 or len(runs) == 1:
+            for (offset, _), pieces in zip(runs, split_pieces(out, runs)):
+                self.read_into(name, offset, pieces)
+            return sum(length for _, length in runs)
+        fd, data, at = self._fd(name), flat(out)[0], 0
+        for offset, length in runs:  # the rows of a column box
+            piece = data[at : at + length]
+            if os.preadv(fd, [piece], offset) < length:
+                self.read_into(name, offset, [piece])  # reads it again to the end, or raises naming the file
+            at += length
+        return at
 
     def mapped(self, name: str) -> mmap.mmap | None:
         """Writes into the map change this process's copy only, never the file.

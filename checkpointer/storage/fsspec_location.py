@@ -12,16 +12,15 @@ import concurrent.futures
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import fsspec
 
 from checkpointer.errors import CheckpointError, CheckpointFormatError, CheckpointNotFoundError, CheckpointTransportError
-from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, check_relative_name
+from checkpointer.format.folder import Folder, LocalFolder, RangeReadFolder, check_relative_name
 from checkpointer.format.hf_files import INDEX_FILE, files_to_fetch
 from checkpointer.format.json_files import parse_json, write_json
 from checkpointer.format.manifest import MANIFEST_FILE
-from checkpointer.format.vectored import byte_count, fill_pieces
 from checkpointer.runtime.cache import cache_root, url_key
 from checkpointer.runtime.progress import byte_bar
 from checkpointer.runtime.retry import with_retries
@@ -39,11 +38,8 @@ _PARALLEL = 8
 _MANIFEST = ".checkpointer-source.json"
 
 
-class FsspecFolder:
+class FsspecFolder(RangeReadFolder):
     """Byte-range reads of the files under one fsspec folder."""
-
-    merge_gap = REMOTE_MERGE_GAP
-    concurrent_reads = False
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str):
         self.fs, self.root, self.url = fs, root.rstrip("/"), url.rstrip("/")
@@ -83,9 +79,6 @@ class FsspecFolder:
                 url=self.url, file=self.describe(name),
             )
         return data
-
-    def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
-        fill_pieces(out, self.read(name, offset, byte_count(out)))
 
     def mapped(self, name: str) -> None:
         """Remote files are read, not mapped."""

@@ -16,7 +16,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from huggingface_hub import (
     CommitOperationAdd,
@@ -38,12 +38,11 @@ from checkpointer.errors import (
     CheckpointTransportError,
 )
 from checkpointer.format.digests import hash_chunks
-from checkpointer.format.folder import REMOTE_MERGE_GAP, Folder, LocalFolder, check_relative_name, local_files
+from checkpointer.format.folder import Folder, LocalFolder, RangeReadFolder, check_relative_name, local_files
 from checkpointer.format.hf_files import CONFIG_FILE, INDEX_FILE, files_to_fetch
 from checkpointer.format.manifest import MANIFEST_FILE, TRAINING_STATE_DIR
 from checkpointer.format.model_card import CARD_MARKER, model_card
 from checkpointer.format.peft import ADAPTER_CONFIG_FILE, ADAPTER_DIR
-from checkpointer.format.vectored import byte_count, fill_pieces
 from checkpointer.runtime.cache import cache_root, url_key
 from checkpointer.runtime.retry import is_transient, with_retries
 from checkpointer.storage.location import (
@@ -129,11 +128,8 @@ def repo_path(url: HubUrl, name: str) -> str:
     return url.folder_prefix + name
 
 
-class HubFolder:
+class HubFolder(RangeReadFolder):
     """Byte-range reads of a Hub folder at a pinned commit."""
-
-    merge_gap = REMOTE_MERGE_GAP
-    concurrent_reads = False
 
     def __init__(self, url: HubUrl, sha: str, sizes: dict[str, int]):
         self.url, self.sha, self.sizes = url, sha, sizes
@@ -168,9 +164,6 @@ class HubFolder:
                 url=str(self.url), file=self.describe(name),
             )
         return response.content
-
-    def read_into(self, name: str, offset: int, out: Sequence[memoryview]) -> None:
-        fill_pieces(out, self.read(name, offset, byte_count(out)))
 
     def mapped(self, name: str) -> None:
         """Remote files are read, not mapped."""
