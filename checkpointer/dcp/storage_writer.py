@@ -5,8 +5,10 @@ The coordinator creates each file at its final size with its header (in
 anyone writes). Each rank then ``pwrite`` s its own boxes at their byte offsets and
 fsyncs. Ranks start on different files (rank r on the r-th, then onwards), so that they
 rarely write into the same file at once (buffered writes to one file serialize on its
-inode lock); writeback of each box is started as soon as it is written (Linux
-``sync_file_range``), so the final fsync mostly finds it done. A box whose rows are
+inode lock); writeback of each box of whole rows is started as soon as it is written (Linux
+``sync_file_range``), so the final fsync mostly finds it done. A column box's rows share
+their pages with the other ranks' columns, so its writeback waits for the fsync: started
+early, those pages would go to disk once per rank. A box whose rows are
 scattered in memory (the transposed views of RoPE-permuted q/k heads) is written row by
 row with ``pwritev``, straight from the shard, without a contiguous copy. A box that splits
 rows (a tensor-parallel column block) lands as one byte run per row of the file
@@ -192,8 +194,8 @@ class SafetensorsWriter(StorageWriter):
                 f"offset {runs[0][0]}) failed: {e.strerror}{hint}; the previous checkpoint is untouched",
                 file=str(self.folder / entry.file), key=entry.name,
             ) from e
-        if runs:
-            _start_writeback(fds[entry.file], runs[0][0], runs[-1][0] + runs[-1][1] - runs[0][0])
+        if len(runs) == 1:
+            _start_writeback(fds[entry.file], runs[0][0], runs[0][1])
         return BoxResult(index=item.index, size_in_bytes=written, storage_data=box_digests(entry.file, runs, pieces))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
