@@ -8,7 +8,9 @@ import shutil
 import struct
 from pathlib import Path
 
+import fsspec
 import pytest
+import torch
 import xxhash
 from crash_workers import try_to_save
 from dist_workers import case, load_expecting_errors
@@ -17,8 +19,10 @@ from checkpointer import DistributedHFCheckpointer
 from checkpointer.cli import main as cli_main
 from checkpointer.errors import CheckpointFormatError
 from checkpointer.format.box_runs import Strided
-from checkpointer.format.digests import Range, check_tiling
+from checkpointer.format.digests import Range, Unit, check_tiling
+from checkpointer.format.folder import LocalFolder
 from checkpointer.format.manifest import MANIFEST_FILE
+from checkpointer.storage.fsspec_location import FsspecFolder
 from checkpointer.testing.multiprocess import run_on_ranks
 
 MODEL = "LLAMA3"
@@ -158,3 +162,18 @@ def test_a_range_keeps_the_short_form_for_one_run_and_reads_back_from_either_for
     for bad in ([8, 100], [8, 10, 40, "b"], [8.5, 100, "a"], [True, 1, "a"], {"offset": 8}):
         with pytest.raises(ValueError):
             Range.from_json(bad)
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_a_unit_hashes_its_runs_back_to_back_through_one_buffer_wherever_the_file_is(tmp_path, where):
+    """Rows of a column box (more than one buffer holds) and a range longer than the buffer, locally and remotely."""
+    data = torch.randint(0, 256, (3000 * 4096 + 8,), dtype=torch.uint8).numpy().tobytes()  # 3000 rows of 4 KiB after 8 bytes
+    (tmp_path / "f").write_bytes(data)
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file(f"/{tmp_path.name}/f", data)
+    folder = LocalFolder(tmp_path) if where == "local" else FsspecFolder(memory, f"/{tmp_path.name}", f"memory://{tmp_path.name}")
+    column = Strided(8 + 1000, 2048, 4096, 3000)  # 6 MB of rows: several reads of the 4 MB buffer
+    plain = Strided.one(8, 3000 * 4096)  # 12 MB in one range
+    for runs in (column, plain):
+        expected = xxhash.xxh3_128(b"".join(data[s : s + runs.length] for s in runs.starts())).hexdigest()
+        assert Unit("f", runs).hash(folder) == expected

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import xxhash
 
@@ -75,19 +75,14 @@ def digest_of(pieces: Iterable[memoryview | bytes]) -> str:
     return digest.hexdigest()
 
 
-def feed_chunks(read_into: Callable[[int, memoryview], Any], size: int, digest: Any, buffer: memoryview) -> None:
-    """Feed ``digest`` ``size`` bytes, read in chunks into ``buffer`` (no copies, no growth)."""
-    offset = 0
+def hash_chunks(read_into: Callable[[int, memoryview], Any], size: int, digest: Any) -> str:
+    """Feed ``digest`` ``size`` bytes, read in chunks into one reused buffer (no copies, no growth); its hex digest."""
+    buffer, offset = memoryview(bytearray(min(_READ_BUFFER, size))), 0
     while offset < size:
         chunk = buffer[: min(len(buffer), size - offset)]
         read_into(offset, chunk)
         digest.update(chunk)
         offset += len(chunk)
-
-
-def hash_chunks(read_into: Callable[[int, memoryview], Any], size: int, digest: Any) -> str:
-    """``digest``'s hex digest after feeding it ``size`` bytes, read in chunks into one reused buffer."""
-    feed_chunks(read_into, size, digest, memoryview(bytearray(min(_READ_BUFFER, size))))
     return digest.hexdigest()
 
 
@@ -101,11 +96,29 @@ class Unit:
     expected: str | None = None
 
     def hash(self, folder: Folder) -> str:
+        """The digest of the unit's bytes, read through one buffer (a column box's rows many at a time)."""
         digest = xxhash.xxh3_128() if self.algorithm == ALGORITHM else hashlib.sha256()
-        buffer = memoryview(bytearray(min(_READ_BUFFER, self.runs.length)))
-        for start in self.runs.starts():
-            feed_chunks(lambda at, chunk, start=start: folder.read_into(self.name, start + at, [chunk]), self.runs.length, digest, buffer)
+        buffer = memoryview(bytearray(max(1, min(_READ_BUFFER, self.runs.nbytes))))
+        for batch in _batches(self.runs, len(buffer)):
+            filled = buffer[: sum(length for _, length in batch)]
+            folder.read_runs(self.name, batch, [filled])
+            digest.update(filled)
         return digest.hexdigest()
+
+
+def _batches(runs: Strided, limit: int) -> Iterator[list[tuple[int, int]]]:
+    """``runs`` cut into pieces of at most ``limit`` bytes, in reads of at most ``limit`` bytes together."""
+    batch, size = [], 0
+    for start in runs.starts():
+        for at in range(0, runs.length, limit):
+            length = min(limit, runs.length - at)
+            if size + length > limit:
+                yield batch
+                batch, size = [], 0
+            batch.append((start + at, length))
+            size += length
+    if batch:
+        yield batch
 
 
 def read_back_units(sizes: dict[str, int], chunk: int = READ_BACK_CHUNK) -> list[Unit]:
