@@ -123,7 +123,9 @@ def _batches(runs: Strided, limit: int) -> Iterator[list[tuple[int, int]]]:
 
 def read_back_units(sizes: dict[str, int], chunk: int = READ_BACK_CHUNK) -> list[Unit]:
     """Each file of ``sizes`` cut into ranges of at most ``chunk`` bytes (an empty file is one empty range)."""
-    return [Unit(name, Strided.one(start, min(chunk, size - start))) for name, size in sizes.items() for start in range(0, max(size, 1), chunk)]
+    return [
+        Unit(name, Strided.one(start, min(chunk, size - start))) for name, size in sizes.items() for start in range(0, max(size, 1), chunk)
+    ]
 
 
 def read_back_digests(folder: Folder, sizes: dict[str, int]) -> Digests:
@@ -146,10 +148,10 @@ def check_tiling(where: str, ranges: Sequence[Range], size: int) -> list[Range]:
     end = 0
     for offset, length in sorted(_spans(where, ordered)):
         if offset != end or length < 0:
-            raise CheckpointFormatError(f"{where}: the digests cover bytes up to {end}, then start at {offset}: they do not tile the file", file=where)
+            raise _untiled(where, f"the digests cover bytes up to {end}, then start at {offset}: they do not tile the file")
         end = offset + length
     if end != size and not (size == 0 and not ordered):
-        raise CheckpointFormatError(f"{where}: the digests cover {end} bytes of {size}", file=where)
+        raise _untiled(where, f"the digests cover {end} bytes of {size}")
     return ordered
 
 
@@ -164,7 +166,7 @@ def _spans(where: str, ordered: Sequence[Range]) -> list[tuple[int, int]]:
     for r in ordered:
         if r.count != 1:
             if not (0 < r.length <= r.stride and 1 < r.count <= MAX_RUNS):
-                raise CheckpointFormatError(f"{where}: a digest of {r.runs.describe()} is not a strided range of at most {MAX_RUNS} runs", file=where)
+                raise _untiled(where, f"a digest of {r.runs.describe()} is not a strided range of at most {MAX_RUNS} runs")
             bands.setdefault((r.stride, r.count), []).append(r)
     for (stride, count), members in bands.items():
         start = end = -1
@@ -172,14 +174,19 @@ def _spans(where: str, ordered: Sequence[Range]) -> list[tuple[int, int]]:
             if end == -1:
                 start = end = r.offset
             if r.offset != end or end + r.length > start + stride:
-                raise CheckpointFormatError(f"{where}: the digests of {r.runs.describe()} and of the runs beside it do not tile their rows", file=where)
+                raise _untiled(where, f"the digests of {r.runs.describe()} and of the runs beside it do not tile their rows")
             end += r.length
             if end == start + stride:
                 spans.append((start, stride * count))
                 end = -1
         if end != -1:
-            raise CheckpointFormatError(f"{where}: strided digests from byte {start} cover {end - start} bytes of rows of {stride}", file=where)
+            raise _untiled(where, f"strided digests from byte {start} cover {end - start} bytes of rows of {stride}")
     return spans
+
+
+def _untiled(where: str, what: str) -> CheckpointFormatError:
+    """The error for digests of file ``where`` that do not tile it."""
+    return CheckpointFormatError(f"{where}: {what}", file=where)
 
 
 def units_to_verify(folder: Folder, name: str, record: dict[str, Any], size: int) -> list[Unit]:

@@ -112,7 +112,8 @@ class FileRecord:
 def recorded_files(manifest: dict[str, Any]) -> dict[str, FileRecord]:
     """The files a manifest lists (relative path -> record), one process.
 
-    ``files`` maps each path to ``{"size": ..., "xxh3_128": [[offset, length, digest], ...]}``;
+    ``files`` maps each path to ``{"size": ..., "xxh3_128": [range, ...]}``, each range
+    ``[offset, length, digest]`` or ``[offset, length, stride, count, digest]``;
     older manifests record ``"sha256"`` instead, and the oldest the size alone.
     """
     records = {}
