@@ -1,7 +1,8 @@
 """A torchrun script for simulated nodes (see checkpointer.testing.nodes): load, one step, save, or resume.
 
 ``python node_workers.py MODE BASE OUT RESULTS [OPTIONS_JSON]`` on every rank:
-- ``save``: load BASE, take one AdamW step on a fixed batch, save ``epoch_0`` with training state;
+- ``save``: load BASE, take one AdamW step on a fixed batch, save ``epoch_0`` with training state
+  (FSDP2 over tensor parallel with the option ``tensor_parallel``);
 - ``resume``: resume from OUT (weights and optimizer).
 A fault test hangs some ranks in the save with ``CHECKPOINTER_FAILPOINT`` and kills a node once
 ``RESULTS/saving-R`` appears.
@@ -25,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from checkpointer import DistributedHFCheckpointer
 from checkpointer.format.model_config import ModelConfig
-from checkpointer.train.fsdp import build_sharded_model, default_mesh
+from checkpointer.train.fsdp import build_sharded_model, default_mesh, parallel_mesh
 
 MODEL_TYPE = "LLAMA3"
 
@@ -55,7 +56,9 @@ def main(mode: str, base: str, out: str, results: str, options: str = "{}") -> N
     report: dict = {"rank": me}
     try:
         config = ModelConfig.from_json(Path(config_dir, "config.json").read_text())
-        model = build_sharded_model(MODEL_TYPE, config, default_mesh())
+        tensor_parallel = kwargs.pop("tensor_parallel", 1)
+        mesh = parallel_mesh("cpu", tensor_parallel_dim=tensor_parallel) if tensor_parallel > 1 else default_mesh()
+        model = build_sharded_model(MODEL_TYPE, config, mesh)
         checkpointer = DistributedHFCheckpointer(base, out, MODEL_TYPE, resume_from_checkpoint=mode == "resume", **kwargs)
         checkpointer.load_model(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -123,6 +123,21 @@ def test_save_to_a_remote_publishes_what_all_nodes_hold(kind, two_node_save, tin
     assert not list((remote.node_dir(1) / "cache").glob("staging/*/epoch_0"))
 
 
+def test_a_tensor_parallel_save_sends_column_boxes_across_nodes_that_verify_where_they_land(tiny_llama3, tmp_path):
+    """FSDP2 over TP 2 on 2 x 2 ranks: node 1's column boxes (one file run per row) travel to node 0 and are written there."""
+    from checkpointer.cli import main as cli_main
+
+    cluster = SimulatedCluster(tmp_path / "cluster")
+    shutil.copytree(tiny_llama3, cluster.node_dir(0) / "base")
+    saved = finish(launch(cluster, "save", str(cluster.common / "base"), str(cluster.common / "out"), tiny_llama3, tensor_parallel=2))
+    assert [r.get("error") for r in saved] == [None] * 4, saved[0].get("traceback")
+    assert [r["traffic"]["sent"] > 0 for r in saved] == [False, False, True, True]
+    published = cluster.node_dir(0) / "out" / "epoch_0"
+    files = json.loads((published / MANIFEST_FILE).read_text())["files"]
+    assert any(len(r) == 5 for name, f in files.items() if name.endswith(".safetensors") for r in f["xxh3_128"])  # column boxes
+    assert cli_main(["verify", str(published), "--full"]) == 0  # each landed where its sender hashed it
+
+
 def test_with_one_file_system_no_byte_travels(tiny_llama3, tmp_path):
     from node_workers import save_on_one_node
 
