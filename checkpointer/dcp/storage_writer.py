@@ -12,9 +12,9 @@ early, those pages would go to disk once per rank. A box whose rows are
 scattered in memory (the transposed views of RoPE-permuted q/k heads) is written row by
 row with ``pwritev``, straight from the shard, without a contiguous copy. A box that splits
 rows (a tensor-parallel column block) lands as one byte run per row of the file
-(``format.box_runs``): one ``pwritev`` per run, the runs that touch merged. Each rank hashes
-every box from the memory it writes it from (xxh3, :mod:`checkpointer.format.digests`; a
-column box's rows as one strided range) and returns the digests with the box's write result. A rank's boxes are written on torch's intra-op
+(``format.box_runs``): one ``pwrite`` per run. Each rank hashes every box from the memory it
+writes it from (xxh3, :mod:`checkpointer.format.digests`; a column box's rows as one strided
+range) and returns the digests with the box's write result. A rank's boxes are written on torch's intra-op
 threads (:mod:`checkpointer.runtime.parallel`), each over a run of them in this order with
 about the same bytes. ``finish`` runs on the coordinator once
 every rank has written: it gathers the digests (:attr:`SafetensorsWriter.digests`, which

@@ -2,8 +2,8 @@
 
 A box (``offsets`` and ``sizes``, one per dim) of a row-major tensor is one byte run when
 it is whole rows (FSDP2 and ColwiseParallel shards: dim 0 only), and one run per row when
-it splits rows (RowwiseParallel and Colwise embeddings: ``Shard(1)``). Runs that touch in
-the file are merged, so a reader or writer issues one call per run, never one per element.
+it splits rows (RowwiseParallel and Colwise embeddings: ``Shard(1)``), with a gap after
+each, so a reader or writer issues one call per run, never one per element.
 Runs of one length at one spacing (a column box's rows) group into a :class:`Strided`
 range, which the manifest records with one digest however many rows it has.
 """

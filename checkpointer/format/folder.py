@@ -18,7 +18,7 @@ from typing import Protocol, Sequence
 
 from checkpointer.errors import CheckpointFormatError, CheckpointNotFoundError
 from checkpointer.format.box_runs import ByteRun, merge_runs
-from checkpointer.format.vectored import byte_count, fill_pieces, flat, preadv_all, split_pieces
+from checkpointer.format.vectored import byte_count, fill_pieces, preadv_all, preadv_runs, split_pieces
 
 REMOTE_MERGE_GAP = 1 << 20  # about what one HTTP round trip costs, in bytes of transfer
 
@@ -187,18 +187,11 @@ class LocalFolder:
             raise truncated(self.describe(name), offset + wanted, offset + done)
 
     def read_runs(self, name: str, runs: Sequence[ByteRun], out: Sequence[memoryview]) -> int:
-        """Each run straight into its part of ``out``: one ``preadv`` per run, no list of pieces for a contiguous ``out``."""
-        if len(out) != 1 or len(runs) == 1:
-            for (offset, _), pieces in zip(runs, split_pieces(out, runs)):
-                self.read_into(name, offset, pieces)
-            return sum(length for _, length in runs)
-        fd, data, at = self._fd(name), flat(out)[0], 0
-        for offset, length in runs:  # the rows of a column box
-            piece = data[at : at + length]
-            if os.preadv(fd, [piece], offset) < length:
-                self.read_into(name, offset, [piece])  # reads it again to the end, or raises naming the file
-            at += length
-        return at
+        """Each run straight into its part of ``out`` with ``preadv``: one call per run."""
+        done, wanted = preadv_runs(self._fd(name), out, runs), sum(length for _, length in runs)
+        if done < wanted:
+            raise truncated(self.describe(name), max(offset + length for offset, length in runs), self.size(name))
+        return done
 
     def mapped(self, name: str) -> mmap.mmap | None:
         """Writes into the map change this process's copy only, never the file.

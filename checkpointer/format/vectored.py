@@ -51,26 +51,38 @@ def pwritev_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
     return _transfer_all(os.pwritev, fd, pieces, offset)
 
 
-def pwrite_runs(fd: int, pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> int:
-    """Write ``pieces`` (bytes back to back) along the file ``runs``; returns the bytes written.
-
-    One contiguous piece cut into many runs (a column box's rows) is written with one
-    ``pwrite`` per run and no lists of pieces.
-    """
-    if len(pieces) != 1 or len(runs) == 1:
-        return sum(pwritev_all(fd, part, offset) for (offset, _), part in zip(runs, split_pieces(pieces, runs)))
-    data, at, written = flat(pieces)[0], 0, 0
-    for offset, length in runs:
-        done = os.pwrite(fd, data[at : at + length], offset)
-        if done < length:  # rare for a file: finish the run the general way
-            done += pwritev_all(fd, [data[at + done : at + length]], offset + done)
-        at, written = at + length, written + done
-    return written
-
-
 def preadv_all(fd: int, pieces: Sequence[memoryview], offset: int) -> int:
     """Fill ``pieces`` back to back with the bytes from ``offset``; returns the bytes read (fewer at the file's end)."""
     return _transfer_all(os.preadv, fd, pieces, offset)
+
+
+def pwrite_runs(fd: int, pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> int:
+    """Write ``pieces`` (bytes back to back) along the file ``runs``; returns the bytes written."""
+    return _transfer_runs(os.pwrite, pwritev_all, fd, pieces, runs)
+
+
+def preadv_runs(fd: int, pieces: Sequence[memoryview], runs: Sequence[ByteRun]) -> int:
+    """Fill ``pieces`` (back to back) with the bytes of the file ``runs``; returns the bytes read (fewer at the file's end)."""
+    return _transfer_runs(lambda fd, piece, offset: os.preadv(fd, [piece], offset), preadv_all, fd, pieces, runs)
+
+
+def _transfer_runs(
+    one: Callable[[int, memoryview, int], int], every: Callable, fd: int, pieces: Sequence[memoryview], runs: Sequence[ByteRun]
+) -> int:
+    """Move each run with ``every`` (``preadv_all``/``pwritev_all``) over its pieces; the bytes moved.
+
+    One contiguous buffer cut into many runs (a column box's rows) takes one system call per
+    run (``one``) and no lists of pieces, unless a call moves less than its run.
+    """
+    if len(pieces) != 1 or len(runs) == 1:
+        return sum(every(fd, part, offset) for (offset, _), part in zip(runs, split_pieces(pieces, runs)))
+    data, at, moved = flat(pieces)[0], 0, 0
+    for offset, length in runs:
+        done = one(fd, data[at : at + length], offset)
+        if done < length:  # rare for a file: finish the run the general way (a read may end at the file's end)
+            done += every(fd, [data[at + done : at + length]], offset + done)
+        at, moved = at + length, moved + done
+    return moved
 
 
 def fill_pieces(pieces: Sequence[memoryview], data: memoryview | bytes) -> None:
