@@ -210,22 +210,19 @@ class SafetensorsWriter(StorageWriter):
         return False
 
 
-BoxDigest = tuple[str, int, int, int, int, str]  # file, then a strided range and its digest (see Range)
-
-
-def box_digests(file: str, runs: list[ByteRun], pieces: list[memoryview]) -> list[BoxDigest]:
+def box_digests(file: str, runs: list[ByteRun], pieces: list[memoryview]) -> list[tuple[str, Range]]:
     """The digests of a box's bytes (``pieces``, back to back), one per strided range of its file ``runs``."""
     groups = strided_runs(runs)
     parts = split_pieces(pieces, [(group.offset, group.nbytes) for group in groups])
-    return [(file, *group, digest_of(part)) for group, part in zip(groups, parts)]
+    return [(file, Range.of(group, digest_of(part))) for group, part in zip(groups, parts)]
 
 
-def file_digests(file_layout: FileLayout, boxes: list[BoxDigest]) -> Digests:
+def file_digests(file_layout: FileLayout, boxes: list[tuple[str, Range]]) -> Digests:
     """Every file's ranges: its header (hashed from the layout) and each written box (hashed by its writer)."""
     ranges: Digests = {name: [Range.of(Strided.one(0, len(header)), digest_of([header]))] for name, header in file_layout.headers.items()}
-    for file, *runs, digest in boxes:
-        if runs[1]:
-            ranges[file].append(Range.of(Strided(*runs), digest))
+    for file, found in boxes:
+        if found.length:
+            ranges[file].append(found)
     try:
         return {name: check_tiling(name, found, file_layout.sizes[name]) for name, found in ranges.items()}
     except CheckpointError as e:

@@ -146,7 +146,7 @@ def check_tiling(where: str, ranges: Sequence[Range], size: int) -> list[Range]:
     """``ranges`` sorted by offset, or an error naming ``where`` if they do not cover ``0 .. size`` exactly once."""
     ordered = sorted(ranges)
     end = 0
-    for offset, length in sorted(_spans(where, ordered)):
+    for offset, length in sorted(_covered(where, ordered)):
         if offset != end or length < 0:
             raise _untiled(where, f"the digests cover bytes up to {end}, then start at {offset}: they do not tile the file")
         end = offset + length
@@ -155,7 +155,7 @@ def check_tiling(where: str, ranges: Sequence[Range], size: int) -> list[Range]:
     return ordered
 
 
-def _spans(where: str, ordered: Sequence[Range]) -> list[tuple[int, int]]:
+def _covered(where: str, ordered: Sequence[Range]) -> list[tuple[int, int]]:
     """The contiguous spans the ranges cover: each plain range, and each band of strided ranges.
 
     Strided ranges of one stride and count form a band when their first runs tile one stride
